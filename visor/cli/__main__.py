@@ -1,0 +1,5 @@
+import sys
+
+from visor.cli.main import main
+
+sys.exit(main())

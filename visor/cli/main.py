@@ -1,0 +1,42 @@
+"""The ``visor`` command line.
+
+Each verb lives in its own module under ``visor/cli`` and exposes ``register(subparsers)``, which adds
+an ``argparse`` sub-parser whose ``func`` default runs the verb. Verbs are imported lazily by name so
+``visor --help`` stays fast and one broken optional verb cannot take the others down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb module names under visor.cli, in the order ``--help`` lists them
+VERB_MODULES: tuple[str, ...] = (
+    "convert",
+    "generate",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visor",
+        description="VISOR: sparse, per-sample vision-language interactions for LLaVA-OneVision.",
+    )
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    subparsers.required = True
+    for name in VERB_MODULES:
+        module = importlib.import_module(f"visor.cli.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

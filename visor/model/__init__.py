@@ -1,0 +1,1 @@
+"""The VISOR model: layer plan, config, the three layer kinds, cache and generation."""
