@@ -1,0 +1,43 @@
+"""Tiny random LLaVA-OneVision configurations for tests (real architecture, seconds on a CPU)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+IMAGE_TOKEN_ID = 3
+VOCAB = 64
+
+
+def tiny_llava_config(num_layers: int = 6, heads: int = 4, kv_heads: int = 2, hidden: int = 32, tie: bool = False,
+                      image_size: int = 32, patch: int = 8, max_views: int = 9) -> LlavaOnevisionConfig:
+    text = dict(
+        model_type="qwen2", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, image_size=image_size, patch_size=patch, vision_use_head=False,
+    )
+    s = image_size
+    pinpoints = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s], [s, 3 * s], [3 * s, s], [3 * s, 3 * s]]
+    return LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_views}",
+        tie_word_embeddings=tie,
+    )
+
+
+def tiny_llava(seed: int = 0, **kwargs) -> LlavaOnevisionForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = tiny_llava_config(**kwargs)
+    config._attn_implementation = "eager"
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # random non-trivial values everywhere (HF zero-inits biases and norms)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model

@@ -1,0 +1,329 @@
+"""The building blocks of the VISOR decoder: the Qwen2 layer (ours, not patched from transformers) and
+the new cross-attention block.
+
+Design choices, in order of importance:
+
+* The decoder layer reproduces Qwen2's math exactly (RMSNorm -> GQA attention with RoPE -> residual ->
+  RMSNorm -> gated SiLU MLP -> residual) with the same parameter names, so Hugging Face weights load by
+  a plain prefix mapping (see ``visor.convert.llava_onevision``). Attention runs through
+  ``torch.nn.functional.scaled_dot_product_attention``; when no mask is needed (one sample, no padding)
+  it uses ``is_causal`` so the fused kernel runs.
+* A layer takes *any* set of tokens: the caller decides whether that is the full interleaved sequence
+  (SA), or the text stream only (text-only / after CA). Masks are built from the caller's key validity;
+  causality follows the token order the caller passes (original order in both streams).
+* ``CrossAttention``: pre-norm on text and visual states, the LLM's GQA head layout (optionally full
+  width K/V), no RoPE (visual position comes from a depthwise conv, kernel 7, run per image and added
+  residually to the visual states it reads), zero-initialised output projection, so a freshly converted
+  model computes exactly the text-only model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers.activations import ACT2FN
+
+
+class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm (computed in fp32, cast back)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE cos/sin for arbitrary (per-token) position ids, as Qwen2 computes them.
+
+    The inverse frequencies are computed on first use rather than kept as a buffer: checkpoint loading
+    builds modules on the meta device, where a non-persistent buffer would come back uninitialised.
+    """
+
+    def __init__(self, text_config) -> None:
+        super().__init__()
+        self.text_config = text_config
+        self._inv_freq: torch.Tensor | None = None
+        self.attention_scaling = 1.0
+
+    def inv_freq(self) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.is_meta:
+            config = self.text_config
+            rope = dict(getattr(config, "rope_parameters", None) or {})
+            rope_type = rope.get("rope_type", "default")
+            with torch.device("cpu"):
+                if rope_type == "default":
+                    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+                    base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+                    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+                else:  # scaled variants (yarn, linear, ...): transformers' own initialisers
+                    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                    inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+            self._inv_freq = inv_freq
+        return self._inv_freq
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq().to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x``: [B, heads, T, head_dim]; ``cos``/``sin``: [B, T, head_dim]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class AttentionMask:
+    """How a block of queries may attend to its keys.
+
+    ``bool_mask`` ([B, 1, Tq, Tk], True = may attend) or ``is_causal`` (queries and keys are the same
+    tokens in order, nothing padded). ``rows_with_keys`` ([B, Tq] bool) marks queries that have at least
+    one key; the others get a zero output (cross-attention from text that precedes every image).
+    """
+
+    bool_mask: torch.Tensor | None = None
+    is_causal: bool = False
+    rows_with_keys: torch.Tensor | None = None
+
+
+def causal_mask(key_valid: torch.Tensor, num_queries: int) -> AttentionMask:
+    """Causal mask for the last ``num_queries`` tokens over ``key_valid`` ([B, Tk]) keys in order."""
+    batch, num_keys = key_valid.shape
+    if bool(key_valid.all()) and num_queries == num_keys:
+        return AttentionMask(is_causal=True)
+    offset = num_keys - num_queries
+    q_idx = torch.arange(num_queries, device=key_valid.device)[:, None] + offset
+    k_idx = torch.arange(num_keys, device=key_valid.device)[None, :]
+    allowed = (k_idx <= q_idx)[None] & key_valid[:, None, :]
+    # a padded query (no valid key at or before it) attends to itself so the softmax stays finite
+    allowed = allowed | ((k_idx == q_idx)[None] & ~allowed.any(-1, keepdim=True))
+    return AttentionMask(bool_mask=allowed[:, None])
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, kv_heads, T, D] -> [B, kv_heads * groups, T, D] (GQA)."""
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """SDPA over [B, heads, T, D] queries and [B, kv_heads, S, D] keys/values (GQA expanded here)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    if mask.is_causal:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool_mask)
+    if mask.rows_with_keys is not None:
+        out = out * mask.rows_with_keys[:, None, :, None].to(out.dtype)
+    return out
+
+
+class SelfAttention(nn.Module):
+    """Qwen2 grouped-query self-attention (q/k/v with bias, o without), RoPE, SDPA."""
+
+    def __init__(self, text_config) -> None:
+        super().__init__()
+        hidden = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.num_kv_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or hidden // self.num_heads
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        kv_cache: "KVSlot | None" = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        out = attend(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GatedMLP(nn.Module):
+    """Qwen2 MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, text_config) -> None:
+        super().__init__()
+        hidden, inner = text_config.hidden_size, text_config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.act_fn = ACT2FN[text_config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVSlot:
+    """One layer's key/value cache: [B, kv_heads, S, head_dim] tensors grown along S."""
+
+    def __init__(self) -> None:
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            self.key = torch.cat([self.key, key], dim=2)
+            self.value = torch.cat([self.value, value], dim=2)
+        return self.key, self.value
+
+    def set(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key, self.value = key, value
+
+    @property
+    def num_bytes(self) -> int:
+        if self.key is None:
+            return 0
+        return self.key.numel() * self.key.element_size() + self.value.numel() * self.value.element_size()
+
+
+class DecoderLayer(nn.Module):
+    """The LLM's own layer (Qwen2), applied to whatever token set the caller passes.
+
+    ``cross_attn`` is present only on CA layers of a VISOR plan; it is run by the model before the
+    layer itself (see ``VisorDecoder``), never on SA or text-only passes.
+    """
+
+    def __init__(self, text_config, with_cross_attention: bool = False, ca_kv_layout: str = "gqa", ca_conv_kernel: int = 7) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
+        self.self_attn = SelfAttention(text_config)
+        self.post_attention_layernorm = RMSNorm(text_config.hidden_size, text_config.rms_norm_eps)
+        self.mlp = GatedMLP(text_config)
+        self.cross_attn = (
+            CrossAttention(text_config, kv_layout=ca_kv_layout, conv_kernel=ca_conv_kernel) if with_cross_attention else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        kv_cache: KVSlot | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class PerImageConv(nn.Module):
+    """Depthwise 1-D convolution over each image's visual tokens ("conditional positional encoding").
+
+    Computed as a sum of shifted copies so that every image is zero-padded at its own ends: a token
+    never sees a neighbour from another image or a padding slot. ``image_ids``: [B, Nv] with -1 for
+    padding; tokens of one image are contiguous, in LLaVA-OV order.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"conv kernel size must be odd, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.zeros(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, visual: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        half = self.kernel_size // 2
+        num_tokens = visual.shape[1]
+        out = self.bias.to(visual.dtype).expand_as(visual).clone()
+        for tap in range(self.kernel_size):
+            shift = tap - half  # out[i] += w[tap] * x[i + shift]
+            if abs(shift) >= num_tokens:
+                continue
+            if shift >= 0:
+                src = F.pad(visual[:, shift:], (0, 0, 0, shift))
+                src_ids = F.pad(image_ids[:, shift:], (0, shift), value=-2)
+            else:
+                src = F.pad(visual[:, :shift], (0, 0, -shift, 0))
+                src_ids = F.pad(image_ids[:, :shift], (-shift, 0), value=-2)
+            same_image = (src_ids == image_ids) & (image_ids >= 0)
+            out = out + src * same_image[..., None].to(visual.dtype) * self.weight[:, tap].to(visual.dtype)
+        return out * (image_ids >= 0)[..., None].to(visual.dtype)
+
+
+class CrossAttention(nn.Module):
+    """VISOR's cross-attention block: text queries read the current visual states.
+
+    ``out = o_proj(Attn(q_proj(norm_t(T)), k_proj(norm_v(V + conv(V))), v_proj(...)))`` added to the text
+    residual stream; the visual states themselves are never written.
+    """
+
+    def __init__(self, text_config, kv_layout: str = "gqa", conv_kernel: int = 7) -> None:
+        super().__init__()
+        hidden = text_config.hidden_size
+        self.num_heads = text_config.num_attention_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or hidden // self.num_heads
+        if kv_layout == "gqa":
+            self.num_kv_heads = text_config.num_key_value_heads
+        elif kv_layout == "full":
+            self.num_kv_heads = self.num_heads
+        else:
+            raise ValueError(f"ca_kv_layout must be 'gqa' or 'full', got {kv_layout!r}")
+        self.text_norm = RMSNorm(hidden, text_config.rms_norm_eps)
+        self.visual_norm = RMSNorm(hidden, text_config.rms_norm_eps)
+        self.conv = PerImageConv(hidden, conv_kernel)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def visual_keys_values(self, visual: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project the visual states once: [B, kv_heads, Nv, head_dim] keys and values."""
+        b, n, _ = visual.shape
+        read = self.visual_norm(visual + self.conv(visual, image_ids))
+        k = self.k_proj(read).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(read).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, text: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        b, t, _ = text.shape
+        q = self.q_proj(self.text_norm(text)).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        out = attend(q, keys, values, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def reset_parameters(self) -> None:
+        """Fresh block: small random projections, identity-free conv, and a zero output projection."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, std=0.02)
+            nn.init.zeros_(proj.bias)
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.normal_(self.conv.weight, std=0.02)
+        nn.init.zeros_(self.conv.bias)
+        nn.init.ones_(self.text_norm.weight)
+        nn.init.ones_(self.visual_norm.weight)
