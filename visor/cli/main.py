@@ -15,6 +15,7 @@ import sys
 VERB_MODULES: tuple[str, ...] = (
     "convert",
     "generate",
+    "cost",
 )
 
 
