@@ -16,6 +16,7 @@ VERB_MODULES: tuple[str, ...] = (
     "convert",
     "generate",
     "cost",
+    "data",
 )
 
 

@@ -1,0 +1,145 @@
+"""Sizes, palettes and vocabularies of the procedural easy/hard benchmark.
+
+Design choices (defaults; every size is a field of :class:`SynthConfig`):
+
+* The image is ``image_size`` = 192 px per side, three times a 64 px base view and twice a 96 px one,
+  so LLaVA-OV's anyres tiling (grid pinpoints that are multiples of the base size) has tiles that
+  matter. The target model is a tiny LLaVA-OV with a SigLIP of image size 64 or 96 and patch 8.
+* Easy content is large: shapes have a half-extent of at least ``large_min`` = 22 px (a 44 px object,
+  15 px in a 64 px base view), so a glance at the base view answers easy questions.
+* Hard content is small: printed glyphs come from PIL's bundled font at ``text_size`` = 11 (digits
+  6 px wide, ~8 px tall, the size a patch-8 ViT learned to read densely in ``PROBES.md``), handwritten
+  digits are the 8x8 ``load_digits`` scans at ``hand_size`` = 9 px, dots have radius ``dot_radius`` =
+  1.5 px and centres ``dot_spacing`` = 5 px apart, packed in a square whose side grows with sqrt(count)
+  (2 px gaps: separate at full resolution, merged once downscaled). Downscaled 3x (to 64 px) or 2x (to 96 px) they blur into 2-4 px smudges; the measurement
+  is ``benchmarks/synth_legibility.py``.
+* Answer spaces of hard families are small on purpose (PROBES.md: from scratch, a tiny model stayed
+  at chance reading 3 digits): codes use a 10-letter alphabet, document values, chart values and
+  handwritten numbers have two digits, dot counts are 5..15.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+#: named colours of easy shapes, chart bars and the dense colour map (index + 1 = dense class id)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 20),
+}
+
+#: kinds of large shapes
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+
+#: keys of the small-print key/value "document" (lowercase words, so they never collide with codes)
+DOC_KEYS: tuple[str, ...] = (
+    "room", "age", "size", "gate", "seat", "unit", "box", "lot", "pin", "zone", "row", "bay",
+)
+
+#: category labels of chart bars
+BAR_LABELS: str = "ABCDEFGH"
+
+#: alphabet of printed codes: ten capitals whose shapes differ at small size
+CODE_CHARSET: str = "ACEHKMNPRX"
+
+EASY_FAMILIES: tuple[str, ...] = ("color", "shape", "count", "presence", "side")
+HARD_FAMILIES: tuple[str, ...] = ("code", "doc", "chart", "dots", "handwriting")
+FAMILIES: tuple[str, ...] = EASY_FAMILIES + HARD_FAMILIES
+
+
+def difficulty_of(family: str) -> str:
+    """``"easy"`` or ``"hard"`` for a family name (``ValueError`` for an unknown one)."""
+    if family in EASY_FAMILIES:
+        return "easy"
+    if family in HARD_FAMILIES:
+        return "hard"
+    raise ValueError(f"unknown synth family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Every size of the procedural benchmark. Frozen so a config can key caches and be hashed.
+
+    Pixel sizes refer to the full-resolution image. ``base_size`` is not used to draw; it records the
+    base view the defaults were chosen for (benchmarks and dense targets read it).
+    """
+
+    image_size: int = 192
+    base_size: int = 64
+    background: tuple[int, int, int] = (245, 245, 240)
+    # easy families: half-extent of large shapes and of small distractors (``count`` only)
+    large_min: int = 22
+    large_max: int = 44
+    small_min: int = 4
+    small_max: int = 6
+    # printed text (codes, documents, chart labels)
+    text_size: int = 11
+    glyph_gap: int = 1
+    code_charset: str = CODE_CHARSET
+    code_len: tuple[int, int] = (3, 5)
+    doc_rows: tuple[int, int] = (3, 5)
+    doc_value_digits: int = 2
+    bars: tuple[int, int] = (3, 5)
+    bar_value_range: tuple[int, int] = (10, 99)
+    # dots
+    dot_count: tuple[int, int] = (5, 15)
+    dot_radius: float = 1.5
+    dot_spacing: int = 5
+    dot_region_scale: float = 1.6
+    # handwriting: side of one scaled 8x8 scan, number of digits, gap between digits
+    hand_size: int = 9
+    hand_digits: tuple[int, int] = (2, 2)
+    hand_gap: int = 1
+
+    def __post_init__(self) -> None:
+        if self.image_size < 64:
+            raise ValueError(f"image_size must be >= 64, got {self.image_size}")
+        for name in ("code_len", "doc_rows", "bars", "bar_value_range", "dot_count", "hand_digits"):
+            lo, hi = getattr(self, name)
+            if lo > hi or lo < 0:
+                raise ValueError(f"{name} must be a (low, high) range with 0 <= low <= high, got {(lo, hi)}")
+        if not 1 <= self.code_len[0]:
+            raise ValueError("code_len must be at least 1")
+        if self.hand_digits[0] < 1:
+            raise ValueError("hand_digits must be at least 1")
+        if not self.small_max < self.large_min <= self.large_max:
+            raise ValueError("need small_max < large_min <= large_max")
+        if len(set(self.code_charset)) != len(self.code_charset) or not self.code_charset:
+            raise ValueError("code_charset must be non-empty without repeats")
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SynthConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in fields:
+                raise TypeError(f"unknown SynthConfig field {key!r}")
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+DEFAULT_CONFIG = SynthConfig()
+
+__all__ = [
+    "BAR_LABELS",
+    "CODE_CHARSET",
+    "COLORS",
+    "DEFAULT_CONFIG",
+    "DOC_KEYS",
+    "EASY_FAMILIES",
+    "FAMILIES",
+    "HARD_FAMILIES",
+    "SHAPES",
+    "SynthConfig",
+    "difficulty_of",
+]
