@@ -41,3 +41,54 @@ def tiny_llava(seed: int = 0, **kwargs) -> LlavaOnevisionForConditionalGeneratio
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 \n?.,:;!'-_/()|<>")
+
+
+def tiny_tokenizer():
+    """A character-level Hugging Face tokenizer whose ids fit the tiny configs' vocabulary."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    assert len(vocab) <= VOCAB and vocab["<image>"] == IMAGE_TOKEN_ID
+    backend = Tokenizer(WordLevel(vocab, unk_token="?"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    from visor.processing.processor import DEFAULT_CHAT_TEMPLATE
+
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_image_processor(config):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    size = config.vision_config.image_size
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints,
+        crop_size={"height": size, "width": size},
+    )
+
+
+def random_image(height: int, width: int, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def save_tiny_llava(folder, seed: int = 0, **kwargs):
+    """Build and save a tiny LLaVA-OV checkpoint folder (weights, tokenizer, image processor)."""
+    model = tiny_llava(seed=seed, **kwargs)
+    model.save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    tiny_image_processor(model.config).save_pretrained(str(folder))
+    return model

@@ -302,6 +302,9 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            proj._visor_cross_attention = True  # initialised by reset_parameters, not the generic Linear rule
+        self.reset_parameters()
 
     def visual_keys_values(self, visual: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project the visual states once: [B, kv_heads, Nv, head_dim] keys and values."""

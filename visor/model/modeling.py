@@ -194,7 +194,7 @@ class VisorPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.embed_tokens.weight, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, nn.Linear) and not _inside_vision(self, module):
+        elif isinstance(module, nn.Linear) and not _inside_vision(self, module) and not getattr(module, "_visor_cross_attention", False):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

@@ -1,0 +1,88 @@
+"""``visor generate``: answer a prompt about an image with a VISOR (or LLaVA-OV) checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from visor.cli.common import DTYPES, add_config_choice, add_dtype, print_json_line, resolve_config_choice
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate an answer for an image and a prompt",
+        description="Generate text with a VISOR checkpoint (a LLaVA-OneVision folder is converted on the fly "
+        "with the default plan). Prints the answer, then one JSON line.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder (VISOR, or LLaVA-OneVision)")
+    parser.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    parser.add_argument("--prompt", required=True, help="the question; the chat template and image tags are added")
+    parser.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim (it must contain one <image> per image)")
+    add_config_choice(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum tokens to generate (default 64)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k filtering (with --do-sample)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus filtering (with --do-sample)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="repetition penalty (> 1 discourages repeats)")
+    parser.add_argument("--stop", action="append", default=None, help="stop string; repeat for several")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_dtype(parser, default="fp32")
+    parser.set_defaults(func=run)
+
+
+def load_model(folder: str, dtype: torch.dtype = torch.float32):
+    """A VISOR checkpoint as is; a LLaVA-OV checkpoint converted with the default plan."""
+    import json
+    from pathlib import Path
+
+    from visor.model.modeling import VisorForConditionalGeneration
+
+    config = json.loads((Path(folder) / "config.json").read_text()) if (Path(folder) / "config.json").exists() else {}
+    if config.get("model_type") == "llava_onevision":
+        model = VisorForConditionalGeneration.from_llava_onevision(folder, dtype=dtype)
+    else:
+        model = VisorForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from visor.processing.processor import VisorProcessor, load_image
+
+    dtype = DTYPES[args.dtype]
+    model = load_model(args.model, dtype)
+    processor = VisorProcessor.from_pretrained(args.model)
+    active = resolve_config_choice(args, model.plan)
+    images = [load_image(path) for path in args.image]
+    prompt = args.prompt if args.raw_prompt else processor.chat_prompt(args.prompt, num_images=len(images))
+    inputs = processor(prompt, [images] if images else None)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    start = time.perf_counter()
+    sequences = model.generate(
+        **inputs, active_sa=active, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop, tokenizer=processor.tokenizer, streamer=streamer,
+        eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=processor.tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    seconds = time.perf_counter() - start
+    new_tokens = sequences[0, inputs["input_ids"].shape[1]:]
+    answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    if not args.stream:
+        print(answer)
+    from visor.model.plan import format_slots
+
+    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    print_json_line({
+        "answer": answer, "active_sa": format_slots(active), "layers": model.plan.describe(active),
+        "visual_tokens": n_visual, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "new_tokens": int(new_tokens.numel()), "seconds": round(seconds, 3),
+    })
+    return 0

@@ -1,0 +1,1 @@
+"""Shipped configurations: real LLaVA-OV config.json files (written from their published values)."""
