@@ -47,6 +47,7 @@ class VisorOutput(ModelOutput):
     """
 
     loss: torch.Tensor | None = None
+    num_loss_tokens: int | None = None
     logits: torch.Tensor | None = None
     text_index: torch.Tensor | None = None
     past_key_values: VisorCache | None = None
@@ -397,6 +398,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         logits_to_keep: int = 0,
         image_features: list[torch.Tensor] | None = None,
         return_visual_states: bool = False,
+        loss_reduction: str = "mean",
         **unused,
     ) -> VisorOutput:
         """Run the model.
@@ -415,7 +417,11 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             use_cache: return a ``VisorCache`` for decoding (prefill).
             logits_to_keep: compute logits for the last k text positions only (0 = all).
             image_features: precomputed per-image features (skip the vision tower).
+            loss_reduction: ``"mean"`` over the target tokens, or ``"sum"`` (``num_loss_tokens`` is
+                returned either way, so distributed training can normalise by a global token count).
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if unused:
             raise TypeError(f"forward() got unexpected argument(s): {sorted(unused)}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -452,9 +458,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
                     config, use_cache, logits_to_keep, return_visual_states,
                 ))
             )
-        if len(results) == 1:
-            return results[0][1]
-        return self._merge_groups(results, batch)
+        merged = results[0][1] if len(results) == 1 else self._merge_groups(results, batch)
+        if merged.loss is not None and loss_reduction == "mean":
+            merged.loss = merged.loss / max(merged.num_loss_tokens, 1)
+        return merged
 
     def _assign_images(self, features: list[torch.Tensor], batch: int, batch_num_images) -> list[list[torch.Tensor]]:
         if batch_num_images is None:
@@ -486,13 +493,14 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         hidden = streams.text if logits_to_keep <= 0 else streams.text[:, -logits_to_keep:]
         logits = self.lm_head(self.language_model.norm(hidden))
         text_index = torch.where(streams.text_valid, streams.text_src, torch.full_like(streams.text_src, -1))
-        loss = None
+        loss = count = None
         if labels is not None:
             if logits_to_keep > 0:
                 raise ValueError("labels need logits for every position: leave logits_to_keep at 0")
-            loss = self._loss(logits, labels, streams)
+            loss, count = self._loss(logits, labels, streams)
         return VisorOutput(
             loss=loss,
+            num_loss_tokens=count,
             logits=logits,
             text_index=text_index if logits_to_keep <= 0 else text_index[:, -logits_to_keep:],
             past_key_values=cache,
@@ -500,29 +508,31 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         )
 
     @staticmethod
-    def _loss(logits: torch.Tensor, labels: torch.Tensor, streams: Streams) -> torch.Tensor:
+    def _loss(logits: torch.Tensor, labels: torch.Tensor, streams: Streams) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over the text stream, and the number of target tokens."""
         # the target of input position p is labels[p + 1]; visual positions carry no logits
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
         targets = shifted.gather(1, streams.text_src)
         targets = torch.where(streams.text_valid, targets, torch.full_like(targets, -100))
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return loss, int((targets != -100).sum())
 
     def _merge_groups(self, results, batch: int) -> VisorOutput:
         width = max(r.logits.shape[1] for _, r in results)
         vocab = results[0][1].logits.shape[-1]
         logits = results[0][1].logits.new_zeros(batch, width, vocab)
         text_index = torch.full((batch, width), -1, dtype=torch.long, device=logits.device)
-        loss_sum, loss_count = 0.0, 0
+        loss_sum, loss_count, has_loss = 0.0, 0, False
         for members, out in results:
             idx = torch.tensor(members, device=logits.device)
             n = out.logits.shape[1]
             logits[idx, width - n:] = out.logits
             text_index[idx, width - n:] = out.text_index
             if out.loss is not None:
-                weight = len(members)
-                loss_sum, loss_count = loss_sum + out.loss * weight, loss_count + weight
-        loss = loss_sum / loss_count if loss_count else None
-        return VisorOutput(loss=loss, logits=logits, text_index=text_index)
+                has_loss = True
+                loss_sum, loss_count = loss_sum + out.loss, loss_count + out.num_loss_tokens
+        return VisorOutput(loss=loss_sum if has_loss else None, num_loss_tokens=loss_count if has_loss else None,
+                           logits=logits, text_index=text_index)
 
     def _decode_step(self, input_ids, attention_mask, cache: VisorCache, logits_to_keep: int) -> VisorOutput:
         if input_ids.shape[0] != cache.batch_size:
