@@ -328,16 +328,17 @@ def sample_chart(rng, cfg, split):
 
 @_retrying
 def sample_dots(rng, cfg, split):
-    """``dot_count`` small dots, at least ``dot_spacing`` apart, packed in a square region whose side is
-    ``dot_spacing * (dot_region_scale * sqrt(n) + 1)``."""
+    """``dot_count`` small dots of radius in ``dot_radius`` (half-pixel steps), centres at least
+    ``dot_spacing`` apart, packed in a square whose side is ``dot_spacing * (dot_region_scale * sqrt(n) + 1)``."""
     n = _ints(rng, *cfg.dot_count)
     # the region grows with the count so the packing density (and so the difficulty) stays even
     region = int(np.ceil(cfg.dot_spacing * (cfg.dot_region_scale * np.sqrt(n) + 1)))
     region = min(max(region, 4 * cfg.dot_spacing), cfg.image_size - 8)
     rx = _ints(rng, 3, cfg.image_size - 3 - region)
     ry = _ints(rng, 3, cfg.image_size - 3 - region)
-    r = float(cfg.dot_radius)
-    m = int(np.ceil(r)) + 1
+    r_lo, r_hi = cfg.dot_radius
+    radii = [r_lo + 0.5 * k for k in range(int(round((r_hi - r_lo) / 0.5)) + 1)]  # half-pixel steps
+    m = int(np.ceil(r_hi)) + 1
     pts: list[tuple[int, int]] = []
     for _ in range(n):
         for _ in range(200):
@@ -348,7 +349,9 @@ def sample_dots(rng, cfg, split):
         else:
             raise _Retry
     color = _dark(rng)
-    scene = _base_scene("dots", cfg) | {"dots": [{"cx": x, "cy": y, "r": r, "color": color} for x, y in pts]}
+    rs = [radii[i] for i in _ints(rng, 0, len(radii) - 1, n)]
+    scene = _base_scene("dots", cfg) | {"dots": [{"cx": x, "cy": y, "r": r, "color": color}
+                                                 for (x, y), r in zip(pts, rs)]}
     scene["query"] = {"template": _ints(rng, 0, 1)}
     return scene, str(n)
 
