@@ -277,10 +277,20 @@ def test_cli_synth(tmp_path: Path, capsys):
 
 def test_hard_glyphs_illegible_after_downscale():
     """Cheap proxy of benchmarks/synth_legibility.py: at the 64 px base view a printed code's ink
-    contrast collapses, while a large shape keeps its colour."""
+    contrast collapses."""
     it = generate_item("test", 0, families=["code"])
     arr = np.asarray(it.image.convert("L"), dtype=np.float32)
     small = np.asarray(it.image.convert("L").resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32)
     bg = 242.0
     assert bg - arr.min() > 150
     assert bg - small.min() < 0.75 * (bg - arr.min())
+
+
+def test_stream_and_dataset_work_with_torch_dataloader():
+    torch_data = pytest.importorskip("torch.utils.data")
+    expected = [it.answer for it in generate_items("train", 6, seed=8)]
+    stream = SynthStream("train", seed=8, n=6, transform=lambda it: it.answer)
+    loader = torch_data.DataLoader(stream.as_torch(), batch_size=None, num_workers=0)
+    assert list(loader) == expected
+    ds = SynthDataset("train", 6, seed=8, transform=lambda it: it.answer)
+    assert list(torch_data.DataLoader(ds, batch_size=None)) == expected
