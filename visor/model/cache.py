@@ -5,6 +5,10 @@
   prefill (``cross``), plus the layer's own text-only keys/values (``self``).
 * text-only layer: keys/values of text tokens only.
 
+In-LLM token pruning (``visor.compression.in_llm``) leaves later layers fewer visual keys: each drop adds
+a ``CacheSegment`` saying, from its first layer on, which SA keys and CA visual keys are valid and how far
+new tokens' RoPE positions shift (PyramidDrop renumbers positions).
+
 One cache serves one active configuration (the model groups samples by configuration), so the kind of
 every layer is fixed for the cache's lifetime and recorded in ``kinds``.
 """
@@ -20,6 +24,17 @@ from visor.model.plan import LayerKind
 
 
 @dataclass
+class CacheSegment:
+    """From decoder layer ``start`` on: SA key validity ``full_valid`` ([B, S]), CA visual-key validity
+    ``visual_valid`` ([B, Nv']), and ``position_shift`` ([B], subtracted from new tokens' positions; None = 0)."""
+
+    start: int
+    full_valid: torch.Tensor
+    visual_valid: torch.Tensor
+    position_shift: torch.Tensor | None = None
+
+
+@dataclass
 class VisorCache:
     kinds: list[LayerKind]
     self_kv: list[KVSlot] = field(default_factory=list)
@@ -28,6 +43,7 @@ class VisorCache:
     text_valid: torch.Tensor | None = None  # [B, S_text] keys of text-only / CA layers
     visual_valid: torch.Tensor | None = None  # [B, Nv] keys of CA blocks
     next_position: torch.Tensor | None = None  # [B] position id of the next token
+    segments: list[CacheSegment] = field(default_factory=list)  # in-LLM token pruning, in layer order
 
     def __post_init__(self) -> None:
         if not self.self_kv:
@@ -43,6 +59,8 @@ class VisorCache:
         self.full_valid = torch.cat([self.full_valid, new_valid], dim=1)
         self.text_valid = torch.cat([self.text_valid, new_valid], dim=1)
         self.next_position = self.next_position + new_valid.shape[1]
+        for segment in self.segments:
+            segment.full_valid = torch.cat([segment.full_valid, new_valid], dim=1)
 
     def num_bytes_by_kind(self) -> dict[str, int]:
         """Bytes held per layer kind (CA counts its visual K/V and its text K/V)."""
@@ -64,3 +82,7 @@ class VisorCache:
         self.text_valid = self.text_valid[index]
         self.visual_valid = self.visual_valid[index]
         self.next_position = self.next_position[index]
+        for segment in self.segments:
+            segment.full_valid, segment.visual_valid = segment.full_valid[index], segment.visual_valid[index]
+            if segment.position_shift is not None:
+                segment.position_shift = segment.position_shift[index]

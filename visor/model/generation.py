@@ -78,11 +78,15 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     image_features: list[torch.Tensor] | None = None,
+    reducer=None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after each prompt; returns ``[B, N + new]`` (prompt + new tokens).
 
     Finished rows are filled with ``pad_token_id``. ``use_cache=False`` recomputes the whole sequence at
     every step (the reference the cached path is tested against). ``active_sa`` may be per sample.
+    ``reducer`` (``Reducer`` or ``"NAME[:AMOUNT]"``, see ``visor.compression``) selects visual tokens once
+    from the prompt: a pre-LLM one shortens the prompt before the first step (the caller's prompt is still
+    what comes back), an in-LLM one prunes at prefill and the uncached path replays that selection.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -106,6 +110,17 @@ def generate(
     processors = _processors(do_sample, temperature, top_k, top_p, repetition_penalty, model.config.image_token_id)
 
     batch = input_ids.shape[0]
+    prompt_ids, reduction = input_ids, None
+    if reducer is not None:  # visor.compression.apply: reduce once, from the prompt
+        from visor.compression.apply import apply_pre_llm, prepare_reducer
+
+        reducer = prepare_reducer(reducer)
+        if reducer.stage == "pre_llm":
+            reduction = apply_pre_llm(model, reducer, input_ids, attention_mask, None, None, pixel_values, image_sizes,
+                                      batch_num_images, image_features)
+            if reduction is not None:
+                input_ids, attention_mask, image_features = reduction.input_ids, reduction.attention_mask, reduction.image_features
+            reducer = None
     if image_features is None and pixel_values is not None:
         image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)
     per_sample = model._assign_images(image_features or [], batch, batch_num_images)
@@ -121,10 +136,12 @@ def generate(
         counts = [len(per_sample[i]) for i in members]
         sequences = _generate_group(
             model, input_ids[idx], attention_mask[idx], feats, counts, config, max_new_tokens, do_sample,
-            processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache,
+            processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache, reducer,
         )
         for row, i in zip(sequences, members):
             outputs[i] = row
+    if reduction is not None:  # the caller's prompt, every image placeholder included, then the new tokens
+        outputs = {i: torch.cat([prompt_ids[i], row[input_ids.shape[1]:]]) for i, row in outputs.items()}
     width = max(row.shape[0] for row in outputs.values())
     result = input_ids.new_full((batch, width), pad_token_id)
     for i, row in outputs.items():
@@ -133,22 +150,23 @@ def generate(
 
 
 def _generate_group(model, input_ids, attention_mask, features, counts, config, max_new_tokens, do_sample,
-                    processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache) -> torch.Tensor:
+                    processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache, reducer=None) -> torch.Tensor:
     batch = input_ids.shape[0]
     sequences = input_ids
     mask = attention_mask
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    cache = None
+    cache = selection = None
     for step in range(max_new_tokens):
         if use_cache and cache is not None:
             out = model(sequences[:, -1:], attention_mask=mask, past_key_values=cache, logits_to_keep=1)
         else:
             out = model(
                 sequences, attention_mask=mask, image_features=features, batch_num_images=counts,
-                active_sa=config, use_cache=use_cache, logits_to_keep=1,
+                active_sa=config, use_cache=use_cache, logits_to_keep=1, reducer=reducer, selection=selection,
             )
+            selection = out.selection if reducer is not None else None  # ranked once, from the prompt
         cache = out.past_key_values if use_cache else None
         scores = processors(sequences, out.logits[:, -1].float())
         if do_sample:

@@ -52,6 +52,7 @@ class VisorOutput(ModelOutput):
     text_index: torch.Tensor | None = None
     past_key_values: VisorCache | None = None
     visual_states: torch.Tensor | None = None
+    selection: object | None = None  # the in-LLM reducer's TokenSelection (visor.compression.in_llm)
 
 
 @dataclass
@@ -156,16 +157,22 @@ class VisorDecoder(nn.Module):
         rope = self.rotary_emb(positions, hidden.dtype)
         full_mask = causal_mask(cache.full_valid, t)
         text_mask = causal_mask(cache.text_valid, t)
-        ca_mask = None
+        ca_mask, visual_valid = None, cache.visual_valid
+        segments = {segment.start: segment for segment in cache.segments}  # in-LLM token pruning
         for index, (layer, kind) in enumerate(zip(self.layers, cache.kinds)):
+            if index in segments:
+                segment = segments[index]
+                full_mask, visual_valid, ca_mask = causal_mask(segment.full_valid, t), segment.visual_valid, None
+                if segment.position_shift is not None:
+                    rope = self.rotary_emb(positions - segment.position_shift[:, None], hidden.dtype)
             if kind is LayerKind.SELF_ATTENTION:
                 hidden = layer(hidden, rope, full_mask, cache.self_kv[index])
                 continue
             cross = cache.cross_kv[index]
             if kind is LayerKind.CROSS_ATTENTION and cross.key is not None:
                 if ca_mask is None:
-                    rows = cache.visual_valid.any(-1, keepdim=True).expand(-1, t)
-                    allowed = (cache.visual_valid | ~rows[:, :1])[:, None, None, :].expand(-1, 1, t, -1)
+                    rows = visual_valid.any(-1, keepdim=True).expand(-1, t)
+                    allowed = (visual_valid | ~rows[:, :1])[:, None, None, :].expand(-1, 1, t, -1)
                     ca_mask = AttentionMask(bool_mask=allowed, rows_with_keys=rows)
                 hidden = hidden + layer.cross_attn(hidden, cross.key, cross.value, ca_mask)
             hidden = layer(hidden, rope, text_mask, cache.self_kv[index])
@@ -399,6 +406,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         image_features: list[torch.Tensor] | None = None,
         return_visual_states: bool = False,
         loss_reduction: str = "mean",
+        reducer=None,
+        selection=None,
         **unused,
     ) -> VisorOutput:
         """Run the model.
@@ -419,6 +428,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             image_features: precomputed per-image features (skip the vision tower).
             loss_reduction: ``"mean"`` over the target tokens, or ``"sum"`` (``num_loss_tokens`` is
                 returned either way, so distributed training can normalise by a global token count).
+            reducer: a visual-token reducer (``Reducer`` or ``"NAME[:AMOUNT]"``, see ``visor.compression``):
+                pre-LLM ones shorten the prompt's image placeholders, in-LLM ones prune inside the prefill.
+            selection: a ``TokenSelection`` from an earlier call on the same prompt, replayed by the
+                in-LLM reducer instead of ranking again (uncached generation uses it).
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -432,6 +445,18 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             return self._decode_step(input_ids, attention_mask, past_key_values, logits_to_keep)
 
         batch = input_ids.shape[0]
+        reduction = None
+        if reducer is not None:  # visor.compression.apply: pre-LLM reducers shorten the prompt here
+            from visor.compression.apply import apply_pre_llm, prepare_reducer
+
+            reducer = prepare_reducer(reducer)
+            if reducer.stage == "pre_llm":
+                reduction = apply_pre_llm(self, reducer, input_ids, attention_mask, position_ids, labels, pixel_values,
+                                          image_sizes, batch_num_images, image_features)
+                if reduction is not None:
+                    input_ids, attention_mask, position_ids = reduction.input_ids, reduction.attention_mask, reduction.position_ids
+                    labels, image_features = reduction.labels, reduction.image_features
+                reducer = None
         if image_features is None and pixel_values is not None:
             if image_sizes is None:
                 raise ValueError("pixel_values given without image_sizes")
@@ -456,9 +481,14 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
                     [images_per_sample[i] for i in members],
                     None if labels is None else labels[idx],
                     config, use_cache, logits_to_keep, return_visual_states,
+                    in_llm=reducer, selection=None if selection is None else selection.subset(members),
                 ))
             )
         merged = results[0][1] if len(results) == 1 else self._merge_groups(results, batch)
+        if reducer is not None or reduction is not None:
+            from visor.compression.apply import finish_output
+
+            merged = finish_output(merged, results, batch, reduction)
         if merged.loss is not None and loss_reduction == "mean":
             merged.loss = merged.loss / max(merged.num_loss_tokens, 1)
         return merged
@@ -479,7 +509,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             start += n
         return out
 
-    def _prefill(self, input_ids, attention_mask, position_ids, images, labels, config, use_cache, logits_to_keep, return_visual_states) -> VisorOutput:
+    def _prefill(self, input_ids, attention_mask, position_ids, images, labels, config, use_cache, logits_to_keep, return_visual_states,
+                 in_llm=None, selection=None) -> VisorOutput:
         streams = self.build_streams(input_ids, attention_mask, position_ids, images)
         kinds = self.plan.layer_kinds(config)
         cache = None
@@ -489,7 +520,12 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             cache.text_valid = streams.text_valid.clone()
             cache.visual_valid = streams.visual_valid.clone()
             cache.next_position = position_ids.max(dim=1).values + 1
-        self.language_model.run_layers(streams, kinds, 0, len(kinds), cache)
+        if in_llm is None:
+            self.language_model.run_layers(streams, kinds, 0, len(kinds), cache)
+        else:  # in-LLM token pruning (FastV, PyramidDrop): see visor.compression.in_llm
+            from visor.compression.in_llm import run_layers_with_drops
+
+            selection = run_layers_with_drops(self.language_model, streams, kinds, cache, in_llm, selection)
         hidden = streams.text if logits_to_keep <= 0 else streams.text[:, -logits_to_keep:]
         logits = self.lm_head(self.language_model.norm(hidden))
         text_index = torch.where(streams.text_valid, streams.text_src, torch.full_like(streams.text_src, -1))
@@ -505,6 +541,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             text_index=text_index if logits_to_keep <= 0 else text_index[:, -logits_to_keep:],
             past_key_values=cache,
             visual_states=streams.visual if return_visual_states else None,
+            selection=selection if in_llm is not None else None,
         )
 
     @staticmethod
