@@ -59,9 +59,13 @@ class Batcher:
         batch.update(self._pixels(samples))
         return batch
 
+    def prompt_ids(self, sample: Sample) -> list[int]:
+        """Token ids of one generation prompt, image placeholders expanded (no image processing)."""
+        return encode_prompt(sample.turns, self.tokenizer, self._counts(sample.images), self.image_token)
+
     def prompt_batch(self, samples: Sequence[Sample]) -> dict:
         """Generation prompts (the turns before the answer + the assistant prefix), left-padded."""
-        rows = [encode_prompt(s.turns, self.tokenizer, self._counts(s.images), self.image_token) for s in samples]
+        rows = [self.prompt_ids(s) for s in samples]
         batch = collate_tokens([(r, [-100] * len(r)) for r in rows], self.pad_token_id, padding_side="left")
         batch.pop("labels")
         batch.update(self._pixels(samples))

@@ -112,6 +112,14 @@ class VisorDecoder(nn.Module):
         )
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(text)
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of storing activations
+
+    def _run(self, layer: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
     # ------------------------------------------------------------------ prefill
     def run_layers(
@@ -129,16 +137,16 @@ class VisorDecoder(nn.Module):
                 if seq_rope is None:
                     seq_rope = self.rotary_emb(streams.seq_pos, dtype)
                     seq_mask = causal_mask(streams.seq_valid, streams.seq_valid.shape[1])
-                streams.split(layer(streams.merged(), seq_rope, seq_mask, own_kv))
+                streams.split(self._run(layer, streams.merged(), seq_rope, seq_mask, own_kv))
                 continue
             if kind is LayerKind.CROSS_ATTENTION and streams.has_visual:
                 if ca_mask is None:
                     ca_mask = self.cross_attention_mask(streams)
-                keys, values = layer.cross_attn.visual_keys_values(streams.visual, streams.image_ids)
+                update, keys, values = layer.cross_attn(streams.text, ca_mask, streams.visual, streams.image_ids)
                 if cache is not None:
                     cache.cross_kv[index].set(keys, values)
-                streams.text = streams.text + layer.cross_attn(streams.text, keys, values, ca_mask)
-            streams.text = layer(streams.text, text_rope, text_mask, own_kv)
+                streams.text = streams.text + update
+            streams.text = self._run(layer, streams.text, text_rope, text_mask, own_kv)
 
     @staticmethod
     def cross_attention_mask(streams: Streams) -> AttentionMask:
@@ -174,7 +182,7 @@ class VisorDecoder(nn.Module):
                     rows = visual_valid.any(-1, keepdim=True).expand(-1, t)
                     allowed = (visual_valid | ~rows[:, :1])[:, None, None, :].expand(-1, 1, t, -1)
                     ca_mask = AttentionMask(bool_mask=allowed, rows_with_keys=rows)
-                hidden = hidden + layer.cross_attn(hidden, cross.key, cross.value, ca_mask)
+                hidden = hidden + layer.cross_attn(hidden, ca_mask, keys=cross.key, values=cross.value)[0]
             hidden = layer(hidden, rope, text_mask, cache.self_kv[index])
         return hidden
 

@@ -1,0 +1,225 @@
+"""Training: recipes, the loop on tiny models, stage semantics, distributed equivalence, fault tolerance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from visor.train.checkpoint import latest_checkpoint, write_checkpoint
+from visor.train.recipe import Recipe, build, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# a model that trains in seconds: 192 px procedural images, 64 px base view, patch 16 (172 visual tokens)
+TINY_MODEL = dict(image_size=64, patch_size=16, vision_layers=1, vision_hidden=16, vision_heads=2, vision_mlp=32,
+                  text_layers=6, hidden=32, heads=4, kv_heads=2, mlp=64)
+
+
+def tiny_recipe(tmp_path: Path, name: str, **overrides) -> Path:
+    data = dict(kind="base", out_dir=str(tmp_path / name), model=TINY_MODEL, data={"val_n": 4, "families": ["color", "side"]},
+                optim={"lr": 3e-3, "warmup_steps": 2}, global_batch=4, micro_batch=2, max_steps=6, save_every=2,
+                log_every=1, precision="fp32", threads=1)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------- recipes
+def test_every_shipped_recipe_parses():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.global_batch % recipe.micro_batch == 0
+    paper = load_recipe(ROOT / "recipes" / "visor-stage2-llava-ov-0.5b.yaml")
+    assert paper.global_batch == 128 and paper.optim.weight_decay == 0.0 and paper.distributed == "fsdp"
+
+
+def test_bad_recipes_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown field"):
+        build(Recipe, {"kind": "base", "out_dir": "x", "learning_rate": 1})
+    with pytest.raises(TypeError, match="max_steps"):
+        build(Recipe, {"kind": "base", "out_dir": "x", "max_steps": "many"})
+    with pytest.raises(ValueError, match="kind"):
+        build(Recipe, {"kind": "stage3", "out_dir": "x"})
+    with pytest.raises(ValueError, match="multiple"):
+        build(Recipe, {"kind": "base", "out_dir": "x", "global_batch": 10, "micro_batch": 4})
+    with pytest.raises(ValueError, match="init"):
+        build(Recipe, {"kind": "visor-stage1", "out_dir": "x"})
+    recipe = load_recipe(tiny_recipe(tmp_path, "r"), ["optim.lr=3e-4", "max_steps=9"])
+    assert recipe.optim.lr == 3e-4 and recipe.max_steps == 9
+
+
+# ---------------------------------------------------------------------- the loop
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny base model trained for 30 steps (shared by the tests below)."""
+    from visor.train.loop import Trainer
+
+    tmp = tmp_path_factory.mktemp("base")
+    recipe = load_recipe(tiny_recipe(tmp, "base", max_steps=40, save_every=10, log_every=2))
+    final = Trainer(recipe, progress=False).train()
+    return tmp / "base", final
+
+
+def test_base_loss_goes_down_and_exports_llava_onevision(base_run):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    run_dir, final = base_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert (run_dir / "loss.png").exists()
+    evals = [r for r in rows if "eval" in r]
+    assert evals and evals[-1]["eval"]["n_items"] == 4
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(final)
+    assert hf.config.text_config.num_hidden_layers == 6
+    # the exported baseline and the training-time weights are the same model
+    from visor import LayerPlan, VisorForConditionalGeneration
+    from visor.eval.harness import evaluate, synth_items
+    from visor.train.models import image_processor_for
+    from transformers import AutoTokenizer
+
+    model = VisorForConditionalGeneration.from_llava_onevision(final, plan=LayerPlan.all_self_attention(6))
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    result = evaluate(model, tokenizer, image_processor_for(model.config), synth_items("val", 4, families=["color", "side"]), progress=False)
+    assert result.summary["n_items"] == 4 and result.summary["n_skipped"] == 0
+
+
+def test_stage1_trains_only_the_new_blocks(base_run, tmp_path):
+    from visor import VisorForConditionalGeneration
+    from visor.train.loop import Trainer
+
+    _, final = base_run
+    recipe = load_recipe(tiny_recipe(tmp_path, "s1", kind="visor-stage1", init=str(final), max_steps=3, save_every=3))
+    out = Trainer(recipe, progress=False).train()
+    before = VisorForConditionalGeneration.from_llava_onevision(final).state_dict()
+    after = VisorForConditionalGeneration.from_pretrained(out).state_dict()
+    assert set(before) == set(after)
+    changed_new = 0
+    for name, tensor in before.items():
+        if ".cross_attn." in name:
+            changed_new += int(not torch.equal(tensor, after[name]))
+        else:
+            assert torch.equal(tensor, after[name]), f"original weight {name} changed in stage 1"
+    assert changed_new > 0
+
+
+def test_universal_sampling_covers_viable_set(base_run, tmp_path):
+    from visor import VisorForConditionalGeneration
+    from visor.train.loop import Trainer, sample_config
+
+    viable = [(), (0,), (0, 1)]
+    recipe = build(Recipe, {"kind": "base", "out_dir": "x"})
+    counts = Counter(sample_config(recipe, viable, step) for step in range(3000))
+    assert set(counts) == set(viable)
+    assert all(abs(c / 3000 - 1 / 3) < 0.04 for c in counts.values())
+    # a short stage-2 run logs the configuration it sampled at each step
+    _, final = base_run
+    stage1 = VisorForConditionalGeneration.from_llava_onevision(final)
+    stage1.config.viable_configs = [list(v) for v in viable]
+    stage1.save_pretrained(tmp_path / "stage1")
+    recipe = load_recipe(tiny_recipe(tmp_path, "s2", kind="visor-stage2", init=str(tmp_path / "stage1"), max_steps=12,
+                                     save_every=12, tokenizer=str(final)))
+    Trainer(recipe, progress=False).train()
+    rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    seen = {tuple(r["active_sa"]) for r in rows}
+    assert seen == set(viable)
+
+
+# ---------------------------------------------------------------------- distributed
+def test_torchrun_two_processes_match_one_and_fsdp_matches_ddp(tmp_path):
+    single = tiny_recipe(tmp_path, "single", max_steps=3, save_every=3)
+    run_cli([PYTHON, "-m", "visor", "train", str(single), "--no-progress"])
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    for port, mode in ((29531, "ddp"), (29532, "fsdp")):
+        recipe = tiny_recipe(tmp_path, mode, max_steps=3, save_every=3, distributed=mode)
+        run_cli(torchrun + [str(port), "-m", "visor", "train", str(recipe), "--no-progress", "--device", "cpu"])
+    reference = final_weights(tmp_path / "single")
+    for mode in ("ddp", "fsdp"):
+        weights = final_weights(tmp_path / mode)
+        assert set(weights) == set(reference)
+        for name, tensor in reference.items():
+            assert torch.allclose(weights[name], tensor, atol=2e-5, rtol=1e-4), f"{mode}: {name}"
+
+
+# ---------------------------------------------------------------------- faults
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight = tiny_recipe(tmp_path, "straight", max_steps=8, save_every=2)
+    run_cli([PYTHON, "-m", "visor", "train", str(straight), "--no-progress"])
+    killed = tiny_recipe(tmp_path, "killed", max_steps=8, save_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([PYTHON, "-m", "visor", "train", str(killed), "--no-progress"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "step_00000004").exists():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+    run_cli([PYTHON, "-m", "visor", "train", str(killed), "--no-progress", "--resume"])
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_checkpoint_is_skipped(tmp_path):
+    messages = []
+
+    def weights(folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.arange(4.0)}, str(folder / "model.safetensors"))
+
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step, weights, {"step": step}, keep=5)
+    newest = tmp_path / "checkpoints" / "step_00000003" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:20])  # truncated
+    (tmp_path / "checkpoints" / "step_00000002" / "COMPLETE").unlink()  # interrupted write
+    found = latest_checkpoint(tmp_path, log=messages.append)
+    assert found.name == "step_00000001"
+    assert any("step_00000003" in m and "bytes" in m for m in messages)
+    assert any("step_00000002" in m and "COMPLETE" in m for m in messages)
+    (tmp_path / "checkpoints" / ".tmp-step_00000004-1").mkdir()  # a half-written temp folder is ignored
+    assert latest_checkpoint(tmp_path, log=messages.append).name == "step_00000001"
+
+
+def test_real_model_recipes_start_on_a_tiny_stand_in(base_run, tmp_path):
+    """The LLaVA-OV-0.5B stage recipes run on a tiny LLaVA-OV with LLaVA-format data (one step)."""
+    from visor.data.synth.generate import write_split
+    from visor.train.loop import Trainer
+
+    _, final = base_run
+    write_split(tmp_path / "data", "train", 8, families=["color", "code"])
+    stage1 = load_recipe(ROOT / "recipes" / "visor-stage1-llava-ov-0.5b.yaml", [
+        f"init={final}", f"out_dir={tmp_path / 's1'}", f"data.path={tmp_path / 'data' / 'train.jsonl'}",
+        f"data.image_root={tmp_path / 'data'}", "global_batch=4", "micro_batch=2", "max_steps=1", "threads=1",
+    ])
+    assert Trainer(stage1, progress=False).train() is not None

@@ -1,0 +1,517 @@
+"""The training loop shared by every recipe kind.
+
+Determinism (what makes resume and the 1-process == N-process tests hold):
+* the sample at global index ``i`` is a pure function of ``i`` (procedural: ``generate_item(i)``; LLaVA
+  files: record ``i mod n``); step ``s`` consumes indices ``[s*G, (s+1)*G)``; micro-batch ``a`` of rank
+  ``r`` takes ``m`` consecutive indices at ``s*G + (a*W + r)*m``: the same G samples and the same
+  micro-batch compositions whatever the number of processes;
+* the loss is summed over target tokens and divided by the global batch's token count (all-reduced),
+  so the gradient is the same for 1 process x k accumulation steps and k processes x 1;
+* stage 2's active configuration at step ``s`` comes from ``Random((seed, s))``: the same on every rank
+  and after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from visor.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint
+from visor.train.distributed import DistEnv, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
+from visor.train.recipe import Recipe
+
+
+# ---------------------------------------------------------------------- samples
+def synth_config(recipe: Recipe):
+    from dataclasses import replace
+
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    if recipe.data.synth_image_size:
+        return replace(DEFAULT_CONFIG, image_size=recipe.data.synth_image_size)
+    return DEFAULT_CONFIG
+
+
+class SampleSource:
+    """Training samples by global index (module docstring)."""
+
+    def __init__(self, recipe: Recipe, split: str = "train") -> None:
+        self.recipe = recipe
+        self.split = split
+        self.records = None
+        if recipe.data.source == "llava":
+            from visor.data.llava_format import load_llava
+
+            self.records, report = load_llava(recipe.data.path, recipe.data.image_root)
+            if not self.records:
+                raise ValueError(f"no usable record in {recipe.data.path}: {report.summary()}")
+        else:
+            self.config = synth_config(recipe)
+
+    def item(self, index: int):
+        from visor.data.synth.generate import generate_item
+
+        return generate_item(self.split, index, seed=self.recipe.data.seed, config=self.config, families=self.recipe.data.families)
+
+    def sample(self, index: int):
+        from visor.data.batch import Sample
+
+        if self.records is not None:
+            record = self.records[index % len(self.records)]
+            return Sample(record.load_images(), record.conversations)
+        item = self.item(index)
+        return Sample([item.image], item.conversations())
+
+
+def micro_indices(recipe: Recipe, step: int, accum: int, env: DistEnv) -> list[int]:
+    start = step * recipe.global_batch + (accum * env.world_size + env.rank) * recipe.micro_batch
+    return list(range(start, start + recipe.micro_batch))
+
+
+def sample_config(recipe: Recipe, viable: list[tuple[int, ...]], step: int) -> tuple[int, ...]:
+    return random.Random(f"{recipe.seed}-{step}").choice(viable)
+
+
+# ---------------------------------------------------------------------- tasks
+class LanguageTask:
+    """Next-token loss on assistant tokens (base, visor-stage1, visor-stage2)."""
+
+    def __init__(self, recipe: Recipe, model, tokenizer, image_processor) -> None:
+        from visor.data.batch import Batcher
+
+        self.recipe = recipe
+        self.source = SampleSource(recipe)
+        self.batcher = Batcher.for_model(model, tokenizer, image_processor)
+        plan = model.plan
+        if recipe.kind == "visor-stage2":
+            viable = recipe.viable_configs or model.config.viable_configs
+            if not viable:
+                raise ValueError("stage 2 needs viable configurations: run `visor configs` on the stage-1 checkpoint first")
+            self.viable = [plan.resolve_active(c) for c in viable]
+        else:
+            self.viable = [plan.all_slots]
+
+    def config_for_step(self, step: int) -> tuple[int, ...]:
+        return self.viable[0] if len(self.viable) == 1 else sample_config(self.recipe, self.viable, step)
+
+    def batch(self, indices: list[int]) -> dict:
+        return self.batcher.train_batch([self.source.sample(i) for i in indices])
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        labels = batch["labels"]
+        return int((labels[:, 1:] != -100).sum())
+
+    def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, int]:
+        out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum")
+        return out.loss, out.num_loss_tokens
+
+
+class DenseVisionTask:
+    """Dense per-patch pre-training of the vision tower on 64 px crops of procedural images."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.source = SampleSource(recipe)
+        spec = recipe.model
+        self.size, self.patch = spec.image_size, spec.patch_size
+
+    def batch(self, indices: list[int]) -> dict:
+        import numpy as np
+
+        from visor.data.synth.dense import dense_targets
+
+        pixels, targets = [], {"left": [], "right": [], "color": [], "dots": []}
+        for index in indices:
+            item = self.source.item(index)
+            rng = np.random.default_rng(index)
+            width, height = item.image.size
+            if index % 4 == 0:  # a base view: the whole image downscaled (teaches colour/shape at a glance)
+                image = item.image.resize((self.size, self.size))
+                dense = dense_targets(item, self.patch, image_size=(self.size, self.size))
+                box = None
+            else:  # a native-resolution crop, as an anyres tile sees it
+                x = int(rng.integers(0, width - self.size + 1) // self.patch * self.patch)
+                y = int(rng.integers(0, height - self.size + 1) // self.patch * self.patch)
+                image = item.image.crop((x, y, x + self.size, y + self.size))
+                dense = dense_targets(item, self.patch)
+                box = (y // self.patch, x // self.patch)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            pixels.append(torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1))
+            grid = self.size // self.patch
+            for key in targets:
+                values = getattr(dense, key)
+                if box is not None:
+                    values = values[box[0]:box[0] + grid, box[1]:box[1] + grid]
+                elif key in ("left", "right", "dots"):
+                    values = np.zeros_like(values)  # glyphs are unreadable in the base view: teach "none"
+                targets[key].append(torch.from_numpy(np.ascontiguousarray(values)).flatten())
+        batch = {"pixel_values": torch.stack(pixels)}
+        batch.update({k: torch.stack(v) for k, v in targets.items()})
+        return batch
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        return int(batch["left"].numel())
+
+    @torch.no_grad()
+    def evaluate(self, model, n: int = 256) -> dict:
+        """Per-patch accuracy on validation crops: glyph halves that hold a glyph, empty halves, colour."""
+        source, self.source = self.source, SampleSource(self.recipe, split="val")
+        try:
+            batch = self.batch(list(range(n)))
+        finally:
+            self.source = source
+        out = model(batch["pixel_values"])
+        hits = {"glyph": [0, 0], "none": [0, 0], "color": [0, 0]}
+        for side in ("left", "right"):
+            pred, target = out[side].argmax(-1), batch[side]
+            for key, where in (("glyph", target > 0), ("none", target == 0)):
+                hits[key][0] += int((pred == target)[where].sum())
+                hits[key][1] += int(where.sum())
+        hits["color"] = [int((out["color"].argmax(-1) == batch["color"]).sum()), batch["color"].numel()]
+        return {f"{k}_acc": a / max(b, 1) for k, (a, b) in hits.items()}
+
+    def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, int]:
+        import torch.nn.functional as F
+
+        out = model(batch["pixel_values"])
+        ce = lambda logits, target: F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")  # noqa: E731
+        dots = batch["dots"].clamp(max=unwrap(model).max_dots)
+        total = ce(out["left"], batch["left"]) + ce(out["right"], batch["right"]) + ce(out["dots"], dots)
+        total = total + self.recipe.vision_color_weight * ce(out["color"], batch["color"])
+        return total, self.count(batch)
+
+
+# ---------------------------------------------------------------------- run
+def _lr_lambda(recipe: Recipe):
+    opt = recipe.optim
+
+    def factor(step: int) -> float:
+        if step < opt.warmup_steps:
+            return (step + 1) / max(opt.warmup_steps, 1)
+        if opt.schedule == "constant":
+            return 1.0
+        progress = (step - opt.warmup_steps) / max(recipe.max_steps - opt.warmup_steps, 1)
+        return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _autocast(recipe: Recipe, env: DistEnv):
+    if recipe.precision == "bf16":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _full_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _load_state(model, optimizer, weights: dict, optim_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+class Trainer:
+    """Runs one recipe (``visor train``)."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False, device: str | None = None, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.resume = resume
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        self.env = init_distributed(device)
+        self.progress = progress and self.env.is_main
+        self.run_dir = Path(recipe.out_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------ set-up
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        source = self.recipe.tokenizer or self.recipe.init
+        if source:
+            return AutoTokenizer.from_pretrained(source)
+        from visor.data.tokenizer import build_tokenizer
+
+        return build_tokenizer()
+
+    def _build(self):
+        from visor.train import models
+
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        if recipe.kind == "vision":
+            from visor.data.synth.dense import COLOR_CLASSES, GLYPH_CLASSES
+
+            self.tokenizer = self.image_processor = None
+            model = models.DenseVisionModel(recipe.model, len(GLYPH_CLASSES), len(COLOR_CLASSES))
+            self.task = DenseVisionTask(recipe)
+        else:
+            self.tokenizer = self._tokenizer()
+            model = models.build_llava_base(recipe, self.tokenizer) if recipe.kind == "base" else models.build_visor(recipe)
+            self.image_processor = models.image_processor_for(model.config)
+            self.task = LanguageTask(recipe, model, self.tokenizer, self.image_processor)
+        if recipe.grad_checkpointing and hasattr(model, "language_model"):
+            model.language_model.gradient_checkpointing = True
+        trainable = models.set_trainable(model, recipe)
+        if not trainable:
+            raise ValueError("the recipe leaves no parameter to train")
+        self.frozen_snapshot = None
+        model.to(self.env.device)
+        self.model = wrap_model(model, recipe.distributed, self.env)
+        opt = recipe.optim
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opt.lr,
+                                           betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(recipe))
+        self.start_step = 0
+        if self.resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        checkpoint = latest_checkpoint(self.run_dir, log=self._log)
+        if checkpoint is None:
+            self._log(f"no complete checkpoint in {self.run_dir}: starting from scratch")
+            return
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        _load_state(self.model, self.optimizer, weights, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.start_step = int(state["step"])
+        self._log(f"resumed from {checkpoint} at step {self.start_step}")
+
+    def _log(self, message: str) -> None:
+        if self.env.is_main:
+            tqdm.write(message)
+
+    def _metric(self, row: dict) -> None:
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self, step: int) -> None:
+        from safetensors.torch import save_file
+
+        weights, optim_state = _full_state(self.model, self.optimizer)
+        if self.env.is_main:
+            state = {
+                "step": step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "data_position": step * self.recipe.global_batch,
+                "recipe": self.recipe.to_dict(),
+            }
+
+            def save_weights(folder: Path) -> None:
+                # tied tensors share storage, which safetensors refuses: store independent copies
+                save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+                config = getattr(unwrap(self.model), "config", None)
+                if config is not None:
+                    config.to_json_file(str(folder / "config.json"))
+
+            path = write_checkpoint(self.run_dir, step, save_weights, state, keep=self.recipe.keep_checkpoints)
+            self._log(f"checkpoint {path}")
+        barrier(self.env)
+
+    # ------------------------------------------------------------ loop
+    def train(self) -> Path | None:
+        recipe, env = self.recipe, self.env
+        self._build()
+        accum = recipe.accumulation_steps(env.world_size)
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):  # finish the current step, save, exit
+            stop["signal"] = signum
+
+        previous = signal.signal(signal.SIGTERM, on_signal) if env.is_main or True else None
+        bar = tqdm(total=recipe.max_steps, initial=self.start_step, desc=recipe.kind, disable=not self.progress)
+        started = time.perf_counter()
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        step = self.start_step
+        last_saved = self.start_step
+        try:
+            while step < recipe.max_steps:
+                batches = [self.task.batch(micro_indices(recipe, step, a, env)) for a in range(accum)]
+                local_tokens = sum(self.task.count(b) for b in batches)
+                global_tokens = all_reduce_sum(local_tokens, env)
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for a, batch in enumerate(batches):
+                    batch = {k: v.to(env.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    sync = nullcontext()
+                    if recipe.distributed == "ddp" and env.enabled and a < accum - 1:
+                        sync = self.model.no_sync()
+                    with sync, _autocast(recipe, env):
+                        loss_sum, _ = self.task.loss(self.model, batch, step)
+                        # DDP/FSDP average gradients over ranks: scale by world size to get sum / global tokens
+                        loss = loss_sum * env.world_size / max(global_tokens, 1)
+                    loss.backward()
+                    step_loss += float(loss_sum.detach()) / max(global_tokens, 1)
+                step_loss = all_reduce_sum(step_loss, env)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], recipe.optim.grad_clip
+                )
+                self.optimizer.step()
+                self.scheduler.step()
+                step += 1
+                window_samples += recipe.global_batch
+                window_tokens += int(global_tokens)
+                bar.update(1)
+                if step % recipe.log_every == 0 or step == recipe.max_steps:
+                    seconds = time.perf_counter() - window_start
+                    row = {"step": step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "samples_per_s": window_samples / seconds,
+                           "target_tokens_per_s": window_tokens / seconds, "elapsed_s": time.perf_counter() - started}
+                    if hasattr(self.task, "viable") and len(self.task.viable) > 1:
+                        row["active_sa"] = list(self.task.config_for_step(step - 1))
+                    self._metric(row)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
+                    window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                if step % recipe.save_every == 0:
+                    self.save(step)
+                    last_saved = step
+                if recipe.eval_every and step % recipe.eval_every == 0:
+                    self.evaluate(step)
+                timed_out = recipe.max_minutes is not None and (time.perf_counter() - started) / 60 >= recipe.max_minutes
+                if stop["signal"] is not None or timed_out:
+                    self._log(f"stopping at step {step} ({'signal' if stop['signal'] else 'time limit'})")
+                    break
+        except KeyboardInterrupt:
+            self._log(f"interrupted at step {step}")
+        finally:
+            bar.close()
+            if step > last_saved:
+                self.save(step)
+            signal.signal(signal.SIGTERM, previous)
+        final = None
+        if step >= recipe.max_steps or (recipe.max_minutes is not None and stop["signal"] is None):
+            if not (recipe.eval_every and step % recipe.eval_every == 0):
+                self.evaluate(step)
+            final = self.finish(step)
+        cleanup(env)
+        return final
+
+    # ------------------------------------------------------------ end of run
+    def evaluate(self, step: int, n: int | None = None) -> dict | None:
+        """Greedy evaluation on the validation split (rank 0; skipped under FSDP, where weights are sharded)."""
+        if self.env.enabled and self.recipe.distributed == "fsdp":
+            return None
+        summary = None
+        if self.env.is_main and self.recipe.kind == "vision":
+            model = unwrap(self.model)
+            with _autocast(self.recipe, self.env):
+                summary = self.task.evaluate(model.eval())
+            model.train()
+            self._metric({"step": step, "eval": summary})
+            self._log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+        elif self.env.is_main:
+            from visor.eval.harness import evaluate, synth_items
+
+            model = unwrap(self.model)
+            data = self.recipe.data
+            if data.source == "llava":
+                if not data.val_path:
+                    barrier(self.env)
+                    return None
+                from visor.eval.harness import llava_items
+
+                items = llava_items(data.val_path, data.image_root)[0][: n or data.val_n]
+            else:
+                items = synth_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe),
+                                    families=data.families)
+            with _autocast(self.recipe, self.env):
+                result = evaluate(model, self.tokenizer, self.image_processor, items, progress=False)
+            model.train()
+            summary = result.summary
+            self._metric({"step": step, "eval": summary})
+            self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}")
+        barrier(self.env)
+        return summary
+
+    def finish(self, step: int) -> Path | None:
+        """Export the trained model to RUN/final and plot the loss curve."""
+        from visor.train import models
+
+        final = self.run_dir / "final"
+        weights, _ = _full_state(self.model, self.optimizer)
+        if self.env.is_main:
+            final.mkdir(parents=True, exist_ok=True)
+            model = unwrap(self.model)
+            if self.recipe.distributed == "fsdp" and self.env.enabled:
+                model = None  # sharded: rebuild a plain copy from the gathered weights below
+            if self.recipe.kind == "vision":
+                tower = (model or unwrap(self.model)).tower
+                tower.save_pretrained(str(final))
+            else:
+                if model is None:
+                    model = self._plain_copy(weights)
+                if self.recipe.kind == "base":
+                    models.export_llava_onevision(model, final, self.tokenizer, self.image_processor)
+                else:
+                    model.save_pretrained(str(final))
+                    self.tokenizer.save_pretrained(str(final))
+                    self.image_processor.save_pretrained(str(final))
+            (final / "recipe.json").write_text(json.dumps(self.recipe.to_dict(), indent=2))
+            plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+            self._log(f"saved {final}")
+        barrier(self.env)
+        return final
+
+    def _plain_copy(self, weights: dict):
+        from visor.model.modeling import VisorForConditionalGeneration
+
+        config = unwrap(self.model).config
+        model = VisorForConditionalGeneration(config)
+        model.load_state_dict(weights)
+        return model
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    """Loss curve (and validation easy/hard means where present) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not Path(metrics_path).exists():
+        return
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax = axes[0][1]
+        keys = [k for k, v in evals[-1]["eval"].items() if isinstance(v, float) and k.endswith(("_mean", "_acc"))]
+        for key in keys:
+            ax.plot([r["step"] for r in evals], [100 * (r["eval"].get(key) or 0) for r in evals], marker="o", label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,234 @@
+"""Training recipes: typed, validated dataclasses loaded from YAML with ``a.b=c`` overrides.
+
+A recipe is the saved argument list of one run (as in litgpt / lingua): ``visor train RECIPE.yaml
+optim.lr=3e-4 max_steps=100``. Unknown keys, wrong types and impossible combinations are rejected
+with a message naming the field, before any model is built.
+
+Kinds:
+* ``vision``        dense per-patch pre-training of a tiny SigLIP tower (saved as a SigLIP checkpoint);
+* ``base``          a LLaVA-OneVision model trained from scratch or continued (saved in HF LLaVA-OV format);
+* ``visor-stage1``  convert a LLaVA-OV checkpoint to VISOR (maximal plan), train only the new blocks;
+* ``visor-stage2``  fine-tune everything, one active configuration sampled per step (universal model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+KINDS = ("vision", "base", "visor-stage1", "visor-stage2")
+
+
+@dataclass
+class TinyModelSpec:
+    """Geometry of a LLaVA-OV model built from scratch (``base`` / ``vision`` kinds)."""
+
+    image_size: int = 64  # the base view (SigLIP input) in pixels
+    patch_size: int = 8
+    max_tiles_per_side: int = 3  # grid pinpoints: multiples of image_size up to this many per side
+    max_views: int = 9  # anyres_max_K
+    vision_layers: int = 3
+    vision_hidden: int = 192
+    vision_heads: int = 3
+    vision_mlp: int = 768
+    text_layers: int = 9
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    mlp: int = 704
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class DataSpec:
+    """Where training and validation samples come from."""
+
+    source: Literal["synth", "llava"] = "synth"
+    path: str | None = None  # LLaVA JSON/JSONL (source=llava)
+    image_root: str | None = None
+    val_path: str | None = None
+    families: list[str] | None = None  # synth: subset of families (default all)
+    synth_image_size: int | None = None  # synth: override SynthConfig.image_size
+    seed: int = 0  # synth: dataset seed (splits derive disjoint seeds from it)
+    val_n: int = 200  # validation items evaluated periodically
+    workers: int = 1  # background processes generating/processing samples
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # the paper: AdamW without weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Recipe:
+    """One training run."""
+
+    kind: Literal["vision", "base", "visor-stage1", "visor-stage2"]
+    out_dir: str
+    init: str | None = None  # checkpoint to start from (base: LLaVA-OV to continue; stage1: LLaVA-OV; stage2: stage-1 VISOR)
+    vision_init: str | None = None  # base: a pre-trained SigLIP checkpoint (from a ``vision`` run)
+    tokenizer: str | None = None  # folder with a HF tokenizer; default: init's, else the benchmark tokenizer
+    model: TinyModelSpec = field(default_factory=TinyModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    global_batch: int = 32
+    micro_batch: int = 8
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop (and save) after this wall time
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    precision: Literal["bf16", "fp32"] = "bf16"
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    grad_checkpointing: bool = False
+    threads: int | None = None  # torch intra-op threads per process (1 is fastest on a busy 2-core machine)
+    freeze_vision: bool = False  # base: keep the (pre-trained) vision tower fixed
+    seed: int = 0
+    # VISOR stages
+    plan: Literal["default"] = "default"
+    viable_configs: list[list[int]] | None = None  # stage 2: default = read from the init checkpoint
+    config_sampling: Literal["uniform"] = "uniform"  # stage 2: one viable configuration per step, uniformly
+    # vision kind
+    vision_color_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"recipe kind must be one of {KINDS}, got {self.kind!r}")
+        if self.global_batch <= 0 or self.micro_batch <= 0:
+            raise ValueError("global_batch and micro_batch must be positive")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})")
+        if self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.kind in ("visor-stage1", "visor-stage2") and not self.init:
+            raise ValueError(f"a {self.kind} recipe needs `init` (the checkpoint to start from)")
+        if self.data.source == "llava" and not self.data.path:
+            raise ValueError("data.source=llava needs data.path (a LLaVA JSON/JSONL file)")
+        if self.save_every <= 0:
+            raise ValueError("save_every must be positive")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not divisible by micro_batch x world size = {per_step}"
+            )
+        return self.global_batch // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- typed construction
+def _check(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _check(value, option, where)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise TypeError(f"{where}: {value!r} does not match {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise TypeError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{where}: expected a list, got {value!r}")
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if dataclasses.is_dataclass(annotation):
+        return build(annotation, value, where)
+    if annotation is float:
+        if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "3e-4" as a string
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, data: Any, where: str = "recipe"):
+    """Construct dataclass ``cls`` from a mapping, checking every field's type; unknown keys are errors."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {name: _check(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested mapping."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and raw.strip() and _looks_numeric(raw):
+            value = float(raw)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply overrides, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    data = apply_overrides(data, overrides or [])
+    return build(Recipe, data, where=path.name)
