@@ -17,6 +17,7 @@ VERB_MODULES: tuple[str, ...] = (
     "generate",
     "cost",
     "data",
+    "eval",
     "train",
 )
 
