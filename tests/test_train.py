@@ -223,3 +223,41 @@ def test_real_model_recipes_start_on_a_tiny_stand_in(base_run, tmp_path):
         f"data.image_root={tmp_path / 'data'}", "global_batch=4", "micro_batch=2", "max_steps=1", "threads=1",
     ])
     assert Trainer(stage1, progress=False).train() is not None
+
+
+# ---------------------------------------------------------------------- viable configurations
+def test_nested_greedy_viable_set():
+    from visor.train.configs import choose_viable
+
+    # slot 2 helps most, then slot 0; slot 1 adds nothing
+    gain = {0: 0.2, 1: 0.0, 2: 0.5}
+    calls = []
+
+    def scorer(config):
+        calls.append(config)
+        value = 0.2 + sum(gain[s] for s in config) / 2
+        return {"easy_mean": value, "hard_mean": value, "mean_flops": 1.0 + len(config)}
+
+    search = choose_viable(scorer, 3, "nested")
+    assert search.slot_order == [2, 0, 1]
+    assert search.viable == [(), (2,), (0, 2), (0, 1, 2)]
+    assert len(calls) == 1 + 3 + 2 + 1 and len(set(calls)) == len(calls)
+    exhaustive = choose_viable(scorer, 3, "exhaustive")
+    assert exhaustive.viable == [(), (2,), (0, 2)]  # adding slot 1 never raises the score: not on the front
+
+
+def test_configs_cli_writes_viable_set(base_run, tmp_path, capsys):
+    from visor import VisorForConditionalGeneration
+    from visor.cli.main import main
+
+    _, final = base_run
+    stage1 = VisorForConditionalGeneration.from_llava_onevision(final)
+    stage1.save_pretrained(tmp_path / "s1")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(final) / name).exists():
+            (tmp_path / "s1" / name).write_bytes((Path(final) / name).read_bytes())
+    assert main(["configs", "--model", str(tmp_path / "s1"), "--n", "4", "--out", str(tmp_path / "s1v")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = VisorForConditionalGeneration.from_pretrained(tmp_path / "s1v")
+    assert loaded.config.viable_configs == result["viable"] and len(result["viable"]) == loaded.plan.num_slots + 1
+    assert list(loaded.plan.slot_order) == result["slot_order"]

@@ -138,9 +138,15 @@ class DenseVisionTask:
                 image = item.image.resize((self.size, self.size))
                 dense = dense_targets(item, self.patch, image_size=(self.size, self.size))
                 box = None
-            else:  # a native-resolution crop, as an anyres tile sees it
-                x = int(rng.integers(0, width - self.size + 1) // self.patch * self.patch)
-                y = int(rng.integers(0, height - self.size + 1) // self.patch * self.patch)
+            else:  # a native-resolution crop, as an anyres tile sees it; mostly around small print
+                if item.glyphs and rng.random() < 0.8:
+                    cx, cy = item.glyphs[int(rng.integers(len(item.glyphs)))].center
+                    x = cx - self.size / 2 + rng.integers(-self.size // 4, self.size // 4 + 1)
+                    y = cy - self.size / 2 + rng.integers(-self.size // 4, self.size // 4 + 1)
+                else:
+                    x, y = rng.integers(0, width - self.size + 1), rng.integers(0, height - self.size + 1)
+                x = int(min(max(x, 0), width - self.size) // self.patch * self.patch)
+                y = int(min(max(y, 0), height - self.size) // self.patch * self.patch)
                 image = item.image.crop((x, y, x + self.size, y + self.size))
                 dense = dense_targets(item, self.patch)
                 box = (y // self.patch, x // self.patch)
