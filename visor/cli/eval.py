@@ -80,23 +80,12 @@ def register(subparsers) -> None:
 # ---------------------------------------------------------------------- pieces
 def load_for_eval(folder: str, dtype):
     """(model, kind): a LLaVA-OV folder as the original model (all self-attention), a VISOR one as saved."""
-    from visor.model.modeling import VisorForConditionalGeneration
-    from visor.model.plan import LayerPlan
+    from visor.convert.llava_onevision import load_checkpoint
 
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        raise SystemExit(f"visor eval: {folder} is not a checkpoint folder (no config.json)")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") == "llava_onevision":
-        text = config.get("text_config") or {}
-        num_layers = text.get("num_hidden_layers")
-        if num_layers is None:
-            from transformers import LlavaOnevisionConfig
-
-            num_layers = LlavaOnevisionConfig.from_pretrained(folder).text_config.num_hidden_layers
-        plan = LayerPlan.all_self_attention(int(num_layers))
-        return VisorForConditionalGeneration.from_llava_onevision(folder, plan=plan, dtype=dtype).eval(), "llava_onevision"
-    return VisorForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval(), "visor"
+    try:
+        return load_checkpoint(folder, dtype)
+    except FileNotFoundError as err:
+        raise SystemExit(f"visor eval: {err}") from err
 
 
 def generate_options(args: argparse.Namespace, model) -> dict:

@@ -140,3 +140,20 @@ def load_llava_weights(model, hf_state_dict: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(mapped, strict=False)
     if tied:
         model.tie_weights()
+
+
+def load_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """``(model, kind)`` for any checkpoint folder: a LLaVA-OV folder becomes the *original* model
+    (``LayerPlan.all_self_attention``: every layer self-attention, no cross-attention), a VISOR folder
+    loads as saved. ``kind`` is ``"llava_onevision"`` or ``"visor"``."""
+    from visor.model.modeling import VisorForConditionalGeneration
+
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json)")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "llava_onevision":
+        num_layers = LlavaOnevisionConfig.from_pretrained(str(folder)).text_config.num_hidden_layers
+        model = convert_llava_onevision(folder, plan=LayerPlan.all_self_attention(num_layers), dtype=dtype)
+        return model.eval(), "llava_onevision"
+    return VisorForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval(), "visor"
