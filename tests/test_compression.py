@@ -460,3 +460,72 @@ def test_registry_names_and_defaults():
     assert build_reducer("fastv", layer=3).drops(24)[0].score_layer == 2
     for cls in REDUCERS.values():
         assert cls.paper and "arXiv" in cls.paper and "LLaVA-OV" in cls.__doc__
+
+
+# ---------------------------------------------------------------------- cost model, CLI, timing
+@pytest.mark.parametrize("name", list(REDUCERS))
+def test_cost_counts_every_reducer(monkeypatch, capsys, name):
+    import json
+
+    from tests.test_cost import run_cli
+    from visor.cost import count_baseline_prefill, count_prefill, get_geometry, reducer_schedule
+
+    geometry = get_geometry("llava-ov-0.5b")
+    plan = LayerPlan.default(24)
+    code, out = run_cli(monkeypatch, capsys, ["--reduce", name, "--sa-count", "2", "--crops", "10"])
+    assert code == 0, out.err
+    report = json.loads(out.out.strip().splitlines()[-1])
+    schedule, overhead = reducer_schedule(geometry, name, 7290, 64, 10)
+    reducer = build_reducer(name)
+    if reducer.stage == "pre_llm":
+        assert schedule == [kept_tokens(7290, reducer.keep)] * 24
+    expected = count_prefill(geometry, plan, (0, 1), 7290, 64, visual_tokens_per_layer=schedule,
+                             compression_overhead_flops=overhead, n_crops=10)
+    assert report["flops"] == expected.llm_total and report["breakdown"]["compression_overhead"] == overhead
+    assert report["reduce"]["visual_tokens_per_layer"] == schedule
+    base = count_baseline_prefill(geometry, 7290, 64).llm_total
+    assert report["reducer_reduction"] > 1.5 and report["reduction"] > base / count_prefill(geometry, plan, (0, 1), 7290, 64).llm_total
+    if name != "pooling":  # pooling's resampling is elementwise work (not counted); the others score tokens
+        assert overhead > 0 and "token-selection overhead" in out.out
+    assert "baseline + " + reducer.name in out.out
+
+
+def test_in_llm_schedules():
+    assert FastV(0.5).visual_tokens_per_layer(24, 7290) == [7290] * 2 + [3645] * 22
+    assert PyramidDrop(0.5).visual_tokens_per_layer(24, 7290) == [7290] * 6 + [3645] * 6 + [1823] * 6 + [912] * 6
+
+
+def test_generate_cli_reduce(tmp_path, capsys):
+    import json
+
+    from tests.tiny import save_tiny_llava
+    from visor.cli.main import main
+
+    save_tiny_llava(tmp_path / "llava", num_layers=6)
+    random_image(50, 70).save(tmp_path / "img.png")
+    for spec, per_layer in (("visionzip:0.5", None), ("fastv:2x", "drop")):
+        assert main(["generate", "--model", str(tmp_path / "llava"), "--image", str(tmp_path / "img.png"),
+                     "--prompt", "what is it?", "--reduce", spec, "--max-new-tokens", "2"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["reduce"]["name"] == spec.split(":")[0] and len(result["visual_tokens_per_layer"]) == 6
+        tokens = result["visual_tokens_per_layer"]
+        if per_layer == "drop":
+            assert tokens[:2] == [result["visual_tokens"]] * 2 and tokens[2] == kept_tokens(result["visual_tokens"], 0.5)
+        else:
+            assert tokens[0] < result["visual_tokens"]
+    with pytest.raises(SystemExit, match="fraction"):
+        main(["generate", "--model", str(tmp_path / "llava"), "--image", str(tmp_path / "img.png"),
+              "--prompt", "what is it?", "--reduce", "visionzip:0"])
+
+
+def test_selection_timing_and_reduced_inputs(baseline):
+    from visor.compression.timing import reduced_forward_inputs, time_selection
+
+    inputs = batch_inputs(baseline, sizes=SIZES)
+    for name in REDUCERS:
+        row = time_selection(baseline, name, inputs, repeats=1, warmup=0)
+        assert row["seconds"] >= 0 and row["stage"] in ("pre_llm", "in_llm") and row["reducer"].startswith(name)
+        with torch.no_grad():
+            direct = baseline(**inputs, reducer=name)
+            split = baseline(**reduced_forward_inputs(baseline, name, inputs))
+        assert torch.equal(valid_logits(direct), valid_logits(split))

@@ -348,7 +348,7 @@ def test_cli_active_sa_reduce_and_layout(monkeypatch, capsys):
         (["--visual-tokens", "0"], "positive"),
         (["--text-tokens", "-3"], "positive"),
         (["--sa-count", "9"], "sa_count"),
-        (["--reduce", "fastv:2x"], "unknown reducer"),
+        (["--reduce", "nosuch:2x"], "unknown reducer"),
         (["--reduce", "pooling:3"], "kept fraction"),
     ],
 )

@@ -10,9 +10,6 @@ import argparse
 import json
 import sys
 
-# reducers `visor cost` can cost today: they act before the LLM by shrinking the visual-token count.
-# The other compressors (VisionZip, FastV, PyramidDrop, ...) join when the compression registry exists.
-PRE_LLM_REDUCERS: dict[str, float] = {"pooling": 0.5}  # name -> kept fraction when AMOUNT is left out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     active.add_argument("--active-sa", metavar="SLOTS",
                         help="SA slot numbers joined by '+', e.g. '0+2'; 'none' for CA only")
     p.add_argument("--reduce", metavar="NAME[:AMOUNT]",
-                   help="reduce the visual tokens before the LLM, e.g. 'pooling:2x' or 'pooling:0.25' "
-                        f"(AMOUNT: kept fraction, factor with 'x', or percentage; names: {', '.join(PRE_LLM_REDUCERS)}; "
-                        "more join when the compression registry exists)")
+                   help="a visual-token reducer, e.g. 'pooling:2x', 'visionzip:0.25', 'fastv:0.5', 'pdrop' "
+                        "(AMOUNT: kept fraction, factor with 'x', or percentage; default: the method's published "
+                        "setting). Names: pooling, visionzip, vispruner, hired (before the LLM), fastv, pdrop "
+                        "(inside it). Kept tokens are counted per layer, the selection work on its own line, and "
+                        "the baseline with the same reducer is reported too")
     p.add_argument("--ca-kv-layout", choices=("gqa", "full"), default="gqa",
                    help="cross-attention K/V width: the LLM's KV heads (gqa) or all heads (full) (default: %(default)s)")
     p.add_argument("--causal-halving", action="store_true",
@@ -53,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def compute(args: argparse.Namespace) -> dict:
     """The whole report as one JSON-ready dict; raises ValueError on bad input."""
-    from visor.compression.spec import kept_tokens, parse_reduce_spec
-    from visor.cost.flops import count_baseline_prefill, count_decode_step, count_prefill, kv_cache_bytes
+    from visor.compression.registry import build_reducer
+    from visor.cost.flops import count_baseline_prefill, count_decode_step, count_prefill, kv_cache_bytes, reducer_schedule
     from visor.cost.geometry import get_geometry
     from visor.model.plan import LayerPlan, format_slots
 
@@ -70,24 +69,26 @@ def compute(args: argparse.Namespace) -> dict:
     else:
         active = plan.all_slots
 
-    n_visual_llm, reduce = args.visual_tokens, None
+    n_visual_llm, reduce, schedule, overhead = args.visual_tokens, None, None, 0
     if args.reduce:
-        name = args.reduce.partition(":")[0].strip().lower()
-        if name not in PRE_LLM_REDUCERS:
-            raise ValueError(f"unknown reducer {name!r} for visor cost; known: {', '.join(PRE_LLM_REDUCERS)}")
-        name, keep = parse_reduce_spec(args.reduce, default_keep=PRE_LLM_REDUCERS[name])
-        n_visual_llm = kept_tokens(args.visual_tokens, keep)
-        reduce = {"name": name, "keep_fraction": keep}
+        reducer = build_reducer(args.reduce)
+        schedule, overhead = reducer_schedule(geometry, reducer, args.visual_tokens, args.text_tokens, args.crops)
+        n_visual_llm = schedule[0]  # tokens entering the LLM (in-LLM reducers prune later layers)
+        reduce = {**reducer.describe(), "visual_tokens_per_layer": schedule, "selection_flops": overhead}
 
     common = dict(causal_halving=args.causal_halving, n_crops=args.crops)
-    visor = count_prefill(geometry, plan, active, n_visual_llm, args.text_tokens, ca_kv_layout=args.ca_kv_layout, **common)
+    reduced = dict(visual_tokens_per_layer=schedule, compression_overhead_flops=overhead)
+    visor = count_prefill(geometry, plan, active, args.visual_tokens, args.text_tokens, ca_kv_layout=args.ca_kv_layout,
+                          **reduced, **common)
     base = count_baseline_prefill(geometry, args.visual_tokens, args.text_tokens, **common)
+    base_reduced = count_baseline_prefill(geometry, args.visual_tokens, args.text_tokens, **reduced, **common) if reduce else None
     base_plan = LayerPlan.all_self_attention(geometry.text.num_layers)
-    decode = count_decode_step(geometry, plan, active, n_visual_llm, args.text_tokens,
-                               step=args.decode_step, ca_kv_layout=args.ca_kv_layout)
+    decode = count_decode_step(geometry, plan, active, args.visual_tokens, args.text_tokens, step=args.decode_step,
+                               ca_kv_layout=args.ca_kv_layout, visual_tokens_per_layer=schedule)
     base_decode = count_decode_step(geometry, base_plan, None, args.visual_tokens, args.text_tokens, step=args.decode_step)
     kv_args = dict(n_generated=args.decode_step, dtype_bytes=args.dtype_bytes)
-    kv = kv_cache_bytes(geometry, plan, active, n_visual_llm, args.text_tokens, ca_kv_layout=args.ca_kv_layout, **kv_args)
+    kv = kv_cache_bytes(geometry, plan, active, args.visual_tokens, args.text_tokens, ca_kv_layout=args.ca_kv_layout,
+                        visual_tokens_per_layer=schedule, **kv_args)
     base_kv = kv_cache_bytes(geometry, base_plan, None, args.visual_tokens, args.text_tokens, **kv_args)
     return {
         "geometry": geometry.name,
@@ -105,6 +106,9 @@ def compute(args: argparse.Namespace) -> dict:
         "flops": visor.llm_total,
         "reduction": base.llm_total / visor.llm_total,  # LLM prefill only, as the paper counts
         "reduction_with_vision": base.total / visor.total if args.crops is not None else None,
+        # the baseline model with the same reducer: the token-compression peer on its own
+        "reduced_baseline_flops": base_reduced.llm_total if reduce else None,
+        "reducer_reduction": base.llm_total / base_reduced.llm_total if reduce else None,
         "breakdown": visor.to_dict(),
         "baseline_breakdown": base.to_dict(),
         "decode_step": args.decode_step,
@@ -121,10 +125,15 @@ def format_table(report: dict) -> str:
 
     visor, base = report["breakdown"], report["baseline_breakdown"]
     reduce = report["reduce"]
+    if reduce and reduce["stage"] == "in_llm":
+        per_layer = reduce["visual_tokens_per_layer"]
+        steps = [f"{n} from layer {i}" for i, n in enumerate(per_layer) if i == 0 or n != per_layer[i - 1]]
+        kept = f"; {reduce['name']} keeps {reduce['keep_fraction']:.3g}: " + ", ".join(steps) + " visual tokens"
+    elif reduce:
+        kept = f"; {reduce['name']} keeps {reduce['keep_fraction']:.3g} -> {report['visual_tokens_llm']} visual tokens into the LLM"
     lines = [
         f"geometry {report['geometry']}: {report['visual_tokens']} visual + {report['text_tokens']} text tokens"
-        + (f"; {reduce['name']} keeps {reduce['keep_fraction']:.3g} -> {report['visual_tokens_llm']} visual tokens into the LLM"
-           if reduce else ""),
+        + (kept if reduce else ""),
         f"layers {report['layers']}  (S active SA, s inactive SA slot, C cross-attention, . text-only); "
         f"active SA slots: {report['active_sa_str']}; CA K/V layout {report['ca_kv_layout']}; "
         f"causal halving {'on' if report['causal_halving'] else 'off'}",
@@ -138,6 +147,9 @@ def format_table(report: dict) -> str:
             lines.append(f"  {label:<34}{format_flops(visor[name]):>14}{format_flops(base[name]):>14}")
     lines.append(f"  {'LLM total':<34}{format_flops(report['flops']):>14}{format_flops(report['baseline_flops']):>14}"
                  f"   reduction {report['reduction']:.2f}x")
+    if reduce:
+        lines.append(f"  {'baseline + ' + reduce['name'] + ' (LLM total)':<34}{'':>14}"
+                     f"{format_flops(report['reduced_baseline_flops']):>14}   reduction {report['reducer_reduction']:.2f}x")
     if report["crops"] is None:
         lines.append("  vision encoder + projector: not counted (pass --crops N)")
     else:

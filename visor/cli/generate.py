@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", required=True, help="the question; the chat template and image tags are added")
     parser.add_argument("--raw-prompt", action="store_true", help="use --prompt verbatim (it must contain one <image> per image)")
     add_config_choice(parser)
+    parser.add_argument("--reduce", default=None, metavar="NAME[:AMOUNT]",
+                        help="visual-token reducer: pooling, visionzip, vispruner, hired (before the LLM), fastv, pdrop "
+                             "(inside it); AMOUNT is the kept fraction ('0.25'), a factor ('4x') or a percentage "
+                             "(default: the method's published setting; see visor.compression.registry)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum tokens to generate (default 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
@@ -59,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype)
     processor = VisorProcessor.from_pretrained(args.model)
     active = resolve_config_choice(args, model.plan)
+    reducer = None
+    if args.reduce:
+        from visor.compression import build_reducer
+
+        try:
+            reducer = build_reducer(args.reduce)
+        except ValueError as err:
+            raise SystemExit(f"visor generate: --reduce: {err}") from err
     images = [load_image(path) for path in args.image]
     prompt = args.prompt if args.raw_prompt else processor.chat_prompt(args.prompt, num_images=len(images))
     inputs = processor(prompt, [images] if images else None)
@@ -70,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         stop_strings=args.stop, tokenizer=processor.tokenizer, streamer=streamer,
         eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=processor.tokenizer.pad_token_id,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), reducer=reducer,
     )
     seconds = time.perf_counter() - start
     new_tokens = sequences[0, inputs["input_ids"].shape[1]:]
@@ -83,6 +95,21 @@ def run(args: argparse.Namespace) -> int:
     print_json_line({
         "answer": answer, "active_sa": format_slots(active), "layers": model.plan.describe(active),
         "visual_tokens": n_visual, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "reduce": reducer.describe() if reducer else None,
+        "visual_tokens_per_layer": _visual_tokens_per_layer(model, reducer, inputs, n_visual),
         "new_tokens": int(new_tokens.numel()), "seconds": round(seconds, 3),
     })
     return 0
+
+
+def _visual_tokens_per_layer(model, reducer, inputs, n_visual: int) -> list[int]:
+    """Visual tokens each decoder layer carries for this prompt (every layer: ``n_visual`` without a reducer)."""
+    num_layers = model.config.text_config.num_hidden_layers
+    if reducer is None or n_visual == 0:
+        return [n_visual] * num_layers
+    if reducer.stage == "pre_llm":
+        from visor.compression.cues import image_layouts
+
+        layouts = image_layouts(model.config, inputs["image_sizes"], inputs.get("batch_num_images"))
+        return [sum(reducer.kept_count(layout) for layout in layouts)] * num_layers
+    return reducer.visual_tokens_per_layer(num_layers, n_visual)

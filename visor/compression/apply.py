@@ -62,8 +62,7 @@ def reduce_images(model, reducer: PreLLMReducer, pixel_values, image_sizes, batc
         if pixel_values is None:
             raise ValueError(f"reducer {reducer.name!r} scores tokens with the vision tower's attention: "
                              f"pass pixel_values (precomputed image_features are not enough)")
-        with clock:
-            images = encode_with_cues(model, pixel_values, image_sizes, batch_num_images, reducer.cues)
+        images = encode_with_cues(model, pixel_values, image_sizes, batch_num_images, reducer.cues, clock)
     else:
         if image_features is None:
             image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)

@@ -16,7 +16,7 @@ attention each token *receives*: softmax(QK^T / sqrt(d)) averaged over heads and
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -84,13 +84,21 @@ def image_layouts(config, image_sizes: torch.Tensor, batch_num_images: Sequence[
 
 @torch.no_grad()
 def encode_with_cues(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
-                     batch_num_images: Sequence[int] | None, cues: VisionCues) -> list[ImageTokens]:
-    """``model.encode_images`` plus the ``cues`` a reducer asked for, per image (see module docstring)."""
+                     batch_num_images: Sequence[int] | None, cues: VisionCues, clock=None) -> list[ImageTokens]:
+    """``model.encode_images`` plus the ``cues`` a reducer asked for, per image (see module docstring).
+
+    ``clock`` (a context manager) times the cue computation only, not the tower it rides along with."""
     config = model.config
     layers = sorted({resolve_layer(config, l) for l in cues.attention_layers}
                     | ({feature_layer_index(config)} if cues.keys else set()))
     with _record(model, layers, cues.features) as store:
         features = model.encode_images(pixel_values, image_sizes, batch_num_images)
+    with clock if clock is not None else nullcontext():
+        return _pack_cues(model, features, store, image_sizes, batch_num_images, cues)
+
+
+def _pack_cues(model, features, store, image_sizes, batch_num_images, cues: VisionCues) -> list[ImageTokens]:
+    config = model.config
     layouts = image_layouts(config, image_sizes, batch_num_images)
     base = config.vision_config.image_size
     crops = [num_crops(size.tolist(), config.image_grid_pinpoints, base, lay.tiled) for size, lay in zip(image_sizes, layouts)]

@@ -23,6 +23,7 @@ from visor.cost.flops import (
     format_bytes,
     format_flops,
     kv_cache_bytes,
+    reducer_schedule,
     visual_tokens_schedule,
 )
 from visor.cost.geometry import PRESETS, Geometry, TextGeometry, VisionGeometry, get_geometry
@@ -43,5 +44,6 @@ __all__ = [
     "format_flops",
     "get_geometry",
     "kv_cache_bytes",
+    "reducer_schedule",
     "visual_tokens_schedule",
 ]
