@@ -108,8 +108,8 @@ def generate_options(args: argparse.Namespace, model) -> dict:
             raise SystemExit(f"visor eval: --reduce {args.reduce!r}: {err}") from None
     if args.route or args.budget is not None:
         if not getattr(model.config, "router", None):
-            raise SystemExit("visor eval: --route/--budget are not available: this checkpoint has no router "
-                             "(model.config.router is unset; routing is not implemented yet)")
+            raise SystemExit("visor eval: --route/--budget: this checkpoint has no router "
+                             "(train one with `visor route label` + `visor route train`)")
         if "route" not in params:
             raise SystemExit("visor eval: --route is not available yet: generation in this version cannot route")
         options["route"] = True
@@ -212,14 +212,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {item.id}: {item.warning}", file=sys.stderr)
 
     start = time.perf_counter()
-    result = evaluate(model, processor.tokenizer, processor.image_processor, items, active_sa=active,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                      generate_kwargs=options)
+    routing = {"route": options.pop("route", False), "budget": options.pop("budget", 0.0) or 0.0}
+    result = evaluate(model, processor.tokenizer, processor.image_processor, items,
+                      active_sa=None if routing["route"] else active, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress, generate_kwargs=options, **routing)
     seconds = time.perf_counter() - start
     summary = result.summary
     summary.update({
         "model": str(args.model), "model_kind": kind, "plan": model.plan.to_dict(), "active_sa": format_slots(active),
-        "reduce": args.reduce, "route": bool(options.get("route")), "budget": args.budget,
+        "reduce": args.reduce, "route": bool(routing["route"]), "budget": args.budget,
         "dtype": args.dtype, "device": str(device), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "data": data, "seconds": round(seconds, 3),
         "items_per_second": round(len(items) / seconds, 3) if seconds > 0 else None,

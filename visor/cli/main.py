@@ -16,10 +16,13 @@ VERB_MODULES: tuple[str, ...] = (
     "convert",
     "generate",
     "cost",
+    "bench",
     "data",
     "eval",
     "train",
     "configs",
+    "route",
+    "serve",
 )
 
 

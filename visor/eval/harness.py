@@ -328,6 +328,8 @@ def evaluate(
     progress: bool = True,
     generate_kwargs: dict | None = None,
     config_for_item: Callable[[EvalItem], Any] | None = None,
+    route: bool = False,
+    budget: float = 0.0,
 ) -> EvalResult:
     """Generate an answer for every item (greedy) and grade it (module docstring).
 
@@ -336,6 +338,8 @@ def evaluate(
     ``generate_kwargs`` go to ``model.generate`` (e.g. ``reducer="pooling:0.5"``); a ``reducer`` is also
     taken into account by the FLOPs. The summary is :func:`visor.eval.graders.aggregate` plus
     ``mean_flops`` / ``mean_vision_flops`` / ``mean_visual_tokens`` over the items that ran.
+    ``route``: the model's router picks each item's configuration (``budget`` biases it, see
+    ``visor.routing.router``); the routing pass's own FLOPs are added to the item's LLM FLOPs.
     """
     from visor.cost import Geometry
 
@@ -390,10 +394,19 @@ def evaluate(
             chunk.append(i)
             samples.append(sample)
         if chunk:
-            batch = batcher.prompt_batch(samples)
-            configs = [plan.resolve_active(config_for_item(items[i]) if config_for_item else active_sa) for i in chunk]
-            sequences = model.generate(**_to(batch, device), active_sa=configs, max_new_tokens=max_new_tokens,
-                                       eos_token_id=eos, pad_token_id=batcher.pad_token_id, **(generate_kwargs or {}))
+            batch = _to(batcher.prompt_batch(samples), device)
+            extra = dict(generate_kwargs or {})
+            if route or budget:
+                with torch.no_grad():
+                    features = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"]) \
+                        if "pixel_values" in batch else []
+                configs = model.route(batch["input_ids"], batch["attention_mask"], image_features=features,
+                                      batch_num_images=batch.get("batch_num_images"), budget=budget)
+                extra["image_features"] = features
+            else:
+                configs = [plan.resolve_active(config_for_item(items[i]) if config_for_item else active_sa) for i in chunk]
+            sequences = model.generate(**batch, active_sa=configs, max_new_tokens=max_new_tokens,
+                                       eos_token_id=eos, pad_token_id=batcher.pad_token_id, **extra)
             new = sequences[:, batch["input_ids"].shape[1]:].cpu()
             visual, text = count_tokens(batch, model.config.image_token_id)
             for row, i in enumerate(chunk):
@@ -406,6 +419,10 @@ def evaluate(
                 sizes = [(im.height, im.width) for im in samples[row].images]
                 llm, vision, n_llm = _item_cost(model, geometry, plan, configs[row], reducer, sizes,
                                                 int(visual[row]), int(text[row]))
+                if (route or budget) and llm is not None:
+                    from visor.routing.router import router_overhead_flops
+
+                    llm += router_overhead_flops(model, int(visual[row]), int(text[row]))
                 results[i] = ItemResult(
                     item.id, item.family, item.difficulty, item.grader, item.answers[0], prediction, score,
                     active_sa=format_slots(configs[row]), llm_flops=llm, vision_flops=vision,

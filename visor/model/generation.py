@@ -79,6 +79,8 @@ def generate(
     use_cache: bool = True,
     image_features: list[torch.Tensor] | None = None,
     reducer=None,
+    route: bool = False,
+    budget: float = 0.0,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after each prompt; returns ``[B, N + new]`` (prompt + new tokens).
 
@@ -87,6 +89,8 @@ def generate(
     ``reducer`` (``Reducer`` or ``"NAME[:AMOUNT]"``, see ``visor.compression``) selects visual tokens once
     from the prompt: a pre-LLM one shortens the prompt before the first step (the caller's prompt is still
     what comes back), an in-LLM one prunes at prefill and the uncached path replays that selection.
+    ``route``: the model's router picks each sample's configuration (``budget`` biases it towards cheaper
+    ones, see ``visor.routing.router``); samples are grouped by decision, returned in the original order.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -124,7 +128,13 @@ def generate(
     if image_features is None and pixel_values is not None:
         image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)
     per_sample = model._assign_images(image_features or [], batch, batch_num_images)
-    configs = model.resolve_configs(active_sa, batch)
+    if route or budget:
+        if active_sa is not None:
+            raise ValueError("give either active_sa or route/budget, not both")
+        configs = model.route(input_ids, attention_mask, image_features=image_features or [],
+                              batch_num_images=[len(p) for p in per_sample], budget=budget)
+    else:
+        configs = model.resolve_configs(active_sa, batch)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, config in enumerate(configs):
         groups.setdefault(config, []).append(index)

@@ -239,6 +239,9 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.language_model = VisorDecoder(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        from visor.routing.router import build_router
+
+        self.router = build_router(config)  # present once `visor route train` attached one
         self.post_init()
 
     # transformers' tied-weights machinery (5.x: target -> source); applied only if config.tie_word_embeddings
@@ -590,6 +593,14 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(self.language_model.norm(hidden))
         return VisorOutput(logits=logits, past_key_values=cache)
+
+    # ------------------------------------------------------------------ routing
+    def route(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
+              image_features=None, budget: float = 0.0) -> list[tuple[int, ...]]:
+        """The active configuration the router picks per sample; see ``visor.routing.router``."""
+        from visor.routing.router import route
+
+        return route(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, image_features, budget)
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):

@@ -1,0 +1,162 @@
+"""Router: the label rule, routed generation == per-sample fixed configurations, independence from batch
+neighbours, budgets, checkpoint round trip, labelling/training/report end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.tiny import tiny_image_processor, tiny_llava_config
+from visor.model.modeling import VisorForConditionalGeneration
+from visor.routing.labels import choose_label
+from visor.routing.router import attach_router
+
+
+# ---------------------------------------------------------------------- label rule
+COSTS = {(): 1.0, (0,): 2.0, (0, 1): 3.0}
+
+
+@pytest.mark.parametrize(
+    "scores, threshold, expected",
+    [
+        ({(): 1.0, (0,): 1.0, (0, 1): 1.0}, 0.99, ()),  # all pass: cheapest
+        ({(): 0.0, (0,): 0.0, (0, 1): 0.0}, 0.99, ()),  # all fail, maximal fails too: 0 >= 0.99 * 0
+        ({(): 0.0, (0,): 1.0, (0, 1): 1.0}, 0.99, (0,)),  # tie between (0,) and maximal: the cheaper
+        ({(): 0.5, (0,): 0.8, (0, 1): 1.0}, 0.99, (0, 1)),  # only the maximal keeps 99%
+        ({(): 0.5, (0,): 0.8, (0, 1): 1.0}, 0.75, (0,)),  # threshold is a parameter
+        ({(): 0.985, (0,): 0.2, (0, 1): 0.99}, 0.99, ()),  # probabilities: 0.985 >= 0.99 * 0.99
+    ],
+)
+def test_label_is_the_cheapest_configuration_within_threshold(scores, threshold, expected):
+    assert choose_label(scores, COSTS, threshold) == expected
+
+
+def test_label_rule_rejects_bad_input():
+    with pytest.raises(ValueError):
+        choose_label({}, COSTS)
+    with pytest.raises(ValueError):
+        choose_label({(): 1.0}, {(): 1.0}, threshold=1.5)
+
+
+# ---------------------------------------------------------------------- a tiny routed model
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor.data.tokenizer import build_tokenizer
+    from visor.eval.harness import synth_items
+
+    root = tmp_path_factory.mktemp("route")
+    tok = build_tokenizer()
+    config = tiny_llava_config(num_layers=6, hidden=32, image_size=32)
+    config.text_config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    llava = LlavaOnevisionForConditionalGeneration(config).eval()
+    model = VisorForConditionalGeneration.from_llava_onevision(llava)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".cross_attn." in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    model.config.viable_configs = [[], [0], [0, 1]]
+    attach_router(model, model.config.viable_configs)
+    with torch.no_grad():  # a random router that disagrees across samples
+        for p in model.router.parameters():
+            p.copy_(2.0 * torch.randn(p.shape, generator=gen))
+    processor = tiny_image_processor(config)
+    items = synth_items("val", 8, families=["color", "code", "side", "dots"])
+    # centre the random router's logits over these items so that its decisions differ between them
+    from visor.data.batch import Batcher, Sample
+    from visor.routing.router import routing_logits
+
+    batch = Batcher.for_model(model, tok, processor).prompt_batch([Sample(it.images, it.turns) for it in items])
+    feats = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"])
+    with torch.no_grad():
+        logits = routing_logits(model, batch["input_ids"], batch["attention_mask"], model._assign_images(feats, 8, None))
+        model.router.mlp[-1].bias -= logits.mean(0)
+    folder = root / "visor"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return {"model": model, "tok": tok, "processor": processor, "items": items, "folder": folder, "root": root}
+
+
+def prompt_batch(routed, items):
+    from visor.data.batch import Batcher, Sample
+
+    batcher = Batcher.for_model(routed["model"], routed["tok"], routed["processor"])
+    return batcher.prompt_batch([Sample(it.images, it.turns) for it in items])
+
+
+def test_decisions_depend_only_on_the_sample(routed):
+    model, items = routed["model"], routed["items"]
+    together = model.route(**prompt_batch(routed, items))
+    assert len(set(together)) > 1, "the test router must disagree across samples"
+    alone = [model.route(**prompt_batch(routed, [it]))[0] for it in items]
+    assert together == alone
+    shuffled = model.route(**prompt_batch(routed, items[::-1]))
+    assert shuffled[::-1] == together
+
+
+def test_routed_batch_equals_each_sample_alone_with_its_configuration(routed):
+    model, items = routed["model"], routed["items"]
+    batch = prompt_batch(routed, items)
+    routed_out = model.generate(**batch, route=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0)
+    decisions = model.route(**batch)
+    prompt_len = batch["input_ids"].shape[1]
+    for i, item in enumerate(items):
+        single = prompt_batch(routed, [item])
+        alone = model.generate(**single, active_sa=decisions[i], max_new_tokens=4, eos_token_id=2, pad_token_id=0)
+        new_alone = alone[0, single["input_ids"].shape[1]:]
+        assert torch.equal(routed_out[i, prompt_len: prompt_len + new_alone.numel()], new_alone)
+
+
+def test_budget_moves_decisions(routed):
+    model, items = routed["model"], routed["items"]
+    batch = prompt_batch(routed, items)
+    assert set(model.route(**batch, budget=1e6)) == {()}
+    assert set(model.route(**batch, budget=-1e6)) == {(0, 1)}
+
+
+def test_router_round_trips_through_a_checkpoint(routed):
+    loaded = VisorForConditionalGeneration.from_pretrained(routed["folder"])
+    assert loaded.config.router["configs"] == [[], [0], [0, 1]]
+    for (name, a), (_, b) in zip(routed["model"].router.state_dict().items(), loaded.router.state_dict().items()):
+        assert torch.equal(a, b), name
+    batch = prompt_batch(routed, routed["items"])
+    assert loaded.route(**batch) == routed["model"].route(**batch)
+
+
+def test_label_train_report_end_to_end(routed, tmp_path, capsys):
+    from visor.cli.main import main
+
+    folder = str(routed["folder"])
+    labels = tmp_path / "labels.jsonl"
+    assert main(["route", "label", "--model", folder, "--n", "6", "--out", str(labels), "--batch-size", "3"]) == 0
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert len(rows) == 6 and all(set(r["grader_scores"]) == {"none", "0", "0+1"} for r in rows)
+    assert all(0.0 <= p <= 1.0 for r in rows for p in r["loglik_scores"].values())
+    assert main(["route", "train", "--model", folder, "--labels", str(labels), "--n", "6", "--epochs", "3",
+                 "--out", str(tmp_path / "with_router")]) == 0
+    assert main(["route", "report", "--model", str(tmp_path / "with_router"), "--n", "4", "--out", str(tmp_path / "report"),
+                 "--budget", "0", "--budget", "1"]) == 0
+    report = json.loads((tmp_path / "report" / "route_report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["fixed none", "fixed 0", "fixed 0+1", "routed (budget 0)", "routed (budget 1)"]
+    assert (tmp_path / "report" / "route_pareto.png").exists()
+    fixed = {r["method"]: r["mean_flops"] for r in report["rows"]}
+    assert fixed["fixed none"] < fixed["fixed 0"] < fixed["fixed 0+1"]
+
+
+def test_router_training_fits_labels(routed):
+    from visor.routing.train import train_router
+
+    model = VisorForConditionalGeneration.from_pretrained(routed["folder"])
+    items = routed["items"]
+    labels = [0 if it.difficulty == "easy" else 2 for it in items]  # a learnable rule: easy -> CA only, hard -> max
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("router.")}
+    result = train_router(model, routed["tok"], routed["processor"], items, labels, [[], [0], [0, 1]], epochs=40,
+                          lr=5e-3, batch_size=8, progress=False, autocast=False)
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before), "backbone changed"

@@ -1,0 +1,139 @@
+"""``visor route label | train | report``: pseudo-labels, router training, router vs fixed configurations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from visor.cli.common import print_json_line
+
+
+def _data_args(parser: argparse.ArgumentParser, split: str, n: int) -> None:
+    parser.add_argument("--data", default="synth", help="'synth' (procedural benchmark) or a LLaVA-format JSON/JSONL file")
+    parser.add_argument("--image-root", default=None, help="image folder for --data files")
+    parser.add_argument("--split", default=split, choices=["train", "val", "test"], help=f"procedural split (default {split})")
+    parser.add_argument("--n", type=int, default=n, help=f"items (default {n})")
+    parser.add_argument("--seed", type=int, default=0, help="procedural dataset seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("route", help="router: pseudo-labels, training, report",
+                                   description="Per-sample configuration routing (see visor/routing/).")
+    verbs = parser.add_subparsers(dest="route_verb", metavar="STEP")
+    verbs.required = True
+
+    label = verbs.add_parser("label", help="run every viable configuration on a training subset and label each sample",
+                             description="Label each sample with the cheapest viable configuration that keeps >= THRESHOLD of "
+                             "the maximal configuration's score. Writes JSONL (labels + every per-configuration score).")
+    label.add_argument("--model", required=True, help="universal VISOR checkpoint (with viable_configs)")
+    label.add_argument("--out", required=True, help="labels JSONL file to write")
+    label.add_argument("--threshold", type=float, default=0.99, help="score ratio to the maximal configuration (default 0.99)")
+    label.add_argument("--score", choices=["grader", "loglik"], default="grader",
+                       help="grader: the task metric on the greedy answer; loglik: exp(mean answer-token log-prob)")
+    _data_args(label, "train", 1000)
+    label.set_defaults(func=run_label)
+
+    train = verbs.add_parser("train", help="train the router on labels (backbone frozen) and save the checkpoint with it")
+    train.add_argument("--model", required=True, help="universal VISOR checkpoint")
+    train.add_argument("--labels", required=True, help="labels JSONL from `visor route label`")
+    train.add_argument("--out", required=True, help="output checkpoint folder (model + router)")
+    train.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
+    train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    train.add_argument("--label-field", default="label", choices=["label", "label_by_grader", "label_by_loglik"],
+                       help="which label of the JSONL to fit (default: the one chosen at labelling)")
+    _data_args(train, "train", 1000)
+    train.set_defaults(func=run_train)
+
+    report = verbs.add_parser("report", help="router vs every fixed configuration: table, CSV/JSON, Pareto plot")
+    report.add_argument("--model", required=True, help="VISOR checkpoint with a router")
+    report.add_argument("--out", required=True, help="results folder")
+    report.add_argument("--budget", type=float, action="append", default=None, help="router budget(s) to evaluate (default 0)")
+    _data_args(report, "test", 500)
+    report.set_defaults(func=run_report)
+
+
+def _setup(args):
+    import torch
+    from transformers import AutoTokenizer
+
+    from visor.eval.harness import llava_items, synth_items
+    from visor.model.modeling import VisorForConditionalGeneration
+    from visor.train.models import image_processor_for
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = VisorForConditionalGeneration.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.data == "synth":
+        items = synth_items(args.split, args.n, seed=args.seed)
+    else:
+        items = [it for it in llava_items(args.data, args.image_root)[0] if it.problem is None][: args.n]
+    return model, tokenizer, image_processor_for(model.config), items
+
+
+def _viable(model) -> list[tuple[int, ...]]:
+    viable = model.config.viable_configs
+    if not viable:
+        raise SystemExit("visor route: the checkpoint has no viable_configs (run `visor configs` and stage 2 first)")
+    return [tuple(c) for c in viable]
+
+
+def run_label(args: argparse.Namespace) -> int:
+    import torch
+
+    from visor.routing.labels import label_items, label_summary, write_labels
+
+    model, tokenizer, image_processor, items = _setup(args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = label_items(model, tokenizer, image_processor, items, _viable(model), threshold=args.threshold,
+                           score=args.score, batch_size=args.batch_size)
+    write_labels(rows, args.out)
+    summary = label_summary(rows)
+    Path(args.out).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    for family, counts in summary["per_family"].items():
+        print(f"{family:<12} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print(f"grader vs loglik labels agree on {100 * (summary['grader_loglik_agreement'] or 0):.1f}% of samples")
+    print_json_line({"out": args.out, **summary})
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from visor.routing.labels import read_labels
+    from visor.routing.train import train_router
+
+    model, tokenizer, image_processor, items = _setup(args)
+    rows = {row["id"]: row for row in read_labels(args.labels)}
+    items = [it for it in items if it.id in rows]
+    if not items:
+        raise SystemExit("visor route train: no item of --data has a label in --labels (same --data/--split/--seed?)")
+    configs = _viable(model)
+    labels = [configs.index(tuple(rows[it.id][args.label_field])) for it in items]
+    result = train_router(model, tokenizer, image_processor, items, labels, configs, epochs=args.epochs, lr=args.lr,
+                          batch_size=args.batch_size)
+    out = Path(args.out)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    image_processor.save_pretrained(str(out))
+    (out / "router_training.json").write_text(json.dumps(result, indent=2))
+    print_json_line({"out": str(out), "n": len(items), "label_distribution": dict(Counter(map(str, labels))),
+                     "final": result["history"][-1]})
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from visor.routing.report import format_report, route_report
+
+    model, tokenizer, image_processor, items = _setup(args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = route_report(model, tokenizer, image_processor, items, args.out, budgets=tuple(args.budget or [0.0]),
+                              batch_size=args.batch_size)
+    print(format_report(report))
+    routed = [r for r in report["rows"] if r["method"].startswith("routed")]
+    print_json_line({"out": args.out, "routed": routed, "n_items": len(items)})
+    return 0

@@ -1,0 +1,156 @@
+"""The router: per-sample choice of the active configuration.
+
+Design (DESIGN.md section 2, "Router input"):
+* learned routing token(s) are appended after the prompt (positions right after its last token) and run
+  through the layers before the first optional SA slot; those layers are text-only or cross-attention
+  whatever the configuration, so their result does not depend on the choice being made;
+* the routing tokens' states after that layer go through a small MLP (RMSNorm -> Linear -> GELU ->
+  Linear) giving one logit per viable configuration;
+* the decision is made in its own short pass, and the prompt is then run with the chosen configuration
+  as if it had been fixed: the routing tokens are never in the KV cache nor seen by later layers, so
+  routed output equals the fixed configuration's output exactly. The price is running the layers before
+  the first slot twice on the prompt's text (and the CA blocks among them); the cost model counts it
+  (``RouterGeometry``) and ``visor route report`` shows it.
+* ``budget``: ``logits - budget * cost(config) / cost(maximal)`` before the argmax (0 = as trained,
+  > 0 cheaper, < 0 richer), with costs from the analytic model at the sample's own token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from visor.model.layers import RMSNorm
+
+
+class Router(nn.Module):
+    """Routing tokens + MLP over the viable configurations."""
+
+    def __init__(self, hidden_size: int, num_configs: int, num_tokens: int = 1, mlp_hidden: int = 256, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(num_tokens, hidden_size) * 0.02)
+        self.norm = RMSNorm(hidden_size, eps)
+        self.mlp = nn.Sequential(nn.Linear(num_tokens * hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, num_configs))
+
+    def forward(self, token_states: torch.Tensor) -> torch.Tensor:
+        """[B, num_tokens, D] routing-token states -> [B, num_configs] logits."""
+        return self.mlp(self.norm(token_states).flatten(1).float().to(self.mlp[0].weight.dtype))
+
+
+def router_settings(model) -> dict:
+    settings = model.config.router
+    if not settings:
+        raise ValueError("this model has no router: train one with `visor route train`")
+    return settings
+
+
+def attach_router(model, configs: Sequence[Sequence[int]], num_tokens: int = 1, mlp_hidden: int = 256,
+                  read_after_layer: int | None = None) -> Router:
+    """Add a fresh router over ``configs`` to ``model`` (recorded in ``model.config.router``)."""
+    plan = model.plan
+    if not plan.self_attention_layers:
+        raise ValueError("the plan has no optional SA slot: there is nothing to route")
+    first_slot_layer = min(plan.self_attention_layers)
+    read = first_slot_layer - 1 if read_after_layer is None else int(read_after_layer)
+    if not 0 <= read < first_slot_layer:
+        raise ValueError(f"the router must read before the first SA slot (layer {first_slot_layer}), got layer {read}")
+    configs = [list(plan.resolve_active(c)) for c in configs]
+    if len(configs) < 2:
+        raise ValueError("a router needs at least two configurations to choose from")
+    text = model.config.text_config
+    router = Router(text.hidden_size, len(configs), num_tokens, mlp_hidden, text.rms_norm_eps)
+    model.router = router.to(next(model.parameters()).device)
+    model.config.router = {"configs": configs, "num_tokens": num_tokens, "mlp_hidden": mlp_hidden, "read_after_layer": read}
+    return router
+
+
+def build_router(config) -> Router | None:
+    """The router module a config describes (``None`` without one); used by the model's constructor."""
+    settings = config.router
+    if not settings:
+        return None
+    text = config.text_config
+    return Router(text.hidden_size, len(settings["configs"]), settings.get("num_tokens", 1),
+                  settings.get("mlp_hidden", 256), text.rms_norm_eps)
+
+
+def routing_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images_per_sample: list) -> torch.Tensor:
+    """Router logits per sample ([B, num_configs]) from the short routing pass (module docstring)."""
+    from visor.model.plan import LayerKind
+
+    settings = router_settings(model)
+    read = int(settings["read_after_layer"])
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    streams = model.build_streams(input_ids, attention_mask, position_ids, images_per_sample)
+    router = model.router
+    k = router.tokens.shape[0]
+    batch = input_ids.shape[0]
+    tokens = router.tokens.to(streams.text.dtype)[None].expand(batch, -1, -1)
+    last = position_ids.max(dim=1).values
+    streams.text = torch.cat([streams.text, tokens], dim=1)
+    streams.text_pos = torch.cat([streams.text_pos, last[:, None] + 1 + torch.arange(k, device=last.device)[None]], dim=1)
+    streams.text_valid = torch.cat([streams.text_valid, torch.ones(batch, k, dtype=torch.bool, device=last.device)], dim=1)
+    kinds = model.plan.layer_kinds(())
+    if any(kind is LayerKind.SELF_ATTENTION for kind in kinds[: read + 1]):
+        raise ValueError("the routing layers must not contain a self-attention layer")
+    model.language_model.run_layers(streams, kinds, 0, read + 1, None)
+    return router(streams.text[:, -k:])
+
+
+def relative_costs(model, n_visual: Sequence[int], n_text: Sequence[int]) -> torch.Tensor:
+    """[B, num_configs] LLM prefill FLOPs of each router configuration / the most expensive one."""
+    from visor.cost import Geometry, count_prefill
+
+    configs = [tuple(c) for c in router_settings(model)["configs"]]
+    geometry = Geometry.from_config(model.config)
+    rows = []
+    for nv, nt in zip(n_visual, n_text):
+        if int(nv) <= 0:  # text only: every configuration costs the same
+            rows.append([1.0] * len(configs))
+            continue
+        flops = [count_prefill(geometry, model.plan, c, int(nv), max(int(nt), 1)).llm_total for c in configs]
+        top = max(flops)
+        rows.append([f / top for f in flops])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+@torch.no_grad()
+def route(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None, image_sizes=None,
+          batch_num_images=None, image_features=None, budget: float = 0.0) -> list[tuple[int, ...]]:
+    """The configuration the router picks for each sample (``budget`` biases towards cheaper ones)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if image_features is None and pixel_values is not None:
+        image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)
+    per_sample = model._assign_images(image_features or [], input_ids.shape[0], batch_num_images)
+    logits = routing_logits(model, input_ids, attention_mask, per_sample).float()
+    if budget:
+        mask = attention_mask.bool()
+        n_visual = ((input_ids == model.config.image_token_id) & mask).sum(1)
+        n_text = mask.sum(1) - n_visual
+        logits = logits - float(budget) * relative_costs(model, n_visual.tolist(), n_text.tolist()).to(logits.device)
+    configs = [tuple(c) for c in router_settings(model)["configs"]]
+    return [configs[int(i)] for i in logits.argmax(-1)]
+
+
+def router_overhead_flops(model, n_visual: int, n_text: int) -> int:
+    """FLOPs the routing pass adds to a routed sample's prefill.
+
+    Counted as implemented: the layers up to ``read_after_layer`` run a second time on the prompt's text
+    plus the routing tokens (including their CA blocks, whose visual K/V projections are recomputed),
+    then the MLP. A design that reused this prefix in the main pass would save it.
+    """
+    from visor.cost import Geometry, count_prefill
+
+    settings = router_settings(model)
+    read, k = int(settings["read_after_layer"]), int(settings.get("num_tokens", 1))
+    geometry = Geometry.from_config(model.config)
+    prefix = count_prefill(geometry, model.plan, (), max(int(n_visual), 1), int(n_text) + k).per_layer[: read + 1]
+    if int(n_visual) <= 0:  # no image: the CA blocks are skipped; count the text layers only
+        prefix = count_prefill(geometry, model.plan, (), 1, int(n_text) + k).per_layer[: read + 1]
+    hidden = model.config.text_config.hidden_size
+    mlp_hidden = int(settings.get("mlp_hidden", 256))
+    mlp = 2 * (k * hidden * mlp_hidden + mlp_hidden * len(settings["configs"]))
+    return int(sum(prefix) + mlp)

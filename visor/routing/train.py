@@ -1,0 +1,82 @@
+"""Training the router on pseudo-labels (``visor route train``): cross-entropy, backbone frozen.
+
+Only the router (routing tokens + MLP) learns. Each step runs the short routing pass (the layers before
+the first SA slot) on a batch of prompts; the vision tower's features are computed once per item and
+kept, since the backbone does not change.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from visor.routing.router import attach_router, routing_logits
+
+
+def train_router(model, tokenizer, image_processor, items: Sequence, label_indices: Sequence[int],
+                 configs: Sequence[Sequence[int]], *, epochs: int = 20, lr: float = 2e-3, batch_size: int = 16,
+                 seed: int = 0, num_tokens: int = 1, mlp_hidden: int = 256, progress: bool = True, autocast: bool = True) -> dict:
+    """Attach a fresh router over ``configs`` and fit it to ``label_indices``; returns the history."""
+    from visor.data.batch import Batcher, Sample
+
+    if len(items) != len(label_indices):
+        raise ValueError(f"{len(items)} items but {len(label_indices)} labels")
+    torch.manual_seed(seed)
+    attach_router(model, configs, num_tokens=num_tokens, mlp_hidden=mlp_hidden)
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("router.")
+    batcher = Batcher.for_model(model, tokenizer, image_processor)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else torch.enable_grad
+    # prompts and visual features once (the backbone is frozen)
+    prepared = []
+    model.eval()
+    for start in tqdm(range(0, len(items), batch_size), desc="features", disable=not progress, leave=False):
+        chunk = items[start:start + batch_size]
+        batch = batcher.prompt_batch([Sample(item.images, item.turns) for item in chunk])
+        with torch.no_grad(), ctx():
+            feats = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"]) if "pixel_values" in batch else []
+        per_sample = model._assign_images([f.detach() for f in feats], len(chunk), batch.get("batch_num_images"))
+        for row in range(len(chunk)):
+            mask = batch["attention_mask"][row].bool()
+            prepared.append((batch["input_ids"][row][mask], per_sample[row]))
+    optimizer = torch.optim.AdamW([p for p in model.router.parameters()], lr=lr, weight_decay=0.0)
+    order = list(range(len(items)))
+    rng = random.Random(seed)
+    history = []
+    bar = tqdm(range(epochs), desc="router", disable=not progress)
+    for epoch in bar:
+        rng.shuffle(order)
+        total, correct, loss_sum = 0, 0, 0.0
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            ids, mask, per_sample = _pad([prepared[i] for i in chosen], batcher.pad_token_id)
+            target = torch.tensor([label_indices[i] for i in chosen])
+            with ctx():
+                logits = routing_logits(model, ids, mask, per_sample).float()
+            loss = F.cross_entropy(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(chosen)
+            correct += int((logits.argmax(-1) == target).sum())
+            total += len(chosen)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total})
+        bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.2f}")
+    for param in model.parameters():
+        param.requires_grad = True
+    model.eval()
+    return {"history": history, "configs": [list(c) for c in model.config.router["configs"]]}
+
+
+def _pad(rows, pad_id: int):
+    length = max(ids.numel() for ids, _ in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, (row, _) in enumerate(rows):
+        ids[r, length - row.numel():] = row
+        mask[r, length - row.numel():] = 1
+    return ids, mask, [feats for _, feats in rows]
