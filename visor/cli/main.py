@@ -34,9 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     subparsers.required = True
     for name in VERB_MODULES:
-        module = importlib.import_module(f"visor.cli.{name}")
+        try:
+            module = importlib.import_module(f"visor.cli.{name}")
+        except ImportError as err:  # a verb whose optional dependencies are missing reports it when used
+            broken = subparsers.add_parser(name, help=f"(unavailable: {err})")
+            broken.set_defaults(func=lambda args, err=err, name=name: _unavailable(name, err))
+            continue
         module.register(subparsers)
     return parser
+
+
+def _unavailable(name: str, err: ImportError) -> int:
+    print(f"visor {name}: unavailable in this installation ({err})", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
