@@ -529,3 +529,20 @@ def test_selection_timing_and_reduced_inputs(baseline):
             direct = baseline(**inputs, reducer=name)
             split = baseline(**reduced_forward_inputs(baseline, name, inputs))
         assert torch.equal(valid_logits(direct), valid_logits(split))
+
+
+@pytest.mark.parametrize("name", ["pooling", "visionzip", "fastv"])
+def test_training_loss_under_a_reducer(baseline, name):
+    """Labels follow the shortened prompt: the loss equals the one computed on the kept tokens directly."""
+    from visor.compression.timing import reduced_forward_inputs
+
+    inputs = batch_inputs(baseline, sizes=SIZES)
+    labels = inputs["input_ids"].masked_fill((inputs["input_ids"] == IMAGE_TOKEN_ID) | (inputs["attention_mask"] == 0), -100)
+    with torch.no_grad():
+        out = baseline(**inputs, labels=labels, reducer=f"{name}:0.3")
+        full = baseline(**inputs, labels=labels)
+        kwargs = reduced_forward_inputs(baseline, f"{name}:0.3", inputs)
+        ids = kwargs["input_ids"]
+        direct = baseline(**kwargs, labels=ids.masked_fill((ids == IMAGE_TOKEN_ID) | (kwargs["attention_mask"] == 0), -100))
+    assert out.num_loss_tokens == full.num_loss_tokens == direct.num_loss_tokens
+    assert torch.allclose(out.loss, direct.loss) and not torch.allclose(out.loss, full.loss)

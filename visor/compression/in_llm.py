@@ -78,7 +78,9 @@ class PyramidDrop(InLLMReducer):
     The LLM is split into stages at layers ``[L/4, L/2, 3L/4]`` (default); at the start of each stage the
     image tokens are ranked by the last instruction token's attention computed from that layer's q/k with
     RoPE, and a fraction ``lambda`` (default 0.5) of the current ones is kept (1, 1/2, 1/4, 1/8 of the
-    tokens per stage). Positions are renumbered contiguously after each drop, as published. AMOUNT: lambda.
+    tokens per stage). Positions are renumbered contiguously after each drop, and decoding shifts new tokens'
+    positions by the tokens dropped, as the authors' code does. AMOUNT: lambda. Each stage keeps
+    ``kept_tokens(current, lambda)`` (the authors floor ``N * lambda**s``: at most one token apart per stage).
 
     Adapted for LLaVA-OV: the budget is per image (batches, multi-image prompts); under VISOR the visual
     stream shrinks stage by stage for every SA and CA layer (module docstring).
