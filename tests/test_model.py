@@ -451,3 +451,20 @@ def test_per_sample_configurations_equal_separate_runs():
             mine, theirs = mixed.text_index[b] >= 0, alone.text_index[b] >= 0
             assert torch.equal(mixed.text_index[b][mine], alone.text_index[b][theirs])
             assert torch.allclose(mixed.logits[b][mine], alone.logits[b][theirs], atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    hf = tiny_llava(num_layers=6)
+    visor = VisorForConditionalGeneration.from_llava_onevision(hf)
+    randomise_cross_attention(visor)
+    inputs = batch_inputs(visor)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    grads = []
+    for checkpointing in (False, True):
+        visor.zero_grad()
+        visor.train()
+        visor.language_model.gradient_checkpointing = checkpointing
+        visor(**inputs, active_sa=[0], labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in visor.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

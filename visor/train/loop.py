@@ -389,7 +389,8 @@ class Trainer:
                     if hasattr(self.task, "viable") and len(self.task.viable) > 1:
                         row["active_sa"] = list(self.task.config_for_step(step - 1))
                     self._metric(row)
-                    bar.set_postfix(loss=f"{step_loss:.3f}", sps=f"{row['samples_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
+                                    tokens_s=f"{row['target_tokens_per_s']:.0f}")
                     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 if step % recipe.save_every == 0:
                     self.save(step)
