@@ -546,3 +546,18 @@ def test_training_loss_under_a_reducer(baseline, name):
         direct = baseline(**kwargs, labels=ids.masked_fill((ids == IMAGE_TOKEN_ID) | (kwargs["attention_mask"] == 0), -100))
     assert out.num_loss_tokens == full.num_loss_tokens == direct.num_loss_tokens
     assert torch.allclose(out.loss, direct.loss) and not torch.allclose(out.loss, full.loss)
+
+
+def test_bench_prefill_inputs(baseline):
+    from visor.compression.timing import bench_prefill_inputs
+
+    n = baseline.num_image_tokens((50, 70))
+    ids = torch.tensor([[5] * 10 + [IMAGE_TOKEN_ID] * n + [6] * 20])
+    for name in REDUCERS:
+        row = bench_prefill_inputs(baseline, name, ids, (50, 70))
+        with torch.no_grad():
+            out = baseline(**row["forward"], use_cache=True, logits_to_keep=1)
+        per_layer = row["visual_tokens_per_layer"]
+        placeholders = int((row["forward"]["input_ids"] == IMAGE_TOKEN_ID).sum())
+        assert placeholders == (per_layer[0] if build_reducer(name).stage == "pre_llm" else n)
+        assert min(per_layer) < n and row["selection_s"] >= 0 and out.logits.shape == (1, 1, 64)

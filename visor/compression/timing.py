@@ -84,3 +84,44 @@ def reduced_forward_inputs(model, reducer, inputs: dict) -> dict:
     out = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask", "image_features")}
     return {**out, "input_ids": reduction.input_ids, "attention_mask": reduction.attention_mask,
             "image_features": reduction.image_features}
+
+
+@torch.no_grad()
+def bench_prefill_inputs(model, reducer, input_ids: torch.Tensor, image_size, *, image_features=None,
+                         seed: int = 0) -> dict:
+    """Everything a benchmark row needs for one single-image prompt under ``reducer``.
+
+    ``input_ids``: [1, N] with the image's placeholders expanded for ``image_size`` (height, width).
+    Reducers that need the vision tower's attention get random pixel values with the right crop count
+    (random weights: only shapes matter); others use ``image_features`` when given. Returns:
+
+    * ``forward``: keyword arguments for the timed LLM prefill (pre-LLM: the shortened prompt and reduced
+      features, selection already done; in-LLM: the features plus the reducer, pruning inside the prefill);
+    * ``visual_tokens_per_layer``: tokens each decoder layer carries;
+    * ``selection_s``: the selection overhead of this prompt, timed once (use ``time_selection`` for a median).
+    """
+    from visor.compression.cues import image_layouts
+    from visor.model.vision import num_crops
+
+    reducer = build_reducer(reducer)
+    device = input_ids.device
+    sizes = torch.tensor([list(image_size)], device=device)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "image_sizes": sizes,
+              "batch_num_images": [1]}
+    if image_features is None or (reducer.stage == "pre_llm" and reducer.cues.any):
+        side = model.config.vision_config.image_size
+        crops = num_crops(list(image_size), model.config.image_grid_pinpoints, side)
+        generator = torch.Generator().manual_seed(seed)
+        inputs["pixel_values"] = torch.randn(1, crops, 3, side, side, generator=generator).to(device, model.dtype)
+    else:
+        inputs["image_features"] = image_features
+    num_layers = model.config.text_config.num_hidden_layers
+    n_visual = int((input_ids == model.config.image_token_id).sum())
+    selection_s = selection_seconds(model, reducer, inputs)
+    if reducer.stage == "pre_llm":
+        layout = image_layouts(model.config, sizes, [1])[0]
+        per_layer = [reducer.kept_count(layout)] * num_layers
+    else:
+        per_layer = reducer.visual_tokens_per_layer(num_layers, n_visual)
+    return {"forward": reduced_forward_inputs(model, reducer, inputs), "visual_tokens_per_layer": per_layer,
+            "selection_s": selection_s}
