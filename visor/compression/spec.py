@@ -6,8 +6,8 @@ A spec is ``NAME[:AMOUNT]``. AMOUNT says how many visual tokens survive, in one 
 * a reduction factor with an ``x`` suffix, >= 1: ``2x`` keeps half, ``4x`` a quarter;
 * a kept percentage: ``25%``.
 
-Only the syntax is checked here; whether NAME is a known reducer is the caller's business (the
-compression registry, once it exists; until then ``visor cost`` accepts the names it can cost).
+Only the syntax is checked here; ``visor.compression.registry.build_reducer`` resolves NAME (and lists
+what AMOUNT means for each reducer).
 """
 
 from __future__ import annotations
