@@ -23,6 +23,8 @@ VERB_MODULES: tuple[str, ...] = (
     "configs",
     "route",
     "serve",
+    "reproduce",
+    "analyze",
 )
 
 

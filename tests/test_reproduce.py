@@ -1,0 +1,217 @@
+"""``visor reproduce``: the quick preset end to end (every stage, every output file, the table consistent with
+the per-item predictions), shipping and loading checkpoints, the stage cache's skip/resume/invalidate rules."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from visor.reproduce.methods import TABLE_ORDER
+from visor.reproduce.stages import StageCache, StageInterrupted
+
+ROOT = Path(__file__).resolve().parents[1]
+EASY = ("color", "shape", "count", "presence", "side")
+HARD = ("code", "doc", "chart", "dots", "handwriting")
+LABELS = ["LLaVA-OV baseline", "pooling 2x", "pooling 4x", "VisionZip", "VisPruner", "HiRED", "FastV", "PyramidDrop",
+          "VISOR CA-only", "VISOR 2 SA", "VISOR maximal", "VISOR routed", "VISOR-TR 2x", "VISOR-TR 4x", "VISOR + VisionZip"]
+
+
+def visor_cli(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "visor", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One ``visor reproduce --quick --ship`` run (about a minute), shared by the tests below."""
+    root = tmp_path_factory.mktemp("reproduce")
+    result = visor_cli(["reproduce", "--quick", "--ship", "--checkpoints", str(root / "checkpoints"), "--work-dir",
+                        str(root / "work"), "--out", str(root / "out"), "--threads", "1", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"root": root, "out": root / "out", "stdout": result.stdout, "stderr": result.stderr}
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def test_quick_writes_every_output_with_the_issue_rows_and_columns(quick):
+    out = quick["out"]
+    for name in ("reproduce.csv", "reproduce.json", "reproduce.md", "pareto_easy.png", "pareto_hard.png",
+                 "ablation_sa_layers.png"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    with open(out / "reproduce.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == LABELS
+    assert [r["key"] for r in rows] == list(TABLE_ORDER)
+    columns = set(rows[0])
+    assert {"easy_mean", "hard_mean", "flops_reduction_tiny", "flops_reduction_0.5b_7290", "prefill_speedup", "budget"} <= columns
+    assert {f"family_{f}" for f in EASY + HARD} <= columns
+    for row in rows:  # every cell is filled
+        assert all(row[c] not in ("", "None") for c in columns), row
+    # the terminal table shows every row and the column heads
+    for label in LABELS:
+        assert label in quick["stdout"]
+    assert "FLOPs" in quick["stdout"] and "@7290" in quick["stdout"] and "handwr" in quick["stdout"]
+    markdown = (out / "reproduce.md").read_text()
+    assert "## Targets" in markdown and all(label in markdown for label in LABELS)
+
+
+def test_quick_numbers_follow_from_the_per_item_predictions(quick):
+    out = quick["out"]
+    data = json.loads((out / "reproduce.json").read_text())
+    with open(out / "reproduce.csv") as handle:
+        table = {r["key"]: r for r in csv.DictReader(handle)}
+    preds = {key: [json.loads(line) for line in (out / "predictions" / f"{key}.jsonl").read_text().splitlines()]
+             for key in table}
+    base_flops = _mean([p["llm_flops"] for p in preds["baseline"]])
+    for key, row in table.items():
+        items = preds[key]
+        assert len(items) == data["meta"]["n_items"] == int(row["n_items"]) == 20
+        fam = {f: _mean([p["score"] or 0.0 for p in items if p["family"] == f]) for f in EASY + HARD}
+        for f in EASY + HARD:
+            assert float(row[f"family_{f}"]) == pytest.approx(fam[f])
+        assert float(row["easy_mean"]) == pytest.approx(_mean([fam[f] for f in EASY]))
+        assert float(row["hard_mean"]) == pytest.approx(_mean([fam[f] for f in HARD]))
+        flops = _mean([p["llm_flops"] for p in items])
+        assert float(row["mean_llm_flops_tiny"]) == pytest.approx(flops)
+        assert float(row["flops_reduction_tiny"]) == pytest.approx(base_flops / flops)
+    rows = {r["key"]: r for r in data["rows"]}
+    # fixed VISOR rows ran the configuration they claim; routed rows record the router's choices
+    assert {p["active_sa"] for p in preds["visor-ca-only"]} == {"none"}
+    assert {p["active_sa"] for p in preds["visor-maximal"]} == {"0+1+2"}
+    assert sum(rows["visor-routed"]["chosen"].values()) == 20
+    # every compressor's budget: matched within 20% of routed, or its strongest setting (and said so)
+    target = data["meta"]["target_flops"]
+    assert target == pytest.approx(rows["visor-routed"]["mean_flops"])
+    for key in ("visionzip", "vispruner", "hired", "fastv", "pdrop"):
+        match = rows[key]["matched"]
+        assert match["within_tolerance"] or match["strongest"]
+        assert ("strongest" in rows[key]["budget"]) == match["strongest"]
+        assert rows[key]["mean_flops"] == pytest.approx(match["flops"], rel=1e-6)  # the analytic match is what ran
+    # the ablation covers every number of SA slots, cheaper with fewer
+    ablation = sorted((len(r["active_sa"]), r["mean_flops"]) for r in data["rows"]
+                      if r["model"] == "visor" and not r["route"] and not r["reducer"])
+    assert [k for k, _ in ablation][:1] == [0] and {k for k, _ in ablation} == {0, 1, 2, 3}
+    assert [f for _, f in sorted(set(ablation))] == sorted(f for _, f in set(ablation))
+    assert rows["baseline"]["projected_reduction"] == pytest.approx(1.0)
+    assert rows["visor-ca-only"]["projected_reduction"] > rows["visor-maximal"]["projected_reduction"] > 1
+
+
+def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
+    from visor.reproduce.shipped import load_shipped
+    from visor.train.recipe import Recipe
+
+    shipped = load_shipped(quick["root"] / "checkpoints")
+    manifest = shipped.manifest
+    assert manifest["preset"] == "quick" and manifest["commit"] and "reproduce" in manifest["command"]
+    assert {k: r.kind for k, r in shipped.recipes.items()} == {
+        "vision": "vision", "base": "base", "stage1": "visor-stage1", "stage2": "visor-stage2"}
+    assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
+    assert shipped.pipeline["eval_n"] == 20 and shipped.pipeline["label_threshold"] == 0.99
+    assert manifest["checkpoints"]["visor"]["router"] is True
+    assert (shipped.base / "model.safetensors").exists() and (shipped.visor / "model.safetensors").exists()
+    assert json.loads((shipped.base / "config.json").read_text())["model_type"] == "llava_onevision"
+
+
+def test_plain_reproduce_evaluates_the_shipped_checkpoints(quick, tmp_path):
+    root = quick["root"]
+    result = visor_cli(["reproduce", "--checkpoints", str(root / "checkpoints"), "--work-dir", str(tmp_path / "work"),
+                        "--out", str(tmp_path / "out"), "--n", "10", "--no-timing", "--threads", "1", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    assert data["meta"]["provenance"]["mode"] == "shipped" and data["meta"]["n_items"] == 10
+    assert any("--quick" in note for note in data["meta"]["provenance"]["notes"])
+    with open(tmp_path / "out" / "reproduce.csv") as handle:
+        assert [r["method"] for r in csv.DictReader(handle)] == LABELS
+
+
+def test_missing_or_modified_shipped_checkpoints_are_clear_errors(quick, tmp_path, capsys):
+    from visor.cli.main import main
+    from visor.reproduce.shipped import ShippedCheckpointsError, load_shipped
+
+    assert main(["reproduce", "--checkpoints", str(tmp_path / "none"), "--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "visor reproduce --train" in err and "--quick" in err
+    copy = tmp_path / "copy"
+    shutil.copytree(quick["root"] / "checkpoints", copy)
+    config = copy / "visor" / "config.json"
+    config.write_text(config.read_text().replace('"ca_conv_kernel": 7', '"ca_conv_kernel": 5'))
+    with pytest.raises(ShippedCheckpointsError, match="config.json"):
+        load_shipped(copy)
+    (copy / "MANIFEST.json").unlink()
+    with pytest.raises(ShippedCheckpointsError, match="--train"):
+        load_shipped(copy)
+
+
+def test_ship_requires_train(capsys, tmp_path):
+    from visor.cli.main import main
+
+    assert main(["reproduce", "--ship", "--checkpoints", str(tmp_path)]) == 2
+    assert "--train" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- stage cache
+def test_stage_cache_skips_resumes_and_invalidates(tmp_path):
+    logs = []
+    calls = []
+
+    def body(folder: Path, fail: bool = False):
+        calls.append(sorted(p.name for p in folder.iterdir()))
+        (folder / "partial").write_text("x")
+        if fail:
+            raise StageInterrupted("stopped")
+        (folder / "out.txt").write_text("done")
+        return {"out": "out.txt"}
+
+    cache = StageCache(tmp_path, log=logs.append)
+    with pytest.raises(StageInterrupted):
+        cache.run("train", "1-train", {"lr": 1}, {}, lambda f: body(f, fail=True), resumable=True)
+    first = cache.run("train", "1-train", {"lr": 1}, {}, body, resumable=True)  # resumes: keeps what was there
+    assert "partial" in calls[-1] and not first.cached and any("resuming" in m for m in logs)
+    again = cache.run("train", "1-train", {"lr": 1}, {}, body, resumable=True)
+    assert again.cached and again.output_id == first.output_id and len(calls) == 2
+    child = cache.run("next", "2-next", {}, {"train": first.output_id}, body)
+    assert cache.run("next", "2-next", {}, {"train": again.output_id}, body).cached
+    changed = cache.run("train", "1-train", {"lr": 2}, {}, body, resumable=True)  # new settings: fresh folder
+    assert not changed.cached and calls[-1] == ["stage.json"] and (tmp_path / "1-train.stale" / "out.txt").exists()
+    assert changed.output_id != first.output_id
+    redone = cache.run("next", "2-next", {}, {"train": changed.output_id}, body)  # upstream redone: downstream too
+    assert not redone.cached and redone.output_id != child.output_id
+    forced = StageCache(tmp_path, force={"next"}, log=logs.append).run("next", "2-next", {}, {"train": changed.output_id}, body)
+    assert not forced.cached
+    # a non-resumable stage that was interrupted starts over
+    with pytest.raises(StageInterrupted):
+        cache.run("label", "3-label", {}, {}, lambda f: body(f, fail=True))
+    cache.run("label", "3-label", {}, {}, body)
+    assert calls[-1] == ["stage.json"]
+
+
+# ---------------------------------------------------------------------- rows from predictions
+def test_row_from_predictions_uses_only_the_predictions():
+    from visor.reproduce.evaluation import row_from_predictions
+    from visor.reproduce.methods import Method
+    from visor.reproduce.projection import baseline_flops, projected_flops
+
+    preds = ([{"family": "color", "difficulty": "easy", "score": s, "llm_flops": 10.0, "active_sa": "none", "visual_tokens": 5}
+              for s in (1.0, 0.0)]
+             + [{"family": "code", "difficulty": "hard", "score": s, "llm_flops": 30.0, "active_sa": "0+1", "visual_tokens": 5}
+                for s in (1.0, None)])
+    method = Method("visor-routed", "VISOR routed", "visor", "visor", route=True)
+    router = {"configs": [[], [0], [0, 1]], "num_tokens": 1, "mlp_hidden": 8}
+    row = row_from_predictions(method, preds, base_flops=40.0, base_projected=baseline_flops(), router=router,
+                               seconds=2.0, base_seconds=4.0)
+    assert row["easy_mean"] == 0.5 and row["hard_mean"] == 0.5 and row["n_skipped"] == 1
+    assert row["mean_flops"] == 20.0 and row["flops_reduction"] == 2.0 and row["prefill_speedup"] == 2.0
+    assert row["chosen"] == {"none": 2, "0+1": 2} and row["n_sa_mean"] == 1.0
+    expected = (projected_flops(0, None, (1, 8, 3)) + projected_flops(2, None, (1, 8, 3))) / 2
+    assert row["projected_flops"] == pytest.approx(expected)
+    assert row["projected_reduction"] == pytest.approx(baseline_flops() / expected)

@@ -1,0 +1,89 @@
+"""Shared pieces of the analysis tools: loading, items, and walking the decoder one layer at a time.
+
+``walk_layers`` runs the model's own prefill (``VisorDecoder.run_layers``) one layer at a time on one
+prompt and calls ``before(index, kind, streams)`` / ``after(index, kind, streams)`` around each layer, so a
+tool can read the text and visual streams exactly as the layer sees them, without switching the model to
+an eager attention implementation or patching it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def load(folder: str | Path):
+    """``(model, tokenizer, image_processor, kind)`` for any LLaVA-OV or VISOR checkpoint folder."""
+    from transformers import AutoTokenizer
+
+    from visor.convert.llava_onevision import load_checkpoint
+    from visor.train.models import image_processor_for
+
+    model, kind = load_checkpoint(folder)
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config), kind
+
+
+def items_from(data: str, split: str = "test", n: int = 100, seed: int = 0, families=None, image_root=None):
+    """Evaluation items: ``synth`` (generated) or a LLaVA JSON/JSONL file (unreadable records left out)."""
+    from visor.eval.harness import llava_items, synth_items
+
+    if data == "synth":
+        return synth_items(split, n, seed=seed, families=families)
+    items = [it for it in llava_items(data, image_root)[0] if it.problem is None]
+    if families:
+        items = [it for it in items if it.family in families]
+    return items[:n]
+
+
+@torch.no_grad()
+def walk_layers(model, batch: dict, active_sa=None, before: Callable | None = None, after: Callable | None = None):
+    """Prefill ``batch`` (one prompt; a ``Batcher`` output) layer by layer (module docstring); returns the streams."""
+    features = []
+    if "pixel_values" in batch:
+        features = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"])
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    images = model._assign_images(features, input_ids.shape[0], batch.get("batch_num_images"))
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    streams = model.build_streams(input_ids, mask, positions, images)
+    kinds = model.plan.layer_kinds(active_sa)
+    decoder = model.language_model
+    for index, kind in enumerate(kinds):
+        if before is not None:
+            before(index, kind, streams)
+        decoder.run_layers(streams, kinds, index, index + 1, None)
+        if after is not None:
+            after(index, kind, streams)
+    return streams
+
+
+def layer_kind_letters(model, active_sa=None) -> str:
+    return model.plan.describe(active_sa)
+
+
+def save_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot

@@ -1,0 +1,160 @@
+"""``visor reproduce``: the VISOR paper's comparison at small scale, with the token-compression peers.
+
+    visor reproduce                    # evaluate the shipped checkpoints (checkpoints/) on a fresh test split
+    visor reproduce --quick            # every stage on minute-scale models (~2 minutes; numbers meaningless)
+    visor reproduce --train [--ship]   # retrain everything from scratch (hours, resumable), then ship
+
+Prints the comparison table and writes ``reproduce.csv`` / ``.json`` / ``.md``, the Pareto and ablation plots
+and every method's per-item predictions to ``--out``. Stages are cached and resumed under ``--work-dir``
+(``visor.reproduce.stages``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from visor.cli.common import print_json_line
+
+
+def register(subparsers) -> None:
+    from visor.reproduce.pipeline import STAGE_NAMES
+
+    parser = subparsers.add_parser(
+        "reproduce",
+        help="the paper's comparison end to end: table, CSV/JSON/Markdown, plots (shipped checkpoints, --quick, --train)",
+        description="Reproduce VISOR's comparison at small scale: the LLaVA-OV baseline, token compression "
+        "(pooling, VisionZip, VisPruner, HiRED, FastV, PyramidDrop at a budget matched to VISOR routed), VISOR's "
+        "fixed configurations, VISOR routed, VISOR with token reduction. Without --train/--quick it evaluates the "
+        "shipped checkpoints (--checkpoints) on a freshly generated test split. Every stage is cached under "
+        "--work-dir and skipped when its settings and inputs are unchanged; an interrupted training stage resumes "
+        "from its newest checkpoint when the same command is run again.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true",
+                      help="retrain every stage from scratch with the repository's tiny recipes (hours on a CPU; resumable)")
+    mode.add_argument("--quick", action="store_true",
+                      help="run every stage on minute-scale models in about two minutes (flow real, numbers meaningless)")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --train/--quick: copy the final checkpoints, their recipes and a manifest to --checkpoints")
+    parser.add_argument("--ship-dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="--ship: store the weights in fp32 (default) or bf16 (half the size)")
+    parser.add_argument("--checkpoints", default=None, metavar="DIR",
+                        help="shipped-checkpoints folder to evaluate (or --ship to) (default: checkpoints/)")
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="run folders and caches (default runs/reproduce, runs/reproduce-quick with --quick)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="results folder (default results/reproduce, results/reproduce-quick with --quick)")
+    parser.add_argument("--n", type=int, default=None, metavar="N", help="test items (default: the preset's; full 200)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="test split seed (default 0)")
+    parser.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                        choices=list(STAGE_NAMES) + ["eval", "timing"],
+                        help="redo these stages (and, through their new outputs, everything after them)")
+    parser.add_argument("--recipes", default=None, metavar="DIR", help="--train: folder of the tiny recipes (default recipes/)")
+    parser.add_argument("--no-timing", action="store_true", help="skip the measured prefill speedup column")
+    parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from visor.reproduce.pipeline import set_threads
+
+    mode = "quick" if args.quick else "train" if args.train else "shipped"
+    if args.ship and mode == "shipped":
+        print("visor reproduce: --ship copies what --train (or --quick) produced; add --train", file=sys.stderr)
+        return 2
+    if args.n is not None and args.n < 1:
+        print("visor reproduce: --n must be at least 1", file=sys.stderr)
+        return 2
+    work_dir = Path(args.work_dir or ("runs/reproduce-quick" if mode == "quick" else "runs/reproduce"))
+    out = Path(args.out or ("results/reproduce-quick" if mode == "quick" else "results/reproduce"))
+    set_threads(args.threads)
+    progress = not args.no_progress
+    log = tqdm.write
+    if mode == "shipped":
+        data = _shipped(args, work_dir, progress, log)
+        if data is None:
+            return 2
+    else:
+        data = _trained(args, mode, work_dir, progress, log)
+        if data is None:
+            return 130
+    return _finish(data, out, mode)
+
+
+def _shipped(args, work_dir: Path, progress: bool, log):
+    from visor.reproduce.pipeline import evaluate_checkpoints, eval_spec_for
+    from visor.reproduce.presets import preset_from_settings
+    from visor.reproduce.shipped import ShippedCheckpointsError, load_shipped
+    from visor.reproduce.stages import StageCache, git_commit
+
+    try:
+        shipped = load_shipped(args.checkpoints)
+    except ShippedCheckpointsError as err:
+        print(f"visor reproduce: {err}", file=sys.stderr)
+        return None
+    preset = preset_from_settings(shipped.pipeline, shipped.recipes)
+    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing)
+    ids = shipped.model_ids
+    cache = StageCache(work_dir / f"shipped-{ids['visor'][:12]}", set(args.force), log)
+    log(f"shipped checkpoints {shipped.folder} (preset {shipped.manifest.get('preset')}, commit {shipped.manifest['commit']})")
+    data = evaluate_checkpoints(cache, shipped.base, shipped.visor, ids, spec, progress=progress, log=log)
+    notes = list(preset.notes)
+    if shipped.manifest.get("preset") == "quick":
+        notes.append("these shipped checkpoints come from the --quick preset: the numbers are meaningless")
+    data["meta"]["provenance"] = {"mode": "shipped", "preset": shipped.manifest.get("preset"), "commit": git_commit(),
+                                  "checkpoints": str(shipped.folder), "checkpoints_commit": shipped.manifest["commit"],
+                                  "checkpoints_command": shipped.manifest.get("command"), "notes": notes}
+    return data
+
+
+def _trained(args, mode: str, work_dir: Path, progress: bool, log):
+    from visor.reproduce.pipeline import evaluate_checkpoints, eval_spec_for, train_all
+    from visor.reproduce.presets import full_preset, quick_preset
+    from visor.reproduce.shipped import default_folder, ship
+    from visor.reproduce.stages import StageCache, StageInterrupted
+
+    preset = quick_preset() if mode == "quick" else full_preset(args.recipes)
+    cache = StageCache(work_dir, set(args.force), log)
+    log(f"visor reproduce --{mode}: stages under {work_dir}")
+    try:
+        trained = train_all(preset, cache, progress=progress, log=log)
+    except (StageInterrupted, KeyboardInterrupt) as err:
+        print(f"visor reproduce: interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
+        return None
+    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing)
+    ids = {"base": trained.stages["base"].output_id, "visor": trained.stages["router"].output_id}
+    data = evaluate_checkpoints(cache, trained.base, trained.visor, ids, spec, progress=progress, log=log)
+    stages = {name: {"key": s.key, "output_id": s.output_id, "seconds": s.seconds, "cached": s.cached}
+              for name, s in trained.stages.items()}
+    data["meta"]["provenance"] = {"mode": mode, "preset": preset.name, "commit": cache.commit, "work_dir": str(work_dir),
+                                  "stages": stages, "notes": list(preset.notes)}
+    if args.ship:
+        folder = Path(args.checkpoints) if args.checkpoints else default_folder()
+        pipeline = {**preset.stage_settings(), "stage_seconds": {k: v["seconds"] for k, v in stages.items()}}
+        ship(folder, trained.base, trained.visor, trained.recipes, pipeline, preset=preset.name, commit=cache.commit,
+             stages=stages, dtype=args.ship_dtype)
+        data["meta"]["provenance"]["shipped_to"] = str(folder)
+        log(f"shipped the base and VISOR checkpoints with their recipes and manifest to {folder}")
+    return data
+
+
+def _finish(data: dict, out: Path, mode: str) -> int:
+    from visor.reproduce.report import format_table, write_results
+
+    paths = write_results(data, out, data.get("runner"))
+    print()
+    print(format_table(data["rows"]))
+    print()
+    for t in data.get("targets", []):
+        print(f"  [{'x' if t['holds'] else ' '}] {t['target']}: {t['value']}")
+    print(f"\nresults: {', '.join(str(p) for p in paths.values())}")
+    summary = {r["key"]: {"easy": r["easy_mean"], "hard": r["hard_mean"], "flops_reduction": r["flops_reduction"],
+                          "projected_reduction": r["projected_reduction"], "prefill_speedup": r["prefill_speedup"]}
+               for r in data["rows"] if r["in_table"]}
+    print_json_line({"mode": mode, "out": str(out), "n_items": data["meta"]["n_items"], "rows": summary})
+    return 0

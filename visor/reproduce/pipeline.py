@@ -1,0 +1,208 @@
+"""The ``visor reproduce`` pipeline: base -> stage 1 -> viable configurations -> stage 2 -> pseudo-labels ->
+router -> evaluation of every method -> table and results.
+
+Stages and their folders under the work directory (``--work-dir``; caching and resume:
+``visor.reproduce.stages``)::
+
+    1-vision/run/final     dense pre-training of the tiny SigLIP tower           (recipe kind vision)
+    2-base/run/final       the LLaVA-OV baseline, trained from scratch            (kind base)
+    3-stage1/run/final     VISOR stage 1: new blocks only                         (kind visor-stage1)
+    4-configs/out          viable configurations written into the stage-1 model   (``visor configs``)
+    5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
+    6-labels/labels.jsonl  router pseudo-labels on training items                 (``visor route label``)
+    7-router/model         the universal model with its router                    (``visor route train``)
+    eval/<method>/         per-method predictions on the test split               (``visor eval``)
+    timing/timing.json     measured prefill times
+
+Plain ``visor reproduce`` skips the training stages and evaluates the shipped checkpoints
+(``visor.reproduce.shipped``); its evaluations are cached under ``<work-dir>/shipped-<id>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
+from visor.reproduce.presets import TRAINING_STAGES, Preset, cache_spec
+from visor.reproduce.stages import StageCache, StageInterrupted, StageResult
+
+STAGE_NAMES = ("vision", "base", "stage1", "configs", "stage2", "labels", "router")
+
+
+@dataclass
+class Trained:
+    base: Path
+    visor: Path
+    stages: dict[str, StageResult]
+    recipes: dict[str, dict]  # the recipes as run (paths filled in)
+
+
+def _synth_config(recipe: dict):
+    from dataclasses import replace
+
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    size = (recipe.get("data") or {}).get("synth_image_size")
+    return replace(DEFAULT_CONFIG, image_size=size) if size else DEFAULT_CONFIG
+
+
+def _load_visor(folder: Path):
+    from transformers import AutoTokenizer
+
+    from visor.model.modeling import VisorForConditionalGeneration
+    from visor.train.models import image_processor_for
+
+    model = VisorForConditionalGeneration.from_pretrained(str(folder))
+    return model, AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config)
+
+
+def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
+              log: Callable[[str], None] = print, on_stage: Callable[[str], None] | None = None) -> Trained:
+    """Run (or skip, or resume) every training-side stage; returns the two checkpoints to evaluate."""
+    from visor.train.loop import Trainer
+    from visor.train.recipe import Recipe, build
+
+    stages: dict[str, StageResult] = {}
+    recipes: dict[str, dict] = {}
+    on_stage = on_stage or (lambda name: None)
+
+    def training(name: str, number: int, paths: dict[str, str], inputs: dict[str, str]) -> StageResult:
+        on_stage(name)
+        raw = dict(preset.recipes[name])
+        raw["kind"] = TRAINING_STAGES[name]
+
+        def body(folder: Path) -> dict:
+            data = {**raw, **paths, "out_dir": str(folder / "run")}
+            recipe = build(Recipe, data, where=f"{preset.name} preset, stage {name}")
+            final = Trainer(recipe, resume=True, progress=progress).train()
+            if final is None:
+                raise StageInterrupted(f"stage {name} stopped before its last step; rerun the same command to resume "
+                                       f"from its newest checkpoint in {folder / 'run' / 'checkpoints'}")
+            return {"final": "run/final"}
+
+        result = cache.run(name, f"{number}-{name}", cache_spec(raw), inputs, body, resumable=True)
+        recipes[name] = {**raw, **paths, "out_dir": str(result.folder / "run")}
+        _report(log, result)
+        return result
+
+    synth = _synth_config(preset.recipes["base"])
+    settings = preset.stage_settings()
+
+    vision = stages["vision"] = training("vision", 1, {}, {})
+    base = stages["base"] = training("base", 2, {"vision_init": str(vision.path("final"))}, {"vision": vision.output_id})
+    stage1 = stages["stage1"] = training("stage1", 3, {"init": str(base.path("final"))}, {"base": base.output_id})
+
+    # ---- viable configurations
+    on_stage("configs")
+
+    def configs_body(folder: Path) -> dict:
+        from visor.eval.harness import synth_items
+        from visor.train.configs import search_configs, write_viable
+
+        source = stage1.path("final")
+        model, tokenizer, processor = _load_visor(source)
+        items = synth_items("val", preset.configs_n, seed=preset.data_seed, config=synth)
+        with _autocast(preset.precision):
+            search = search_configs(model, tokenizer, processor, items, mode=preset.configs_mode,
+                                    batch_size=preset.batch_size, progress=progress, log=log)
+        write_viable(model, search)
+        shutil.copytree(source, folder / "out")
+        model.save_pretrained(str(folder / "out"))
+        (folder / "search.json").write_text(json.dumps({
+            "viable": [list(c) for c in search.viable], "slot_order": search.slot_order,
+            "scores": {"+".join(map(str, c)) or "none": s for c, s in search.scores.items()}}, indent=2, default=str))
+        (folder / "search.txt").write_text(search.table() + "\n")
+        return {"model": "out", "search": "search.json"}
+
+    configs = stages["configs"] = cache.run(
+        "configs", "4-configs", {k: settings[k] for k in ("configs_n", "configs_mode", "data_seed", "precision")},
+        {"stage1": stage1.output_id}, configs_body)
+    _report(log, configs)
+
+    stage2 = stages["stage2"] = training("stage2", 5, {"init": str(configs.path("model"))}, {"configs": configs.output_id})
+
+    # ---- pseudo-labels
+    on_stage("labels")
+    label_spec = {k: settings[k] for k in ("label_n", "label_threshold", "label_score", "data_seed", "batch_size", "precision")}
+
+    def label_items_for():
+        from visor.eval.harness import synth_items
+
+        return synth_items("train", preset.label_n, seed=preset.data_seed, config=synth)
+
+    def labels_body(folder: Path) -> dict:
+        from visor.routing.labels import label_items, label_summary, write_labels
+
+        model, tokenizer, processor = _load_visor(stage2.path("final"))
+        viable = [tuple(c) for c in model.config.viable_configs]
+        with _autocast(preset.precision):
+            rows = label_items(model, tokenizer, processor, label_items_for(), viable, threshold=preset.label_threshold,
+                               score=preset.label_score, batch_size=preset.batch_size, progress=progress)
+        write_labels(rows, folder / "labels.jsonl")
+        (folder / "labels.summary.json").write_text(json.dumps(label_summary(rows), indent=2))
+        return {"labels": "labels.jsonl"}
+
+    labels = stages["labels"] = cache.run("labels", "6-labels", label_spec, {"stage2": stage2.output_id}, labels_body)
+    _report(log, labels)
+
+    # ---- router
+    on_stage("router")
+    router_spec = {k: settings[k] for k in ("router_epochs", "router_lr", "batch_size", "precision", "label_n", "data_seed")}
+
+    def router_body(folder: Path) -> dict:
+        from visor.routing.labels import read_labels
+        from visor.routing.train import train_router
+
+        model, tokenizer, processor = _load_visor(stage2.path("final"))
+        viable = [tuple(c) for c in model.config.viable_configs]
+        rows = {row["id"]: row for row in read_labels(labels.path("labels"))}
+        items = [it for it in label_items_for() if it.id in rows]
+        targets = [viable.index(tuple(rows[it.id]["label"])) for it in items]
+        result = train_router(model, tokenizer, processor, items, targets, viable, epochs=preset.router_epochs,
+                              lr=preset.router_lr, batch_size=preset.batch_size, seed=preset.data_seed,
+                              progress=progress, autocast=preset.precision == "bf16")
+        out = folder / "model"
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        processor.save_pretrained(str(out))
+        (out / "router_training.json").write_text(json.dumps(result, indent=2))
+        return {"model": "model"}
+
+    router = stages["router"] = cache.run("router", "7-router", router_spec, {"labels": labels.output_id}, router_body)
+    _report(log, router)
+    return Trained(base=base.path("final"), visor=router.path("model"), stages=stages, recipes=recipes)
+
+
+def _report(log, result: StageResult) -> None:
+    state = "cached" if result.cached else f"done in {result.seconds:.0f}s"
+    log(f"[{result.name}] {state}: {result.folder}")
+
+
+def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None, timing: bool = True) -> EvalSpec:
+    synth = {}
+    size = (preset.recipes.get("base", {}).get("data") or {}).get("synth_image_size")
+    if size:
+        synth["image_size"] = size
+    return EvalSpec(n=n or preset.eval_n, seed=preset.eval_seed if seed is None else seed, batch_size=preset.batch_size,
+                    max_new_tokens=preset.max_new_tokens, precision=preset.precision, timing_items=preset.timing_items,
+                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth)
+
+
+def evaluate_checkpoints(cache: StageCache, base: Path, visor: Path, model_ids: dict[str, str], spec: EvalSpec, *,
+                         progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    started = time.time()
+    data = run_all(cache, base, visor, model_ids, spec, progress=progress, log=log)
+    data["meta"]["eval_seconds"] = time.time() - started
+    return data
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,104 @@
+"""What ``visor reproduce`` runs: the ``full`` preset (``--train``: the repository's tiny recipes, hours on
+a CPU) and the ``quick`` preset (``--quick``: every stage on a minute-scale model, numbers meaningless).
+
+A preset is the recipes of the four training stages (``recipes/*.yaml`` for ``full``) plus the settings of
+the stages between and after them. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
+``tokenizer``) are filled in by the pipeline, which owns the work directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+#: training stages, in order, with the recipe kind each one runs
+TRAINING_STAGES = {"vision": "vision", "base": "base", "stage1": "visor-stage1", "stage2": "visor-stage2"}
+#: recipe files of the full preset (under ``recipes/``)
+FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "stage1": "visor-stage1-tiny.yaml",
+                "stage2": "visor-stage2-tiny.yaml"}
+#: recipe fields that are paths or logging knobs: not part of a stage's cache key
+PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
+NON_RESULT_FIELDS = ("log_every", "save_every", "keep_checkpoints", "eval_every", "threads")
+
+
+@dataclass
+class Preset:
+    name: str
+    recipes: dict[str, dict]  # TRAINING_STAGES name -> recipe mapping (paths filled in later)
+    configs_n: int = 200  # validation items for the viable-configuration search
+    configs_mode: str = "nested"
+    label_n: int = 1000  # training items labelled for the router
+    label_threshold: float = 0.99
+    label_score: str = "grader"
+    router_epochs: int = 20
+    router_lr: float = 2e-3
+    batch_size: int = 16  # evaluation / labelling batch
+    eval_n: int = 200  # test items per method
+    eval_seed: int = 0
+    max_new_tokens: int = 16
+    timing_items: int = 4  # test items timed per method
+    timing_repeats: int = 3
+    precision: str = "bf16"  # evaluation autocast on CPU: bf16 | fp32
+    data_seed: int = 0  # synth seed for the configs search / labels (training recipes carry their own)
+    notes: list[str] = field(default_factory=list)
+
+    def stage_settings(self) -> dict:
+        """Everything but the recipes (recorded beside shipped checkpoints)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("recipes", "notes")}
+
+
+def recipes_dir() -> Path:
+    """The repository's ``recipes/`` folder (next to the ``visor`` package)."""
+    return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def full_preset(folder: Path | None = None) -> Preset:
+    folder = Path(folder) if folder else recipes_dir()
+    recipes = {}
+    for stage, name in FULL_RECIPES.items():
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"recipe {path} not found: `visor reproduce --train` reads the repository's recipes/")
+        recipes[stage] = yaml.safe_load(path.read_text())
+    return Preset(name="full", recipes=recipes)
+
+
+# a model that trains in seconds: 192 px procedural images, 64 px base view, patch 16 (172 visual tokens),
+# 9 decoder layers (3 CA layers, 3 SA slots, as the full tiny model)
+QUICK_MODEL = dict(image_size=64, patch_size=16, max_tiles_per_side=3, max_views=9, vision_layers=1, vision_hidden=16,
+                   vision_heads=2, vision_mlp=32, text_layers=9, hidden=32, heads=4, kv_heads=2, mlp=64)
+
+
+def quick_preset() -> Preset:
+    common = dict(model=QUICK_MODEL, data={"source": "synth", "val_n": 2}, precision="fp32", threads=1,
+                  log_every=1, eval_every=0, keep_checkpoints=1)
+    recipes = {
+        "vision": dict(kind="vision", optim={"lr": 3e-3, "warmup_steps": 1}, global_batch=8, micro_batch=8,
+                       max_steps=2, save_every=2, **common),
+        "base": dict(kind="base", freeze_vision=True, optim={"lr": 3e-3, "warmup_steps": 2}, global_batch=4,
+                     micro_batch=4, max_steps=6, save_every=3, **common),
+        "stage1": dict(kind="visor-stage1", optim={"lr": 3e-3, "warmup_steps": 1}, global_batch=4, micro_batch=4,
+                       max_steps=3, save_every=3, **common),
+        "stage2": dict(kind="visor-stage2", freeze_vision=True, optim={"lr": 1e-3, "warmup_steps": 1}, global_batch=4,
+                       micro_batch=4, max_steps=4, save_every=2, **common),
+    }
+    return Preset(name="quick", recipes=recipes, configs_n=10, label_n=10, router_epochs=3, batch_size=10, eval_n=20,
+                  max_new_tokens=4, timing_items=1, timing_repeats=2, precision="fp32",
+                  notes=["--quick: minute-scale models trained for a few steps; the numbers are meaningless, the flow is real"])
+
+
+def cache_spec(recipe: dict) -> dict:
+    """A recipe without its paths and logging knobs: what decides a training stage's result."""
+    return {k: v for k, v in recipe.items() if k not in PATH_FIELDS + NON_RESULT_FIELDS}
+
+
+def preset_from_settings(settings: dict, recipes: dict) -> Preset:
+    """The preset recorded beside shipped checkpoints (``recipes/pipeline.yaml`` + the stage recipes)."""
+    names = {f.name for f in dataclasses.fields(Preset)} - {"recipes", "notes"}
+    known = {k: v for k, v in (settings or {}).items() if k in names}
+    known.setdefault("name", "shipped")
+    as_dicts = {k: (r.to_dict() if hasattr(r, "to_dict") else dict(r)) for k, r in recipes.items()}
+    return Preset(recipes=as_dicts, **known)

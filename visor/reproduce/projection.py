@@ -1,0 +1,94 @@
+"""FLOPs of every method projected to LLaVA-OV-0.5B at 7,290 visual + 64 text tokens.
+
+The per-sample *decisions* made on the tiny model (the number of SA layers a sample ran, the reducer and
+its kept fraction) are costed at the real geometry (``visor.cost``, LLM prefill only):
+
+* baseline: ``count_baseline_prefill`` (every layer SA);
+* a reducer: its own schedule at 24 layers (``reducer_schedule``: FastV's K, PyramidDrop's L/4 stages, the
+  kept count of a pre-LLM reducer, its selection overhead with 10 crops encoded);
+* VISOR with ``k`` SA layers: the default 24-layer plan (8 CA layers, 8 slots), the first ``k`` slots; the
+  indices a tiny model used have no counterpart at 24 layers, the count does;
+* routed: plus the routing pass as implemented (``router_overhead_flops``: the layers before the first SA
+  slot run again on the text + routing tokens, their CA blocks included, then the MLP).
+
+A method's projected reduction is ``baseline FLOPs / mean over samples of the sample's FLOPs``, the same
+definition as at the tiny geometry.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+PROJECTION = {"geometry": "llava-ov-0.5b", "n_visual": 7290, "n_text": 64, "n_crops": 10}
+
+
+def _geometry():
+    from visor.cost import get_geometry
+
+    return get_geometry(PROJECTION["geometry"])
+
+
+@lru_cache(maxsize=None)
+def baseline_flops() -> float:
+    from visor.cost import count_baseline_prefill
+
+    return float(count_baseline_prefill(_geometry(), PROJECTION["n_visual"], PROJECTION["n_text"]).llm_total)
+
+
+@lru_cache(maxsize=None)
+def _reducer_schedule(reducer: str | None) -> tuple[tuple[int, ...] | None, int]:
+    if not reducer:
+        return None, 0
+    from visor.cost import reducer_schedule
+
+    per_layer, overhead = reducer_schedule(_geometry(), reducer, PROJECTION["n_visual"], PROJECTION["n_text"],
+                                           n_crops=PROJECTION["n_crops"])
+    return tuple(per_layer), int(overhead)
+
+
+@lru_cache(maxsize=None)
+def projected_flops(n_sa: int | None, reducer: str | None = None, router: tuple[int, int, int] | None = None) -> float:
+    """One sample's LLM prefill FLOPs at 0.5B geometry.
+
+    ``n_sa``: SA layers of a VISOR sample (``None``: the baseline model, every layer SA);
+    ``reducer``: ``"NAME:AMOUNT"``; ``router``: ``(num_tokens, mlp_hidden, n_configs)`` of a routed sample.
+    """
+    from visor.cost import count_prefill
+    from visor.model.plan import LayerPlan
+
+    geometry = _geometry()
+    layers = geometry.text.num_layers
+    n_visual, n_text = PROJECTION["n_visual"], PROJECTION["n_text"]
+    per_layer, overhead = _reducer_schedule(reducer)
+    if n_sa is None:
+        plan, active = LayerPlan.all_self_attention(layers), None
+    else:
+        plan = LayerPlan.default(layers)
+        active = plan.first_slots(min(int(n_sa), plan.num_slots))
+    flops = float(count_prefill(geometry, plan, active, n_visual, n_text, visual_tokens_per_layer=per_layer,
+                                compression_overhead_flops=overhead).llm_total)
+    if router is not None and n_sa is not None:
+        num_tokens, mlp_hidden, n_configs = router
+        read = plan.self_attention_layers[0] - 1  # the layer before the first slot, as attach_router places it
+        prefix = count_prefill(geometry, plan, (), n_visual, n_text + num_tokens).per_layer[: read + 1]
+        flops += float(sum(prefix) + 2 * (num_tokens * geometry.text.hidden * mlp_hidden + mlp_hidden * n_configs))
+    return flops
+
+
+def method_projection(model_kind: str, reducer: str | None, routed: bool, router_settings: dict | None,
+                      active_per_item: list[str | None]) -> float:
+    """Mean projected FLOPs over a method's items (``active_per_item``: the harness's ``active_sa`` strings)."""
+    router = None
+    if routed and router_settings:
+        router = (int(router_settings.get("num_tokens", 1)), int(router_settings.get("mlp_hidden", 256)),
+                  len(router_settings["configs"]))
+    values = []
+    for active in active_per_item:
+        if active is None:  # an item that did not run
+            continue
+        if model_kind == "base":
+            values.append(projected_flops(None, reducer))
+        else:
+            n_sa = 0 if active == "none" else len(active.split("+"))
+            values.append(projected_flops(n_sa, reducer, router))
+    return sum(values) / len(values) if values else float("nan")

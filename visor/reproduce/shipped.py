@@ -1,0 +1,191 @@
+"""Shipped checkpoints: what plain ``visor reproduce`` evaluates, and how ``--ship`` writes them.
+
+Layout of the folder (``checkpoints/`` in the repository by default)::
+
+    checkpoints/
+      MANIFEST.json            format, commit, command, preset, per-file bytes + sha256, stage records
+      base/                    the LLaVA-OneVision baseline (Hugging Face format: config.json,
+                               model.safetensors, tokenizer, preprocessor_config.json)
+      visor/                   the universal VISOR model with its router (save_pretrained, safetensors)
+      recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, stage1.yaml,
+                               stage2.yaml, and pipeline.yaml (configs search, labels, router, evaluation)
+
+``MANIFEST.json``::
+
+    {"format": "visor-reproduce-checkpoints/1", "created": "...", "commit": "<git sha>[+dirty]",
+     "command": "visor reproduce --train --ship", "preset": "full",
+     "checkpoints": {"base": {"path": "base", "kind": "llava_onevision", "recipe": "recipes/base.yaml"},
+                     "visor": {"path": "visor", "kind": "visor", "recipe": "recipes/stage2.yaml",
+                               "router": true, "viable_configs": [[], [1], ...]}},
+     "recipes": {"vision": "recipes/vision.yaml", ...}, "pipeline": "recipes/pipeline.yaml",
+     "stages": {"base": {"key": ..., "commit": ..., "seconds": ...}, ...},
+     "files": {"base/model.safetensors": {"bytes": ..., "sha256": ...}, ...}}
+
+``load_shipped`` checks all of it (every listed file present with its size and hash, every recipe parsing as
+a typed ``Recipe``) before anything is evaluated, and says how to produce the folder when it is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+FORMAT = "visor-reproduce-checkpoints/1"
+MANIFEST = "MANIFEST.json"
+
+
+class ShippedCheckpointsError(RuntimeError):
+    """The shipped checkpoints are missing or do not match their manifest."""
+
+
+def default_folder() -> Path:
+    """``./checkpoints`` if it exists, else the repository's ``checkpoints/`` (next to the package)."""
+    here = Path.cwd() / "checkpoints"
+    return here if (here / MANIFEST).exists() else Path(__file__).resolve().parents[2] / "checkpoints"
+
+
+MISSING_HELP = (
+    "Produce them with `visor reproduce --train --ship` (trains every stage from scratch on this machine: hours on a "
+    "CPU, resumable: rerun the same command after an interruption; run folders go to --work-dir, default "
+    "runs/reproduce), or see the whole pipeline run in about two minutes with `visor reproduce --quick` "
+    "(tiny models, meaningless numbers)."
+)
+
+
+@dataclass
+class Shipped:
+    folder: Path
+    manifest: dict
+    base: Path
+    visor: Path
+    recipes: dict = field(default_factory=dict)  # stage -> visor.train.recipe.Recipe
+    pipeline: dict = field(default_factory=dict)
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        """Content ids of the two checkpoints (hash of their files' hashes): evaluation cache keys."""
+        files = self.manifest["files"]
+        ids = {}
+        for kind in ("base", "visor"):
+            prefix = self.manifest["checkpoints"][kind]["path"].rstrip("/") + "/"
+            ids[kind] = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in sorted(files.items()) if k.startswith(prefix)},
+                                                  sort_keys=True).encode()).hexdigest()
+        return ids
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_shipped(folder: str | Path | None = None, verify: bool = True) -> Shipped:
+    """Read and check a shipped-checkpoints folder (module docstring)."""
+    from visor.train.recipe import Recipe, build
+
+    folder = Path(folder) if folder else default_folder()
+    path = folder / MANIFEST
+    if not path.exists():
+        raise ShippedCheckpointsError(f"no shipped checkpoints in {folder} ({MANIFEST} not found). {MISSING_HELP}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShippedCheckpointsError(f"{path} is not valid JSON ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise ShippedCheckpointsError(f"{path}: unknown format {manifest.get('format')!r} (this version reads {FORMAT})")
+    for key in ("checkpoints", "files", "recipes", "commit"):
+        if key not in manifest:
+            raise ShippedCheckpointsError(f"{path}: the manifest has no {key!r}")
+    if verify:
+        for rel, info in manifest["files"].items():
+            file = folder / rel
+            if not file.exists():
+                raise ShippedCheckpointsError(f"{folder}: {rel} is listed in the manifest but missing")
+            if file.stat().st_size != info["bytes"]:
+                raise ShippedCheckpointsError(f"{folder}: {rel} has {file.stat().st_size} bytes, the manifest says {info['bytes']}")
+            if sha256_file(file) != info["sha256"]:
+                raise ShippedCheckpointsError(f"{folder}: {rel} does not match its sha256 in the manifest (modified?)")
+    recipes = {}
+    for stage, rel in manifest["recipes"].items():
+        data = yaml.safe_load((folder / rel).read_text())
+        try:
+            recipes[stage] = build(Recipe, data, where=rel)
+        except (TypeError, ValueError) as err:
+            raise ShippedCheckpointsError(f"{folder / rel}: the recorded recipe does not parse: {err}") from err
+    pipeline = yaml.safe_load((folder / manifest["pipeline"]).read_text()) if manifest.get("pipeline") else {}
+    checkpoints = manifest["checkpoints"]
+    for kind in ("base", "visor"):
+        if kind not in checkpoints or not (folder / checkpoints[kind]["path"] / "config.json").exists():
+            raise ShippedCheckpointsError(f"{folder}: the {kind} checkpoint is missing from the manifest or the folder")
+    return Shipped(folder, manifest, folder / checkpoints["base"]["path"], folder / checkpoints["visor"]["path"],
+                   recipes, pipeline or {})
+
+
+def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], pipeline: dict, *, preset: str,
+         commit: str, stages: dict | None = None, command: str | None = None, dtype: str = "fp32") -> Path:
+    """Copy the final checkpoints, their recipes and a manifest into ``folder`` (replaced atomically).
+
+    ``dtype="bf16"`` stores the floating-point weights in bfloat16 (half the bytes; evaluation runs under
+    bf16 autocast anyway, and loading casts them back to fp32)."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, source in (("base", base), ("visor", visor)):
+        shutil.copytree(source, tmp / name, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
+        if dtype == "bf16":
+            _to_bf16(tmp / name)
+    (tmp / "recipes").mkdir()
+    recipe_paths = {}
+    for stage, recipe in recipes.items():
+        rel = f"recipes/{stage}.yaml"
+        (tmp / rel).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        recipe_paths[stage] = rel
+    (tmp / "recipes" / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = path.relative_to(tmp).as_posix()
+        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    visor_config = json.loads((tmp / "visor" / "config.json").read_text())
+    manifest = {
+        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
+        "command": command or "visor " + " ".join(sys.argv[1:]), "preset": preset, "dtype": dtype,
+        "checkpoints": {
+            "base": {"path": "base", "kind": "llava_onevision", "recipe": recipe_paths.get("base")},
+            "visor": {"path": "visor", "kind": "visor", "recipe": recipe_paths.get("stage2"),
+                      "router": bool(visor_config.get("router")), "viable_configs": visor_config.get("viable_configs")},
+        },
+        "recipes": recipe_paths, "pipeline": "recipes/pipeline.yaml", "stages": stages or {}, "files": files,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def _to_bf16(folder: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt"})

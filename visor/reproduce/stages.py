@@ -1,0 +1,140 @@
+"""Per-stage caching and resume for ``visor reproduce``.
+
+Every stage of the pipeline (training runs, the viable-configuration search, labels, the router, each
+method's evaluation, the timing) owns one folder under the work directory holding a ``stage.json``:
+
+    {"stage": "base", "key": "<sha256>", "status": "running" | "complete", "spec": {...},
+     "inputs": {"vision": "<output id>"}, "outputs": {"final": "run/final"}, "output_id": "<sha256>",
+     "commit": "<git sha>", "started": ..., "finished": ..., "seconds": ...}
+
+* ``key`` hashes the stage's own settings (``spec``: the recipe minus paths and logging knobs, or the
+  search/label/router/eval settings) together with the ``output_id`` of every stage it reads.
+* A stage whose record is ``complete``, whose key matches and whose outputs exist is **skipped**.
+* A record with the same key that is still ``running`` was interrupted: a training stage **resumes** from
+  its newest complete checkpoint (``Trainer(recipe, resume=True)``, atomic checkpoints); the other stages
+  are short and simply run again.
+* A record with a different key (a recipe changed, or an upstream stage was redone) is stale: its folder
+  is moved aside to ``<folder>.stale`` (the previous stale copy is dropped) and the stage runs afresh.
+* ``output_id`` is new every time a stage completes, and downstream keys include it, so redoing a stage
+  (``--force NAME``) invalidates everything after it, while a skipped stage keeps its descendants valid.
+
+The code version (git commit) is recorded, not hashed: editing the code does not throw away hours of
+training; ``--force`` redoes a stage on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECORD = "stage.json"
+
+
+def digest(obj) -> str:
+    """sha256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def git_commit(root: Path | None = None) -> str:
+    """``HEAD`` of the repository holding this package (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = root or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "visor", "recipes"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class StageInterrupted(RuntimeError):
+    """A stage stopped before finishing (Ctrl-C, SIGTERM, time limit); rerunning resumes it."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    folder: Path
+    key: str
+    output_id: str
+    outputs: dict = field(default_factory=dict)
+    cached: bool = False
+    seconds: float = 0.0
+
+    def path(self, name: str) -> Path:
+        return self.folder / self.outputs[name]
+
+
+def read_record(folder: Path) -> dict | None:
+    path = Path(folder) / RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    tmp.replace(folder / RECORD)
+
+
+class StageCache:
+    """Runs stages under ``work_dir`` with the rules of the module docstring."""
+
+    def __init__(self, work_dir: str | Path, force: set[str] | None = None, log: Callable[[str], None] = print) -> None:
+        self.work_dir = Path(work_dir)
+        self.force = set(force or ())
+        self.log = log
+        self.commit = git_commit()
+
+    def run(self, name: str, folder: str, spec: dict, inputs: dict[str, str],
+            body: Callable[[Path], dict], resumable: bool = False) -> StageResult:
+        """Run (or skip) one stage. ``body(folder) -> outputs`` (paths relative to ``folder``)."""
+        path = self.work_dir / folder
+        key = digest({"stage": name, "spec": spec, "inputs": inputs})
+        record = read_record(path)
+        forced = any(name == f or name.startswith(f + " ") for f in self.force)
+        if record and record.get("key") == key and record.get("status") == "complete" and not forced:
+            outputs = record.get("outputs", {})
+            if all((path / rel).exists() for rel in outputs.values()):
+                return StageResult(name, path, key, record["output_id"], outputs, cached=True,
+                                   seconds=float(record.get("seconds") or 0.0))
+            self.log(f"[{name}] outputs missing from {path}: running it again")
+        same = record is not None and record.get("key") == key
+        resume = same and record.get("status") == "running" and resumable and not forced
+        if resume:
+            self.log(f"[{name}] resuming the interrupted run in {path}")
+        elif path.exists() and any(path.iterdir()):
+            reason = "forced" if forced else ("settings or inputs changed" if record and not same else "incomplete")
+            stale = path.with_name(path.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            path.rename(stale)
+            self.log(f"[{name}] {reason}: previous folder moved to {stale}")
+        started = time.time()
+        previous = float(record.get("seconds") or 0.0) if resume else 0.0
+        base = {"stage": name, "key": key, "spec": spec, "inputs": inputs, "commit": self.commit,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_record(path, {**base, "status": "running", "seconds": previous})
+        try:
+            outputs = body(path)
+        except (KeyboardInterrupt, StageInterrupted):
+            _write_record(path, {**base, "status": "running", "seconds": previous + time.time() - started})
+            raise
+        seconds = previous + time.time() - started
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S")
+        output_id = digest({"key": key, "finished": finished, "t": time.time()})
+        _write_record(path, {**base, "status": "complete", "outputs": outputs, "output_id": output_id,
+                             "finished": finished, "seconds": seconds})
+        return StageResult(name, path, key, output_id, outputs, cached=False, seconds=seconds)
