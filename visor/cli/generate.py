@@ -40,18 +40,10 @@ def register(subparsers) -> None:
 
 
 def load_model(folder: str, dtype: torch.dtype = torch.float32):
-    """A VISOR checkpoint as is; a LLaVA-OV checkpoint converted with the default plan."""
-    import json
-    from pathlib import Path
+    """A VISOR checkpoint as saved; a LLaVA-OV checkpoint as the original model (every layer SA)."""
+    from visor.convert.llava_onevision import load_checkpoint
 
-    from visor.model.modeling import VisorForConditionalGeneration
-
-    config = json.loads((Path(folder) / "config.json").read_text()) if (Path(folder) / "config.json").exists() else {}
-    if config.get("model_type") == "llava_onevision":
-        model = VisorForConditionalGeneration.from_llava_onevision(folder, dtype=dtype)
-    else:
-        model = VisorForConditionalGeneration.from_pretrained(folder, dtype=dtype)
-    return model.eval()
+    return load_checkpoint(folder, dtype)[0]
 
 
 def run(args: argparse.Namespace) -> int:
