@@ -86,9 +86,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x``: [B, heads, T, head_dim]; ``cos``/``sin``: [B, T, head_dim]."""
+    """``x * cos + rotate_half(x) * sin`` for ``x``: [B, heads, T, head_dim]; ``cos``/``sin``: [B, T, head_dim].
+
+    Written as one product and two half-width multiply-adds (no rotated copy, no concatenation).
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 @dataclass
@@ -205,9 +212,13 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
         self.act_fn = ACT2FN[text_config.hidden_act]
+        self.inplace_silu = text_config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        if self.inplace_silu and not torch.is_grad_enabled():  # inference: no two extra [tokens, mlp] temporaries
+            return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x)))
+        return self.down_proj(self.act_fn(gate) * self.up_proj(x))
 
 
 class KVSlot:
@@ -300,7 +311,8 @@ class PerImageConv(nn.Module):
         self.weight = nn.Parameter(torch.zeros(channels, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, visual: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, visual: torch.Tensor, image_ids: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """``conv(visual)``, or ``visual + conv(visual)`` with ``residual`` (the identity folded into the kernel)."""
         batch, num_tokens, channels = visual.shape
         if num_tokens == 0:
             return visual.clone()
@@ -310,19 +322,22 @@ class PerImageConv(nn.Module):
         x = visual if all_valid else visual * valid[..., None].to(visual.dtype)  # padding slots read as zeros
         n_images = int(image_ids.max()) + 1
         if n_images <= 1:
-            out = self._depthwise(x)
+            out = self._depthwise(x, residual)
         else:  # `half` zero slots between consecutive images, so one conv never mixes two images
             shift = torch.where(valid, image_ids, torch.full_like(image_ids, n_images - 1))  # padding after the last
             slot = (torch.arange(num_tokens, device=visual.device)[None] + half * shift)[..., None].expand(-1, -1, channels)
             gapped = x.new_zeros(batch, num_tokens + half * (n_images - 1), channels).scatter_(1, slot, x)
-            out = self._depthwise(gapped).gather(1, slot)
+            out = self._depthwise(gapped, residual).gather(1, slot)
         return out if all_valid else out * valid[..., None].to(out.dtype)
 
-    def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
+    def _depthwise(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
         """Zero-padded depthwise conv along the tokens of [B, N, C]: one channels-last conv2d call."""
         channels = x.shape[-1]
         grid = x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)  # [B, C, 1, N]
-        weight = self.weight.to(x.dtype)[:, None, None, :]  # [C, 1, 1, K]
+        weight = self.weight
+        if residual:  # + x: a one at the centre tap
+            weight = weight + F.one_hot(torch.tensor(self.kernel_size // 2), self.kernel_size).to(weight)
+        weight = weight.to(x.dtype)[:, None, None, :]  # [C, 1, 1, K]
         out = F.conv2d(grid, weight, self.bias.to(x.dtype), padding=(0, self.kernel_size // 2), groups=channels)
         return out.squeeze(2).transpose(1, 2)
 
@@ -359,7 +374,7 @@ class CrossAttention(nn.Module):
     def visual_keys_values(self, visual: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project the visual states once: [B, kv_heads, Nv, head_dim] keys and values."""
         b, n, _ = visual.shape
-        read = self.visual_norm(visual + self.conv(visual, image_ids))
+        read = self.visual_norm(self.conv(visual, image_ids, residual=True))  # V + conv(V)
         k = self.k_proj(read).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(read).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v

@@ -86,7 +86,7 @@ class Streams:
         dim = sequence.shape[-1]
         self.text = sequence.gather(1, self.text_src[..., None].expand(-1, -1, dim))
         visual = sequence.gather(1, self.visual_src[..., None].expand(-1, -1, dim))
-        self.visual = visual * self.visual_valid[..., None].to(visual.dtype)
+        self.visual = visual if bool(self.visual_valid.all()) else visual * self.visual_valid[..., None].to(visual.dtype)
 
 
 def _pad_stack(rows: list[torch.Tensor], length: int, left: bool, value=0) -> torch.Tensor:
@@ -129,7 +129,7 @@ class VisorDecoder(nn.Module):
         dtype = streams.text.dtype
         text_rope = self.rotary_emb(streams.text_pos, dtype)
         text_mask = causal_mask(streams.text_valid, streams.text_valid.shape[1])
-        seq_rope = seq_mask = ca_mask = None
+        seq_rope = seq_mask = ca_mask = merged = None
         for index in range(start, stop):
             layer, kind = self.layers[index], kinds[index]
             own_kv = cache.self_kv[index] if cache is not None else None
@@ -137,7 +137,11 @@ class VisorDecoder(nn.Module):
                 if seq_rope is None:
                     seq_rope = self.rotary_emb(streams.seq_pos, dtype)
                     seq_mask = causal_mask(streams.seq_valid, streams.seq_valid.shape[1])
-                streams.split(self._run(layer, streams.merged(), seq_rope, seq_mask, own_kv))
+                # consecutive SA layers pass the interleaved sequence on; split only before another kind
+                merged = self._run(layer, streams.merged() if merged is None else merged, seq_rope, seq_mask, own_kv)
+                if index + 1 == stop or kinds[index + 1] is not LayerKind.SELF_ATTENTION:
+                    streams.split(merged)
+                    merged = None
                 continue
             if kind is LayerKind.CROSS_ATTENTION and streams.has_visual:
                 if ca_mask is None:
@@ -153,6 +157,9 @@ class VisorDecoder(nn.Module):
         """Text attends to the visual tokens that precede it in the input (causality kept)."""
         allowed = streams.visual_valid[:, None, :] & (streams.visual_pos[:, None, :] < streams.text_pos[:, :, None])
         rows = allowed.any(-1)
+        if bool(streams.visual_valid.all()) and bool((allowed == rows[..., None]).all()):
+            # every text token sees all visual tokens or none (one image per sample): no mask, zero the "none" rows
+            return AttentionMask(rows_with_keys=None if bool(rows.all()) else rows)
         allowed = allowed | ~rows[..., None]  # keep softmax finite; those rows are zeroed after
         return AttentionMask(bool_mask=allowed[:, None], rows_with_keys=rows)
 
@@ -178,7 +185,9 @@ class VisorDecoder(nn.Module):
                 continue
             cross = cache.cross_kv[index]
             if kind is LayerKind.CROSS_ATTENTION and cross.key is not None:
-                if ca_mask is None:
+                if ca_mask is None and bool(visual_valid.all()):  # every new token sees every visual key
+                    ca_mask = AttentionMask()
+                elif ca_mask is None:
                     rows = visual_valid.any(-1, keepdim=True).expand(-1, t)
                     allowed = (visual_valid | ~rows[:, :1])[:, None, None, :].expand(-1, 1, t, -1)
                     ca_mask = AttentionMask(bool_mask=allowed, rows_with_keys=rows)

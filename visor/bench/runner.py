@@ -1,0 +1,463 @@
+"""``visor bench``: measured prefill / decode latency and memory of VISOR next to the baseline.
+
+What is measured, per input-image row and LLM configuration (``visor.bench.models``):
+
+* **LLM prefill** (batch 1): ``forward(image_features=..., logits_to_keep=1, use_cache=True)``, i.e. what
+  generation runs before the first token, with the visual features passed in (the vision tower is timed
+  on its own, since VISOR does not change it). Configurations are *interleaved*: every repeat runs each of
+  them once, in a rotated order, so load drift on a shared machine hits all alike. Median over repeats,
+  after warm-up.
+* **Vision tower**: SigLIP + projector + anyres packing for the row's crops (median over repeats, run
+  in the same interleaved loop). **Time to first token** = vision tower + LLM prefill (the two run one
+  after the other; composed from the two medians).
+* **Decode**: per-token latency over N greedy steps (median), batch 1 and batch 16, from a *synthetic*
+  cache filled with noise at the row's prompt length (``synthetic_cache``: the same tensors per layer
+  kind as a real prefill leaves), so batch 16 needs no 16 long prefills.
+* **Memory**: peak RSS of a fresh subprocess per row on CPU (``visor.bench.memory``), the allocator's peak
+  on CUDA; **KV-cache bytes** of the real batch-1 prefill cache, next to the analytic count.
+* **Analytic**: ``visor.cost`` FLOPs for the same row (LLM only, LM head on the last position), the FLOPs
+  ratio vs the baseline beside the measured speedup, and the achieved FLOP/s as a fraction of this
+  machine's matmul peak, measured in the same run (``matmul_peak``). Achieved FLOP/s uses the FLOPs a
+  causal kernel executes (``causal_halving=True``: SDPA skips the masked half of the score matrix).
+
+Rows are written to ``rows.csv`` / ``results.json`` as each image row finishes, so Ctrl-C keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from visor.bench import models as bench_models
+from visor.bench.models import (
+    IMAGE_ROWS,
+    BenchConfig,
+    BenchModels,
+    build_models,
+    image_tokens_and_crops,
+    llm_configs,
+    prompt_ids,
+    reducers_available,
+    synthetic_cache,
+    visual_features,
+)
+from visor.bench.timing import matmul_peak, median, synchronize, timed
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+QUICK_ROWS = ("base", "384x384")
+QUICK_SHAPES = ((2048, 2048, 2048), (4096, 896, 4864))
+
+
+# ------------------------------------------------------------------------------------------ calls
+def _reducer_inputs(model, config: BenchConfig, image_size) -> dict:
+    if config.reducer is None:
+        return {}
+    return {"reducer": config.reducer, "image_sizes": torch.tensor([list(image_size)], device=model.device)}
+
+
+def prefill_call(models: BenchModels, config: BenchConfig, n_visual: int, n_text: int, image_size=None,
+                 use_cache: bool = True, batch: int = 1):
+    """A closure running the LLM prefill of ``config`` on a ``n_visual`` + ``n_text`` prompt (features given)."""
+    model = models.for_config(config)
+    ids = prompt_ids(model, n_visual, n_text, batch).to(models.device)
+    feats = visual_features(model, n_visual, batch)
+    feats = [f.to(models.device) for f in feats]
+    active = config.active(models.visor.plan)
+    extra = _reducer_inputs(model, config, image_size)
+
+    @torch.no_grad()
+    def call():
+        return model(ids, image_features=feats, active_sa=active, use_cache=use_cache, logits_to_keep=1, **extra)
+
+    return call
+
+
+def vision_call(models: BenchModels, row, crops: int):
+    """A closure encoding one image of ``row``: SigLIP + projector (+ anyres packing for a sized image)."""
+    model = models.visor
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(crops, 3, size, size, generator=torch.Generator().manual_seed(2)).to(models.device, models.dtype)
+
+    @torch.no_grad()
+    def call():
+        if row.size is None:
+            return model.multi_modal_projector(model.vision_features(pixels))
+        return model.encode_images(pixels[None], torch.tensor([list(row.size)], device=models.device))
+
+    return call
+
+
+def decode_latency(models: BenchModels, config: BenchConfig, n_visual: int, n_text: int, batch: int,
+                   steps: int, warmup: int = 1) -> dict:
+    """Median seconds per greedy decode step from a synthetic cache; the cache's bytes per sample."""
+    model = models.for_config(config)
+    kinds = model.plan.layer_kinds(config.active(models.visor.plan))
+    cache = synthetic_cache(model, kinds, batch, n_visual, n_text)
+    kv_bytes = cache.num_bytes // batch
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=models.device)
+    mask = torch.ones(batch, 1, dtype=torch.long, device=models.device)
+    times = []
+    with torch.no_grad():
+        for step in range(warmup + steps):
+            seconds, out = timed(lambda: model(tokens, attention_mask=mask, past_key_values=cache, logits_to_keep=1),
+                                 models.device)
+            logits = out.logits[:, -1]
+            logits[:, model.config.image_token_id] = float("-inf")  # as generation does: never an image slot
+            tokens = logits.argmax(-1, keepdim=True)
+            if step >= warmup:
+                times.append(seconds)
+    del cache
+    return {"seconds": median(times), "kv_bytes_per_sample": kv_bytes}
+
+
+# --------------------------------------------------------------------------------------- analytic
+def analytic_row(models: BenchModels, config: BenchConfig, n_visual: int, n_text: int, n_crops: int, image_size) -> dict:
+    """``visor.cost`` numbers for one row: LLM prefill FLOPs (full and causal-halved), decode step, KV bytes."""
+    from visor.cost import Geometry, count_decode_step, count_prefill, kv_cache_bytes
+
+    model = models.for_config(config)
+    geometry = Geometry.from_config(model.config)
+    plan = model.plan
+    active = config.active(models.visor.plan)
+    n_llm, overhead = n_visual, 0
+    if config.reducer is not None:
+        n_llm, overhead = reduced_tokens(model, config.reducer, image_size, n_visual, n_text, n_crops, geometry)
+    common = dict(compression_overhead_flops=overhead)
+    prefill = count_prefill(geometry, plan, active, n_llm, n_text, n_crops=n_crops, **common)
+    executed = count_prefill(geometry, plan, active, n_llm, n_text, causal_halving=True, **common)
+    decode = count_decode_step(geometry, plan, active, n_llm, n_text)
+    kv = kv_cache_bytes(geometry, plan, active, n_llm, n_text, dtype_bytes=torch.empty((), dtype=models.dtype).element_size())
+    return {
+        "visual_tokens_llm": n_llm,
+        "flops": prefill.llm_total,
+        "flops_executed": executed.llm_total,
+        "vision_flops": (prefill.vision_encoder or 0) + (prefill.projector or 0),
+        "decode_flops": decode.llm_total,
+        "kv_bytes_analytic": kv.total,
+    }
+
+
+def reduced_tokens(model, spec: str, image_size, n_visual: int, n_text: int, n_crops: int, geometry) -> tuple[int, int]:
+    """Visual tokens a pre-LLM reducer leaves for one image of ``image_size``, and its selection FLOPs."""
+    from visor.compression.cues import image_layouts
+    from visor.compression.registry import build_reducer
+
+    reducer = build_reducer(spec)
+    layout = image_layouts(model.config, torch.tensor([list(image_size)]), None)[0]
+    kept = int(reducer.kept_count(layout))
+    overhead = 0
+    if hasattr(reducer, "selection_flops"):
+        overhead = int(reducer.selection_flops(geometry, n_visual, n_text, n_crops) or 0)
+    return kept, overhead
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine_info(device: torch.device, threads: int) -> dict:
+    import transformers
+
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": _git_commit(),
+        "load_average_start": list(os.getloadavg()),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------- the run
+def run_bench(*args, **kwargs) -> dict:
+    """Run the benchmark (arguments: ``_run_bench``); torch's thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    try:
+        return _run_bench(*args, **kwargs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_bench(
+    geometry: str = "llava-ov-0.5b",
+    dtype: str = "bf16",
+    device: str = "cpu",
+    out: str | os.PathLike = "runs/bench",
+    quick: bool = False,
+    rows: list[str] | None = None,
+    configs: list[str] | None = None,
+    repeats: int | None = None,
+    decode_tokens: int | None = None,
+    decode_batches: tuple[int, ...] = (1, 16),
+    text_tokens: int = 64,
+    threads: int | None = None,
+    memory: bool | None = None,
+    extra_reducers: tuple[str, ...] = (),
+    peak_shapes=None,
+    log=print,
+) -> dict:
+    """Run the benchmark; returns the summary printed as the last JSON line. See the module docstring."""
+    from visor.bench.report import Writer, summarize
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if text_tokens <= 14:
+        raise ValueError(f"--text-tokens must be more than 14 (the prompt before the image), got {text_tokens}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    thread_note = "as given"
+    if threads is None:
+        threads, thread_note = default_threads()
+    if threads <= 0:
+        raise ValueError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+    row_names = list(rows or (QUICK_ROWS if quick else IMAGE_ROWS))
+    unknown = [r for r in row_names if r not in IMAGE_ROWS]
+    if unknown:
+        raise ValueError(f"unknown image row(s) {unknown}; known: {', '.join(IMAGE_ROWS)}")
+    repeats = repeats or (2 if quick else 3)
+    decode_tokens = decode_tokens or (3 if quick else 8)
+    if repeats <= 0 or decode_tokens <= 0 or any(b <= 0 for b in decode_batches):
+        raise ValueError("repeats, decode tokens and decode batch sizes must be positive")
+    memory = (dev.type == "cuda" or not quick) if memory is None else memory
+    torch_dtype = DTYPES[dtype]
+    all_configs, why_not = select_configs(geometry, quick, configs, extra_reducers)
+
+    started = time.time()
+    writer = Writer(Path(out))
+    meta = {"geometry": geometry, "dtype": dtype, "repeats": repeats, "decode_tokens": decode_tokens,
+            "decode_batches": list(decode_batches), "text_tokens": text_tokens, "quick": quick,
+            "machine": machine_info(dev, threads)}
+    meta["machine"]["threads_choice"] = thread_note
+    log(f"visor bench: {geometry}, {dtype}, {dev}, {threads} threads ({thread_note}), {meta['machine']['cpu']}; out {writer.folder}")
+
+    shapes = peak_shapes or (QUICK_SHAPES if quick else None)
+    peaks = {name: matmul_peak(DTYPES[name], dev, **({"shapes": shapes} if shapes else {})) for name in ("bf16", "fp32")}
+    log("matmul peak: " + ", ".join(f"{k} {v['flops_per_s'] / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
+    meta["peak_start"] = peaks
+
+    models = build_models(geometry, torch_dtype, dev)
+    meta["configs"] = [asdict(c) for c in all_configs]
+    meta["reducer_rows"] = "included" if why_not is None else f"skipped: {why_not}"
+    if why_not is not None:
+        log(f"note: VISOR-TR / compression rows skipped ({why_not}); they join via visor.bench.models.REDUCER_ROWS")
+    writer.start(meta)
+
+    # warm-up: every configuration once on a short prompt, the vision tower on one crop
+    for config in all_configs:
+        if config.reducer is None:
+            prefill_call(models, config, 64, text_tokens)()
+    vision_call(models, IMAGE_ROWS["base"], 1)()
+
+    server = None
+    if memory and dev.type == "cpu":
+        from visor.bench.memory import MemoryServer
+
+        server = MemoryServer(geometry, str(torch_dtype).replace("torch.", ""))
+    interrupted = False
+    try:
+        for row_name in row_names:
+            row = IMAGE_ROWS[row_name]
+            results = measure_row(models, row, all_configs, text_tokens, repeats, decode_tokens, decode_batches,
+                                  peaks, dtype, memory, server, log)
+            writer.add_rows(results)
+            log(writer.table_for(results))
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: the rows finished so far are on disk")
+    finally:
+        if server is not None:
+            server.close()
+
+    meta["load_average_end"] = list(os.getloadavg())
+    if not interrupted:  # %-of-peak uses the better of the two peaks (rows.csv is rewritten with it)
+        meta["peak_end"] = {name: matmul_peak(DTYPES[name], dev, **({"shapes": shapes} if shapes else {}))
+                            for name in ("bf16", "fp32")}
+    meta["seconds"] = round(time.time() - started, 1)
+    meta["interrupted"] = interrupted
+    writer.finish(meta)
+    summary = summarize(writer.rows, meta, writer)
+    return summary
+
+
+def default_threads() -> tuple[int, str]:
+    """torch's default (every core), or 1 when other processes keep the cores busy.
+
+    On a shared machine, OpenMP threads that wait for a core another process holds stall every parallel
+    region; one thread then runs faster than two (measured on the 2-core VM of the README table: matmul
+    peak 1.16 vs 0.49 TFLOP/s).
+    """
+    cores = torch.get_num_threads()
+    load = os.getloadavg()[0]
+    if cores > 1 and load >= cores - 0.5:
+        return 1, f"1-minute load average {load:.1f} on {cores} cores: the cores are busy, so 1 thread; --threads overrides"
+    return cores, "torch's default: every core"
+
+
+def select_configs(geometry: str, quick: bool, names: list[str] | None, extra_reducers) -> tuple[list[BenchConfig], str | None]:
+    """The configurations to run (validated before anything slow starts) and why reducer rows are absent."""
+    from transformers import LlavaOnevisionConfig
+
+    from visor.model.plan import LayerPlan
+
+    path = bench_models.config_path(geometry)
+    num_slots = LayerPlan.default(LlavaOnevisionConfig.from_json_file(path).text_config.num_hidden_layers).num_slots
+    why_not = reducers_available()
+    if extra_reducers and why_not is not None:
+        raise ValueError(f"--reduce needs visor.compression: {why_not}")
+    configs = llm_configs(num_slots, with_reducers=why_not is None, extra_reducers=tuple(extra_reducers))
+    if quick and names is None:
+        keep = {"baseline", "visor-ca", "visor-2sa", "visor-tr2x"}
+        configs = [c for c in configs if c.name in keep]
+    if names is not None:
+        by_name = {c.name: c for c in configs}
+        missing = [c for c in names if c not in by_name]
+        if missing:
+            raise ValueError(f"unknown configuration(s) {missing}; known: {', '.join(by_name)}")
+        configs = [by_name[c] for c in names]
+    if not any(c.baseline and c.reducer is None for c in configs):
+        configs.insert(0, llm_configs(num_slots, with_reducers=False)[0])  # speedups need the baseline
+    return configs, why_not
+
+
+def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_tokens: int, repeats: int, decode_tokens: int,
+                decode_batches, peaks: dict, dtype: str, memory: bool, server, log) -> list[dict]:
+    """Every configuration on one image row: analytic, interleaved prefill + vision timing, decode, memory."""
+    dev = models.device
+    n_visual, crops = image_tokens_and_crops(models.visor, row)
+    usable = [c for c in configs if c.reducer is None or row.size is not None]  # reducers need an anyres layout
+    log(f"\n== {row.name}: {row.label}; {n_visual} visual + {text_tokens} text tokens, {crops} crop(s)")
+    calls = {c.name: prefill_call(models, c, n_visual, text_tokens, row.size) for c in usable}
+    vision = vision_call(models, row, crops)
+    analytic = {c.name: analytic_row(models, c, n_visual, text_tokens, crops, row.size or (384, 384)) for c in usable}
+
+    # warm-up at this size: the cheapest configuration with an SA layer
+    cheapest = min((c for c in usable if c.reducer is None and not c.baseline), key=lambda c: analytic[c.name]["flops"],
+                   default=usable[0])
+    calls[cheapest.name]()
+
+    prefill_times: dict[str, list[float]] = {c.name: [] for c in usable}
+    prefill_cpu: dict[str, list[float]] = {c.name: [] for c in usable}  # process CPU time: contention shows as wall > cpu
+    vision_times, kv_measured = [], {}
+    for r in range(repeats):
+        order = usable[r % len(usable):] + usable[: r % len(usable)]
+        vision_times.append(timed(vision, dev)[0])
+        for config in order:
+            cpu = time.process_time()
+            seconds, out = timed(calls[config.name], dev)
+            prefill_cpu[config.name].append(time.process_time() - cpu)
+            prefill_times[config.name].append(seconds)
+            kv_measured[config.name] = out.past_key_values.num_bytes if out.past_key_values is not None else None
+            del out
+        log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{c.name} {prefill_times[c.name][-1]:.2f}s" for c in usable))
+    vision_s = median(vision_times)
+
+    decode = {c.name: {} for c in usable}
+    for batch in decode_batches:
+        for config in usable:
+            n_llm = analytic[config.name]["visual_tokens_llm"]
+            decode[config.name][batch] = decode_latency(models, config, n_llm, text_tokens, batch, decode_tokens)
+        log(f"  decode batch {batch}: " + ", ".join(f"{c.name} {decode[c.name][batch]['seconds'] * 1e3:.1f}ms" for c in usable))
+
+    mem = {}
+    if memory:
+        for config in usable:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+                out = calls[config.name]()
+                synchronize(dev)
+                mem[config.name] = {"peak_bytes": torch.cuda.max_memory_allocated(dev), "kind": "cuda allocator peak"}
+                del out
+            elif server is not None:
+                result = server.measure({"config": asdict(config), "n_visual": n_visual, "n_text": text_tokens,
+                                         "image_size": list(row.size) if row.size else None})
+                mem[config.name] = {"peak_bytes": result.get("peak_rss_bytes"), "kind": "fresh-process peak RSS",
+                                    "prefill_rise_bytes": result.get("prefill_rise_bytes"), "error": result.get("error")}
+        log("  peak memory: " + ", ".join(f"{k} {(v['peak_bytes'] or 0) / 2**20:.0f}MiB" for k, v in mem.items()))
+
+    peak = max(peaks[dtype]["flops_per_s"], 1.0)
+    base_name = next(c.name for c in usable if c.baseline and c.reducer is None)
+    base_prefill = median(prefill_times[base_name])
+    base_cpu = median(prefill_cpu[base_name])
+    results = []
+    for config in usable:
+        a = analytic[config.name]
+        prefill_s = median(prefill_times[config.name])
+        dec = decode[config.name]
+        results.append({
+            "image": row.name,
+            "image_label": row.label,
+            "visual_tokens": n_visual,
+            "visual_tokens_llm": a["visual_tokens_llm"],
+            "text_tokens": text_tokens,
+            "crops": crops,
+            "config": config.name,
+            "config_label": config.label,
+            "prefill_s": prefill_s,
+            "prefill_all_s": prefill_times[config.name],
+            "prefill_cpu_s": median(prefill_cpu[config.name]),
+            "speedup": base_prefill / prefill_s,
+            "cpu_speedup": base_cpu / max(median(prefill_cpu[config.name]), 1e-9),
+            "analytic_speedup": analytic[base_name]["flops"] / a["flops"],
+            "flops": a["flops"],
+            "flops_executed": a["flops_executed"],
+            "achieved_flops_per_s": a["flops_executed"] / prefill_s,
+            "fraction_of_peak": a["flops_executed"] / prefill_s / peak,
+            "vision_s": vision_s,
+            "vision_flops": a["vision_flops"],
+            "ttft_s": vision_s + prefill_s,
+            **{f"decode_b{b}_s": dec[b]["seconds"] for b in decode_batches},
+            **{f"decode_b{b}_speedup": decode[base_name][b]["seconds"] / dec[b]["seconds"] for b in decode_batches},
+            "decode_flops": a["decode_flops"],
+            "kv_bytes": kv_measured.get(config.name),
+            "kv_bytes_analytic": a["kv_bytes_analytic"],
+            "kv_ratio": (kv_measured.get(config.name) or 0) / max(kv_measured.get(base_name) or 1, 1),
+            "peak_memory_bytes": mem.get(config.name, {}).get("peak_bytes"),
+            "peak_memory_kind": mem.get(config.name, {}).get("kind"),
+            "prefill_memory_rise_bytes": mem.get(config.name, {}).get("prefill_rise_bytes"),
+            "memory_error": mem.get(config.name, {}).get("error"),
+        })
+    return results
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, default=str, sort_keys=True)
