@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="procedural dataset seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--resolutions", default=None, metavar="LIST",
+                        help="also search the input resolution (visor.model.resolution): e.g. 'full,base' scores every "
+                             "candidate at each and writes configurations with a resolution (default: full only)")
     parser.set_defaults(func=run)
 
 
@@ -45,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     image_processor = image_processor_for(model.config)
     items = synth_items("val", args.n, seed=args.seed) if args.data == "synth" else llava_items(args.data, args.image_root)[0][: args.n]
+    resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()] if args.resolutions else None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        search = search_configs(model, tokenizer, image_processor, items, mode=args.mode, batch_size=args.batch_size)
+        search = search_configs(model, tokenizer, image_processor, items, mode=args.mode, batch_size=args.batch_size,
+                                resolutions=resolutions)
     write_viable(model, search)
     out = Path(args.out or args.model)
     if out != Path(args.model):
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     model.save_pretrained(str(out))
     print(search.table())
     print_json_line({
-        "out": str(out), "viable": [list(c) for c in search.viable], "slot_order": search.slot_order,
-        "scores": {"+".join(map(str, c)) or "none": s["score"] for c, s in search.scores.items()},
+        "out": str(out), "viable": list(model.config.viable_configs), "slot_order": search.slot_order,
+        "scores": {(c.label() if hasattr(c, "label") else "+".join(map(str, c)) or "none"): s["score"]
+                   for c, s in search.scores.items()},
     })
     return 0

@@ -68,6 +68,9 @@ def register(subparsers) -> None:
     parser.add_argument("--route", action="store_true", help="let the checkpoint's router pick the SA slots per sample")
     parser.add_argument("--budget", type=float, default=None, metavar="LAMBDA",
                         help="router cost bias (implies --route)")
+    parser.add_argument("--resolution", choices=["full", "base"], default=None,
+                        help="full: base view + anyres tiles (default); base: the base view only, one crop per image "
+                             "(visor.model.resolution). A router that picks the resolution does so itself with --route")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per generate call (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=16, metavar="T", help="answer length limit (default 16)")
     add_dtype(parser, default="fp32")
@@ -215,12 +218,15 @@ def run(args: argparse.Namespace) -> int:
     routing = {"route": options.pop("route", False), "budget": options.pop("budget", 0.0) or 0.0}
     result = evaluate(model, processor.tokenizer, processor.image_processor, items,
                       active_sa=None if routing["route"] else active, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress, generate_kwargs=options, **routing)
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress, generate_kwargs=options,
+                      **({"resolution": args.resolution} if getattr(args, "resolution", None) and not routing["route"] else {}),
+                      **routing)
     seconds = time.perf_counter() - start
     summary = result.summary
     summary.update({
         "model": str(args.model), "model_kind": kind, "plan": model.plan.to_dict(), "active_sa": format_slots(active),
         "reduce": args.reduce, "route": bool(routing["route"]), "budget": args.budget,
+        "resolution": getattr(args, "resolution", None) or "full",
         "dtype": args.dtype, "device": str(device), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "data": data, "seconds": round(seconds, 3),
         "items_per_second": round(len(items) / seconds, 3) if seconds > 0 else None,

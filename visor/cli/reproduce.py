@@ -53,6 +53,10 @@ def register(subparsers) -> None:
                         help="redo these stages (and, through their new outputs, everything after them)")
     parser.add_argument("--recipes", default=None, metavar="DIR", help="--train: folder of the tiny recipes (default recipes/)")
     parser.add_argument("--no-timing", action="store_true", help="skip the measured prefill speedup column")
+    parser.add_argument("--resolutions", default=None, metavar="LIST",
+                        help="--train/--quick: resolution on request, e.g. 'full,base': the configuration search, stage 2, "
+                             "labels and router also cover the input resolution (visor.model.resolution; give it its own --work-dir); "
+                             "default full only")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -119,6 +123,8 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     from visor.reproduce.stages import StageCache, StageInterrupted
 
     preset = quick_preset() if mode == "quick" else full_preset(args.recipes)
+    if getattr(args, "resolutions", None):
+        preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     cache = StageCache(work_dir, set(args.force), log)
     log(f"visor reproduce --{mode}: stages under {work_dir}")
     try:

@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
     train.add_argument("--label-field", default="label", choices=["label", "label_by_grader", "label_by_loglik"],
                        help="which label of the JSONL to fit (default: the one chosen at labelling)")
+    train.add_argument("--read-after-layer", type=int, default=None, metavar="L",
+                       help="decoder layer after which the router reads its token (default: the layer before the first SA "
+                            "slot; a router that also picks the resolution may read deeper, the pass runs CA-only)")
     _data_args(train, "train", 1000)
     train.set_defaults(func=run_train)
 
@@ -75,11 +78,12 @@ def _setup(args):
     return model, tokenizer, image_processor_for(model.config), items
 
 
-def _viable(model) -> list[tuple[int, ...]]:
+def _viable(model) -> list:
+    """SA slot tuples, or JSON-form configurations when some name a resolution (``visor.model.resolution``)."""
     viable = model.config.viable_configs
     if not viable:
         raise SystemExit("visor route: the checkpoint has no viable_configs (run `visor configs` and stage 2 first)")
-    return [tuple(c) for c in viable]
+    return [c if isinstance(c, dict) else tuple(c) for c in viable]
 
 
 def run_label(args: argparse.Namespace) -> int:
@@ -110,10 +114,13 @@ def run_train(args: argparse.Namespace) -> int:
     items = [it for it in items if it.id in rows]
     if not items:
         raise SystemExit("visor route train: no item of --data has a label in --labels (same --data/--split/--seed?)")
+    from visor.model.resolution import parse_configuration
+
     configs = _viable(model)
-    labels = [configs.index(tuple(rows[it.id][args.label_field])) for it in items]
+    parsed = [parse_configuration(c, model.plan) for c in configs]
+    labels = [parsed.index(parse_configuration(rows[it.id][args.label_field], model.plan)) for it in items]
     result = train_router(model, tokenizer, image_processor, items, labels, configs, epochs=args.epochs, lr=args.lr,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, read_after_layer=args.read_after_layer)
     out = Path(args.out)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

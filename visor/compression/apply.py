@@ -55,20 +55,21 @@ class PromptReduction:
 
 @torch.no_grad()
 def reduce_images(model, reducer: PreLLMReducer, pixel_values, image_sizes, batch_num_images,
-                  image_features: list[torch.Tensor] | None = None, clock: _Clock | None = None) -> list[ReducedImage]:
+                  image_features: list[torch.Tensor] | None = None, clock: _Clock | None = None,
+                  image_tiled=None) -> list[ReducedImage]:
     """Encode (unless ``image_features`` are given and no cue is needed) and reduce every image."""
     clock = clock or _Clock()
     if reducer.cues.any:
         if pixel_values is None:
             raise ValueError(f"reducer {reducer.name!r} scores tokens with the vision tower's attention: "
                              f"pass pixel_values (precomputed image_features are not enough)")
-        images = encode_with_cues(model, pixel_values, image_sizes, batch_num_images, reducer.cues, clock)
+        images = encode_with_cues(model, pixel_values, image_sizes, batch_num_images, reducer.cues, clock, image_tiled)
     else:
         if image_features is None:
-            image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)
+            image_features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
         if image_sizes is None:
             raise ValueError(f"reducer {reducer.name!r} needs image_sizes to know each image's anyres layout")
-        layouts = image_layouts(model.config, image_sizes, batch_num_images)
+        layouts = image_layouts(model.config, image_sizes, batch_num_images, image_tiled)
         if len(layouts) != len(image_features):
             raise ValueError(f"{len(image_features)} image features but {len(layouts)} image sizes")
         images = [ImageTokens(f, layout) for f, layout in zip(image_features, layouts)]
@@ -127,17 +128,17 @@ def drop_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, pos
 
 @torch.no_grad()
 def apply_pre_llm(model, reducer: PreLLMReducer, input_ids, attention_mask, position_ids, labels, pixel_values,
-                  image_sizes, batch_num_images, image_features=None) -> PromptReduction | None:
+                  image_sizes, batch_num_images, image_features=None, image_tiled=None) -> PromptReduction | None:
     """Reduce the images and shorten the prompt (module docstring); None when there is nothing to reduce."""
     if reducer.is_identity or (pixel_values is None and not image_features):
         return None
     clock = _Clock(enabled=TIMING["enabled"])
-    reduced = reduce_images(model, reducer, pixel_values, image_sizes, batch_num_images, image_features, clock)
+    reduced = reduce_images(model, reducer, pixel_values, image_sizes, batch_num_images, image_features, clock, image_tiled)
     batch = input_ids.shape[0]
     per_sample = [int(n) for n in batch_num_images] if batch_num_images is not None else [1] * batch
     if len(per_sample) != batch or sum(per_sample) != len(reduced):
         raise ValueError(f"batch_num_images {per_sample} does not match {len(reduced)} images in a batch of {batch}")
-    layouts = image_layouts(model.config, image_sizes, batch_num_images)
+    layouts = image_layouts(model.config, image_sizes, batch_num_images, image_tiled)
     counts, kept, start = [], [], 0
     for n in per_sample:
         counts.append([layouts[i].num_tokens for i in range(start, start + n)])

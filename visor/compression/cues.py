@@ -77,14 +77,18 @@ def _record(model, layers: Sequence[int], want_features: bool):
             handle.remove()
 
 
-def image_layouts(config, image_sizes: torch.Tensor, batch_num_images: Sequence[int] | None) -> list[ImageLayout]:
+def image_layouts(config, image_sizes: torch.Tensor, batch_num_images: Sequence[int] | None,
+                  image_tiled: Sequence[bool] | None = None) -> list[ImageLayout]:
     tiled = [True] * len(image_sizes) if batch_num_images is None else [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+    if image_tiled is not None:  # a base-only image (visor.model.resolution)
+        tiled = [bool(t) for t in image_tiled]
     return [ImageLayout.from_config(config, size.tolist(), t) for size, t in zip(image_sizes, tiled)]
 
 
 @torch.no_grad()
 def encode_with_cues(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
-                     batch_num_images: Sequence[int] | None, cues: VisionCues, clock=None) -> list[ImageTokens]:
+                     batch_num_images: Sequence[int] | None, cues: VisionCues, clock=None,
+                     image_tiled: Sequence[bool] | None = None) -> list[ImageTokens]:
     """``model.encode_images`` plus the ``cues`` a reducer asked for, per image (see module docstring).
 
     ``clock`` (a context manager) times the cue computation only, not the tower it rides along with."""
@@ -92,14 +96,14 @@ def encode_with_cues(model, pixel_values: torch.Tensor, image_sizes: torch.Tenso
     layers = sorted({resolve_layer(config, l) for l in cues.attention_layers}
                     | ({feature_layer_index(config)} if cues.keys else set()))
     with _record(model, layers, cues.features) as store:
-        features = model.encode_images(pixel_values, image_sizes, batch_num_images)
+        features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
     with clock if clock is not None else nullcontext():
-        return _pack_cues(model, features, store, image_sizes, batch_num_images, cues)
+        return _pack_cues(model, features, store, image_sizes, batch_num_images, cues, image_tiled)
 
 
-def _pack_cues(model, features, store, image_sizes, batch_num_images, cues: VisionCues) -> list[ImageTokens]:
+def _pack_cues(model, features, store, image_sizes, batch_num_images, cues: VisionCues, image_tiled=None) -> list[ImageTokens]:
     config = model.config
-    layouts = image_layouts(config, image_sizes, batch_num_images)
+    layouts = image_layouts(config, image_sizes, batch_num_images, image_tiled)
     base = config.vision_config.image_size
     crops = [num_crops(size.tolist(), config.image_grid_pinpoints, base, lay.tiled) for size, lay in zip(image_sizes, layouts)]
     per_crop: dict = {}  # cue name -> [total_crops, T, C]

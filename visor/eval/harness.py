@@ -108,6 +108,8 @@ class ItemResult:
     problem: str | None = None
     reason: str | None = None
     warning: str | None = None
+    resolution: str | None = None  # "full" (base + tiles) or "base" (base view only): visor.model.resolution
+    vision_crops: int | None = None  # crops the vision tower encoded for this item (the routing pass's included)
 
 
 @dataclass
@@ -267,14 +269,16 @@ def _reducer(generate_kwargs: dict | None):
 
 
 def _item_cost(model, geometry, plan, config, reducer, image_sizes: list[tuple[int, int]], n_visual: int,
-               n_text: int) -> tuple[float, float | None, int]:
-    """(LLM prefill FLOPs, vision encoder + projector FLOPs, visual tokens entering the LLM)."""
+               n_text: int, tiled: bool = True) -> tuple[float, float | None, int]:
+    """(LLM prefill FLOPs, vision encoder + projector FLOPs, visual tokens entering the LLM).
+
+    ``tiled=False``: the item ran base-only (``visor.model.resolution``), one crop per image."""
     from visor.cost import count_prefill
     from visor.model.plan import LayerPlan
     from visor.model.vision import num_crops
 
     cfg = model.config
-    tiled = len(image_sizes) == 1
+    tiled = len(image_sizes) == 1 and tiled
     crops = sum(num_crops(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size, tiled) for size in image_sizes)
     per_layer, overhead, n_llm = None, 0, n_visual
     if reducer is not None and n_visual > 0:
@@ -330,6 +334,7 @@ def evaluate(
     config_for_item: Callable[[EvalItem], Any] | None = None,
     route: bool = False,
     budget: float = 0.0,
+    resolution: str | None = None,
 ) -> EvalResult:
     """Generate an answer for every item (greedy) and grade it (module docstring).
 
@@ -340,8 +345,15 @@ def evaluate(
     ``mean_flops`` / ``mean_vision_flops`` / ``mean_visual_tokens`` over the items that ran.
     ``route``: the model's router picks each item's configuration (``budget`` biases it, see
     ``visor.routing.router``); the routing pass's own FLOPs are added to the item's LLM FLOPs.
+    ``resolution``: ``"base"`` runs every item on its base view only (``visor.model.resolution``); a
+    configuration may also name its resolution (``"base:0+1"``, a ``Configuration``). A router that picks the
+    resolution runs ``visor.routing.resolution.generate_on_request``: tiles encoded only for the items it sends
+    to full resolution, ``vision_flops``/``vision_crops`` counting the crops really encoded. The summary's
+    ``mean_total_flops`` is end to end (vision + LLM).
     """
     from visor.cost import Geometry
+    from visor.cost.flops import projector_flops, vision_encoder_flops
+    from visor.model.resolution import Configuration, parse_configuration
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -394,9 +406,33 @@ def evaluate(
             chunk.append(i)
             samples.append(sample)
         if chunk:
-            batch = _to(batcher.prompt_batch(samples), device)
             extra = dict(generate_kwargs or {})
-            if route or budget:
+            on_request = None
+            if (route or budget) and getattr(model.config, "router", None):
+                from visor.routing.router import routes_resolution
+
+                if routes_resolution(model):  # tiles encoded only for the items routed to full resolution
+                    from visor.routing.resolution import generate_on_request
+
+                    on_request = generate_on_request(model, batcher, samples, budget=budget, max_new_tokens=max_new_tokens,
+                                                     eos_token_id=eos, pad_token_id=batcher.pad_token_id, **extra)
+            chosen: list[Configuration] | None = None
+            if on_request is not None:
+                chosen = on_request.configurations
+            elif not (route or budget):
+                chosen = []
+                for i in chunk:
+                    c = parse_configuration(config_for_item(items[i]) if config_for_item else active_sa, plan)
+                    chosen.append(Configuration(c.active_sa, resolution) if resolution else c)
+            if on_request is not None:
+                batch = _to(on_request.batch, device)
+            elif chosen is not None and any(c.resolution != "full" for c in chosen):
+                batch = _to(batcher.prompt_batch(samples, resolution=[c.resolution for c in chosen]), device)
+            else:
+                batch = _to(batcher.prompt_batch(samples), device)
+            if on_request is not None:
+                configs = [c.active_sa for c in chosen]
+            elif route or budget:
                 with torch.no_grad():
                     features = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"]) \
                         if "pixel_values" in batch else []
@@ -404,9 +440,12 @@ def evaluate(
                                       batch_num_images=batch.get("batch_num_images"), budget=budget)
                 extra["image_features"] = features
             else:
-                configs = [plan.resolve_active(config_for_item(items[i]) if config_for_item else active_sa) for i in chunk]
-            sequences = model.generate(**batch, active_sa=configs, max_new_tokens=max_new_tokens,
-                                       eos_token_id=eos, pad_token_id=batcher.pad_token_id, **extra)
+                configs = [c.active_sa for c in chosen]
+            if on_request is not None:
+                sequences = on_request.sequences
+            else:
+                sequences = model.generate(**batch, active_sa=configs, max_new_tokens=max_new_tokens,
+                                           eos_token_id=eos, pad_token_id=batcher.pad_token_id, **extra)
             new = sequences[:, batch["input_ids"].shape[1]:].cpu()
             visual, text = count_tokens(batch, model.config.image_token_id)
             for row, i in enumerate(chunk):
@@ -417,9 +456,19 @@ def evaluate(
                 prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 score = float(get_grader(item.grader)(prediction, item.answers))
                 sizes = [(im.height, im.width) for im in samples[row].images]
+                res = chosen[row].resolution if chosen is not None else "full"
                 llm, vision, n_llm = _item_cost(model, geometry, plan, configs[row], reducer, sizes,
-                                                int(visual[row]), int(text[row]))
-                if (route or budget) and llm is not None:
+                                                int(visual[row]), int(text[row]), tiled=res == "full")
+                crops = _crops(model, sizes, res == "full")
+                if on_request is not None:  # routing pass on the base layout; the crops really encoded
+                    from visor.routing.router import router_overhead_flops
+
+                    base_visual = sum(model.num_image_tokens(s, tiled=False) for s in sizes)
+                    llm += router_overhead_flops(model, base_visual, int(text[row]))
+                    crops = on_request.crops[row]
+                    vision = float(vision_encoder_flops(geometry.vision, crops) + projector_flops(geometry.vision, crops)) \
+                        if crops and geometry.vision is not None else vision
+                elif (route or budget) and llm is not None:
                     from visor.routing.router import router_overhead_flops
 
                     llm += router_overhead_flops(model, int(visual[row]), int(text[row]))
@@ -427,6 +476,7 @@ def evaluate(
                     item.id, item.family, item.difficulty, item.grader, item.answers[0], prediction, score,
                     active_sa=format_slots(configs[row]), llm_flops=llm, vision_flops=vision,
                     visual_tokens=n_llm, text_tokens=int(text[row]), new_tokens=len(tokens), warning=item.warning,
+                    resolution=res, vision_crops=crops,
                 )
         bar.update(min(batch_size, len(runnable) - start))
     bar.close()
@@ -444,6 +494,12 @@ def summarize(results: Sequence[ItemResult]) -> dict:
 
     summary["mean_flops"] = mean([r.llm_flops for r in ran])
     summary["mean_vision_flops"] = mean([r.vision_flops for r in ran])
+    # end to end: vision tower + projector + LLM prefill (an item without an image has no vision line)
+    summary["mean_total_flops"] = mean([r.llm_flops + (r.vision_flops or 0.0) for r in ran])
+    crops = [getattr(r, "vision_crops", None) for r in ran]
+    summary["mean_vision_crops"] = mean([c for c in crops if c is not None])
+    resolutions = [r.resolution for r in ran if getattr(r, "resolution", None)]
+    summary["resolution_share"] = {k: resolutions.count(k) / len(resolutions) for k in sorted(set(resolutions))}
     summary["mean_visual_tokens"] = mean([r.visual_tokens for r in ran])
     summary["mean_text_tokens"] = mean([r.text_tokens for r in ran])
     summary["n_warnings"] = sum(r.warning is not None for r in results)
@@ -453,6 +509,15 @@ def summarize(results: Sequence[ItemResult]) -> dict:
             skipped[r.reason or "other"] = skipped.get(r.reason or "other", 0) + 1
     summary["skipped_by_reason"] = dict(sorted(skipped.items()))
     return summary
+
+
+def _crops(model, sizes: list[tuple[int, int]], tiled: bool) -> int:
+    """Crops the vision tower encodes for one item's images (tiles only for a sample's only image)."""
+    from visor.model.vision import num_crops
+
+    cfg = model.config
+    tiled = tiled and len(sizes) == 1
+    return sum(num_crops(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size, tiled) for s in sizes)
 
 
 def _percent(value: float | None) -> str:
@@ -470,6 +535,8 @@ def format_table(summary: dict, title: str = "") -> str:
     for key in ("easy_mean", "hard_mean", "overall_mean"):
         lines.append(f"{key:<14} {_percent(summary.get(key)):>7}")
     flops = summary.get("mean_flops")
+    total = summary.get("mean_total_flops")
     lines.append(f"items {summary['n_items']}, skipped {summary['n_skipped']}, "
-                 f"mean LLM prefill FLOPs {'-' if flops is None else format_flops(flops)}")
+                 f"mean LLM prefill FLOPs {'-' if flops is None else format_flops(flops)}, "
+                 f"end to end (vision + LLM) {'-' if total is None else format_flops(total)}")
     return "\n".join(lines)

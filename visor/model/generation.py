@@ -81,6 +81,7 @@ def generate(
     reducer=None,
     route: bool = False,
     budget: float = 0.0,
+    image_tiled: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after each prompt; returns ``[B, N + new]`` (prompt + new tokens).
 
@@ -91,6 +92,9 @@ def generate(
     what comes back), an in-LLM one prunes at prefill and the uncached path replays that selection.
     ``route``: the model's router picks each sample's configuration (``budget`` biases it towards cheaper
     ones, see ``visor.routing.router``); samples are grouped by decision, returned in the original order.
+    ``image_tiled``: per image, anyres tiles or the base view only (``visor.model.resolution``; the processor
+    and ``Batcher`` give it with ``resolution=``). A router that also picks the resolution needs the images
+    to build a full layout: ``visor.routing.resolution.generate_on_request`` runs it.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -121,16 +125,21 @@ def generate(
         reducer = prepare_reducer(reducer)
         if reducer.stage == "pre_llm":
             reduction = apply_pre_llm(model, reducer, input_ids, attention_mask, None, None, pixel_values, image_sizes,
-                                      batch_num_images, image_features)
+                                      batch_num_images, image_features, image_tiled=image_tiled)
             if reduction is not None:
                 input_ids, attention_mask, image_features = reduction.input_ids, reduction.attention_mask, reduction.image_features
             reducer = None
     if image_features is None and pixel_values is not None:
-        image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)
+        image_features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
     per_sample = model._assign_images(image_features or [], batch, batch_num_images)
     if route or budget:
         if active_sa is not None:
             raise ValueError("give either active_sa or route/budget, not both")
+        from visor.routing.router import routes_resolution
+
+        if routes_resolution(model):
+            raise ValueError("this model's router also picks the resolution, which needs the images to build the "
+                             "full layout: use visor.routing.resolution.generate_on_request")
         configs = model.route(input_ids, attention_mask, image_features=image_features or [],
                               batch_num_images=[len(p) for p in per_sample], budget=budget)
     else:

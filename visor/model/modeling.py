@@ -297,9 +297,14 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
 
     # ------------------------------------------------------------------ vision
     def encode_images(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: Sequence[int] | None = None
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: Sequence[int] | None = None,
+        image_tiled: Sequence[bool] | None = None,
     ) -> list[torch.Tensor]:
-        """Per image, its LLaVA-OV token sequence after the projector ([n_i, D])."""
+        """Per image, its LLaVA-OV token sequence after the projector ([n_i, D]).
+
+        An image is tiled (base view + anyres tiles) when its sample has one image, else base view + one
+        newline; ``image_tiled`` (one flag per image) can switch a sample's only image to the base-only layout
+        (``visor.model.resolution``): only its first crop is then encoded."""
         cfg = self.config
         base = cfg.vision_config.image_size
         if batch_num_images is None:
@@ -308,6 +313,12 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             tiled = [n == 1 for n in batch_num_images for _ in range(int(n))]
         if len(tiled) != len(image_sizes):
             raise ValueError(f"batch_num_images counts {len(tiled)} images but image_sizes has {len(image_sizes)}")
+        if image_tiled is not None:
+            if len(image_tiled) != len(tiled):
+                raise ValueError(f"image_tiled has {len(image_tiled)} flags for {len(tiled)} images")
+            if any(bool(t) and not d for t, d in zip(image_tiled, tiled)):
+                raise ValueError("image_tiled asks for tiles on an image of a multi-image prompt (LLaVA-OV never tiles those)")
+            tiled = [bool(t) for t in image_tiled]
         crops_per_image = [num_crops(size.tolist(), cfg.image_grid_pinpoints, base, t) for size, t in zip(image_sizes, tiled)]
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(crops_per_image):
@@ -428,6 +439,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         loss_reduction: str = "mean",
         reducer=None,
         selection=None,
+        image_tiled: Sequence[bool] | None = None,
         **unused,
     ) -> VisorOutput:
         """Run the model.
@@ -452,6 +464,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
                 pre-LLM ones shorten the prompt's image placeholders, in-LLM ones prune inside the prefill.
             selection: a ``TokenSelection`` from an earlier call on the same prompt, replayed by the
                 in-LLM reducer instead of ranking again (uncached generation uses it).
+            image_tiled: per image, anyres tiles (True) or the base view only (False); default: tiles for a
+                sample's only image, as LLaVA-OV (``visor.model.resolution``; the processor/Batcher give it).
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -472,7 +486,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             reducer = prepare_reducer(reducer)
             if reducer.stage == "pre_llm":
                 reduction = apply_pre_llm(self, reducer, input_ids, attention_mask, position_ids, labels, pixel_values,
-                                          image_sizes, batch_num_images, image_features)
+                                          image_sizes, batch_num_images, image_features, image_tiled=image_tiled)
                 if reduction is not None:
                     input_ids, attention_mask, position_ids = reduction.input_ids, reduction.attention_mask, reduction.position_ids
                     labels, image_features = reduction.labels, reduction.image_features
@@ -480,7 +494,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         if image_features is None and pixel_values is not None:
             if image_sizes is None:
                 raise ValueError("pixel_values given without image_sizes")
-            image_features = self.encode_images(pixel_values, image_sizes, batch_num_images)
+            image_features = self.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
         images_per_sample = self._assign_images(image_features or [], batch, batch_num_images)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -605,11 +619,13 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
 
     # ------------------------------------------------------------------ routing
     def route(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-              image_features=None, budget: float = 0.0) -> list[tuple[int, ...]]:
-        """The active configuration the router picks per sample; see ``visor.routing.router``."""
+              image_features=None, budget: float = 0.0, image_tiled=None):
+        """The active configuration the router picks per sample; see ``visor.routing.router`` (a router that
+        also picks the resolution returns ``Configuration``s and reads base-only inputs)."""
         from visor.routing.router import route
 
-        return route(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, image_features, budget)
+        return route(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, image_features, budget,
+                     image_tiled=image_tiled)
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):

@@ -136,6 +136,7 @@ class VisorProcessor:
         text: str | Sequence[str],
         images=None,
         padding_side: str = "left",
+        resolution: str | Sequence[str] | None = None,
     ) -> dict:
         """Tokenise ``text`` (one prompt or a batch) with its images.
 
@@ -143,11 +144,18 @@ class VisorProcessor:
         (``[[img, img], [], ...]``). Each prompt must hold one ``<image>`` tag per image. Returns
         ``input_ids``, ``attention_mask`` (left-padded), and, if any image, ``pixel_values``,
         ``image_sizes`` and ``batch_num_images``.
+        ``resolution``: ``"full"`` (default) or ``"base"``, for the batch or per prompt
+        (``visor.model.resolution``); when some image is not laid out as LLaVA-OV would, the result also
+        holds ``image_tiled`` (one flag per image) for the model.
         """
+        from visor.model.resolution import image_tiled
+
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("no prompt given")
         per_prompt = self._images_per_prompt(images, len(texts))
+        flags = image_tiled(resolution, [len(imgs) for imgs in per_prompt])
+        flag_iter = iter(flags)
         expanded, all_images, counts = [], [], []
         for b, (prompt, imgs) in enumerate(zip(texts, per_prompt)):
             if not prompt.strip() and not imgs:
@@ -155,12 +163,11 @@ class VisorProcessor:
             tags = prompt.count(IMAGE_TAG)
             if tags != len(imgs):
                 raise ValueError(f"prompt {b} has {tags} {IMAGE_TAG} tag(s) but {len(imgs)} image(s) were given")
-            tiled = len(imgs) == 1
             pieces = prompt.split(IMAGE_TAG)
             out = pieces[0]
             for img, piece in zip(imgs, pieces[1:]):
                 # height, width of the image as the image processor sees it
-                out += self.image_token * self.geometry.num_tokens((img.height, img.width), tiled=tiled) + piece
+                out += self.image_token * self.geometry.num_tokens((img.height, img.width), tiled=next(flag_iter)) + piece
             expanded.append(out)
             all_images.append(imgs)
             counts.append(len(imgs))
@@ -180,10 +187,11 @@ class VisorProcessor:
         result = {"input_ids": input_ids, "attention_mask": attention_mask}
         if any(counts):
             nested = [imgs for imgs in all_images if imgs]
-            processed = self.image_processor(nested, return_tensors="pt")
-            result["pixel_values"] = processed["pixel_values"]
-            result["image_sizes"] = processed["image_sizes"]
+            default = [len(g) == 1 for g in nested for _ in g]
+            result.update(images_to_pixels(self.image_processor, nested, None if flags == default else flags))
             result["batch_num_images"] = counts
+            if flags != default:
+                result["image_tiled"] = flags
         return result
 
     @staticmethod
@@ -202,3 +210,46 @@ class VisorProcessor:
         if len(images) != batch:
             raise ValueError(f"{len(images)} image lists for {batch} prompts")
         return [[] if group is None else list(group) for group in images]
+
+
+def images_to_pixels(image_processor, groups: Sequence[Sequence[Image.Image]], tiled: Sequence[bool] | None = None) -> dict:
+    """``pixel_values`` / ``image_sizes`` for the images of ``groups`` (one list per sample, empty ones
+    skipped), each image tiled (anyres: base view + tiles) or not (base view only) as ``tiled`` says.
+
+    ``tiled=None`` (or flags equal to LLaVA-OV's own choice: tiles for a sample's only image) is Hugging
+    Face's call, unchanged. Otherwise the tiled images go through the processor's single-image (anyres)
+    path and the others through its multi-image path (padded to a square, resized: one crop), and the two
+    are merged back into image order, the crop axis zero-padded to the longest image (as HF pads)."""
+    groups = [list(g) for g in groups if g]
+    images = [im for g in groups for im in g]
+    default = [len(g) == 1 for g in groups for _ in g]
+    if tiled is None or [bool(t) for t in tiled] == default:
+        processed = image_processor(groups, return_tensors="pt")
+        return {"pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
+    tiled = [bool(t) for t in tiled]
+    if len(tiled) != len(images):
+        raise ValueError(f"{len(tiled)} tiling flags for {len(images)} images")
+    bad = [i for i, (t, d) in enumerate(zip(tiled, default)) if t and not d]
+    if bad:
+        raise ValueError(f"image(s) {bad} belong to multi-image prompts, which LLaVA-OV never tiles")
+    parts: dict[bool, tuple] = {}
+    full = [im for im, t in zip(images, tiled) if t]
+    if full:
+        out = image_processor([[im] for im in full], return_tensors="pt")
+        parts[True] = (out["pixel_values"], out["image_sizes"])
+    base = [im for im, t in zip(images, tiled) if not t]
+    if base:  # the multi-image path treats every image of a group of >= 2 as one base view
+        out = image_processor([base if len(base) > 1 else base * 2], return_tensors="pt")
+        parts[False] = (out["pixel_values"][: len(base)], out["image_sizes"][: len(base)])
+    crops = max(p[0].shape[1] for p in parts.values())
+    first = next(iter(parts.values()))[0]
+    pixel_values = first.new_zeros((len(images), crops, *first.shape[2:]))
+    image_sizes = torch.zeros((len(images), 2), dtype=next(iter(parts.values()))[1].dtype)
+    taken = {True: 0, False: 0}
+    for i, t in enumerate(tiled):
+        values, sizes = parts[t]
+        j = taken[t]
+        pixel_values[i, : values.shape[1]] = values[j]
+        image_sizes[i] = sizes[j]
+        taken[t] += 1
+    return {"pixel_values": pixel_values, "image_sizes": image_sizes}

@@ -5,7 +5,8 @@ model at every number of SA slots, VISOR routed (whose mean FLOPs set the compre
 the matched compressors (``visor.reproduce.methods``), VISOR with token reduction; then the prefill timing
 (``timing/``). A row's numbers come from its per-item predictions only: means per family and difficulty
 (``visor.eval.graders.aggregate``), mean LLM FLOPs (the harness's per-item cost), the 0.5B projection of
-the same per-item decisions (``visor.reproduce.projection``) and the measured prefill time.
+the same per-item decisions (``visor.reproduce.projection``) and the measured prefill time; next to the LLM-only
+FLOPs, the same end to end (vision tower + projector + LLM: ``mean_total_flops``, ``projected_total_flops``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def mean_flops(predictions: list[dict]) -> float | None:
     return sum(ran) / len(ran) if ran else None
 
 
+def mean_total_flops(predictions: list[dict]) -> float | None:
+    """Mean end-to-end FLOPs (LLM + vision tower and projector) over the items that ran."""
+    ran = [p["llm_flops"] + (p.get("vision_flops") or 0.0) for p in predictions if p.get("llm_flops") is not None]
+    return sum(ran) / len(ran) if ran else None
+
+
 def run_all(cache: StageCache, base_dir: Path, visor_dir: Path, model_ids: dict[str, str], spec: EvalSpec, *,
             progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate every method (cached), match budgets, time prefill; returns the report data (rows + meta)."""
@@ -191,7 +198,13 @@ def _timing(cache, models, model_ids, items, spec: EvalSpec, runner: MethodRunne
     from visor.reproduce import timing as T
 
     methods = [r["method"] for r in runner.results.values()]
-    router_configs = [tuple(c) for c in models["visor"].model.config.router["configs"]]
+    router_configs = models["visor"].model.config.router["configs"]
+    from visor.model.resolution import names_resolution
+
+    if names_resolution(router_configs):  # a router that picks the resolution: timed end to end by
+        methods = [m for m in methods if not m.route]  # benchmarks/resolution_e2e.py, not by this LLM-only timing
+        router_configs = []
+    router_configs = [tuple(c) for c in router_configs]
     chosen = {key: T.chosen_configs(r["predictions"]) for key, r in runner.results.items() if r["method"].route}
     timing_spec = {"methods": sorted({json.dumps(m.spec(), sort_keys=True) for m in methods}), "models": model_ids,
                    "items": spec.timing_items, "repeats": spec.timing_repeats, "precision": spec.precision,
@@ -219,10 +232,11 @@ def build_rows(runner: MethodRunner, models: dict[str, Loaded], timing: dict | N
 
     router = models["visor"].model.config.router
     base_flops = mean_flops(runner.results["baseline"]["predictions"])
+    base_total = mean_total_flops(runner.results["baseline"]["predictions"])
     seconds = (timing or {}).get("method_seconds", {})
     rows = [row_from_predictions(result["method"], result["predictions"], base_flops=base_flops,
                                  base_projected=baseline_flops(), router=router, seconds=seconds.get(key),
-                                 base_seconds=seconds.get("baseline"))
+                                 base_seconds=seconds.get("baseline"), base_total=base_total)
             for key, result in runner.results.items()]
     base_visual = _mean([p.get("visual_tokens") for p in runner.results["baseline"]["predictions"]])
     for row in rows:
@@ -247,17 +261,28 @@ def token_reduction(reducer: str | None, num_layers: int, n_visual: float | None
 
 
 def row_from_predictions(method: M.Method, preds: list[dict], *, base_flops: float | None, base_projected: float,
-                         router: dict | None, seconds: float | None = None, base_seconds: float | None = None) -> dict:
+                         router: dict | None, seconds: float | None = None, base_seconds: float | None = None,
+                         base_total: float | None = None) -> dict:
     """One table row, computed from the method's per-item predictions only (module docstring)."""
     from visor.eval.graders import aggregate
-    from visor.reproduce.projection import method_projection
+    from visor.reproduce.projection import baseline_total_flops, method_projection, method_total_projection
     from visor.reproduce.timing import chosen_configs
 
     summary = aggregate([{"family": p["family"], "difficulty": p["difficulty"], "score": p["score"]} for p in preds])
     flops = mean_flops(preds)
     projected = method_projection(method.model, method.reducer, method.route, router, [p.get("active_sa") for p in preds])
     chosen = chosen_configs(preds) if method.route else None
-    return {
+    total = mean_total_flops(preds)
+    resolutions = [p.get("resolution") for p in preds if p.get("llm_flops") is not None]
+    projected_total = method_total_projection(method.model, method.reducer, method.route, router,
+                                              [p.get("active_sa") for p in preds], [p.get("resolution") for p in preds])
+    end_to_end = {
+        "mean_total_flops": total, "total_flops_reduction": (base_total / total) if (total and base_total) else None,
+        "projected_total_flops": projected_total,
+        "projected_total_reduction": baseline_total_flops() / projected_total if projected_total else None,
+        "base_only_share": (sum(r == "base" for r in resolutions) / len(resolutions)) if resolutions else None,
+    }
+    row = {
         "key": method.key, "method": method.label, "group": method.group, "budget": method.budget,
         "in_table": method.in_table, "model": method.model, "reducer": method.reducer, "route": method.route,
         "active_sa": None if method.active_sa is None else list(method.active_sa),
@@ -271,6 +296,8 @@ def row_from_predictions(method: M.Method, preds: list[dict], *, base_flops: flo
         "chosen": {("none" if not c else "+".join(map(str, c))): n for c, n in sorted(chosen.items())} if chosen else None,
         "matched": method.matched or None,
     }
+    row.update(end_to_end)
+    return row
 
 
 def _n_sa(active) -> int | None:

@@ -111,19 +111,22 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         items = synth_items("val", preset.configs_n, seed=preset.data_seed, config=synth)
         with _autocast(preset.precision):
             search = search_configs(model, tokenizer, processor, items, mode=preset.configs_mode,
-                                    batch_size=preset.batch_size, progress=progress, log=log)
+                                    batch_size=preset.batch_size, progress=progress, log=log,
+                                    **({"resolutions": preset.configs_resolutions} if preset.configs_resolutions else {}))
         write_viable(model, search)
         shutil.copytree(source, folder / "out")
         model.save_pretrained(str(folder / "out"))
         (folder / "search.json").write_text(json.dumps({
-            "viable": [list(c) for c in search.viable], "slot_order": search.slot_order,
-            "scores": {"+".join(map(str, c)) or "none": s for c, s in search.scores.items()}}, indent=2, default=str))
+            "viable": list(model.config.viable_configs), "slot_order": search.slot_order,
+            "scores": {(c.label() if hasattr(c, "label") else "+".join(map(str, c)) or "none"): s
+                       for c, s in search.scores.items()}}, indent=2, default=str))
         (folder / "search.txt").write_text(search.table() + "\n")
         return {"model": "out", "search": "search.json"}
 
-    configs = stages["configs"] = cache.run(
-        "configs", "4-configs", {k: settings[k] for k in ("configs_n", "configs_mode", "data_seed", "precision")},
-        {"stage1": stage1.output_id}, configs_body)
+    configs_key = {k: settings[k] for k in ("configs_n", "configs_mode", "data_seed", "precision")}
+    if preset.configs_resolutions:  # only when set: the key of a full-resolution search stays what it was
+        configs_key["configs_resolutions"] = list(preset.configs_resolutions)
+    configs = stages["configs"] = cache.run("configs", "4-configs", configs_key, {"stage1": stage1.output_id}, configs_body)
     _report(log, configs)
 
     stage2 = stages["stage2"] = training("stage2", 5, {"init": str(configs.path("model"))}, {"configs": configs.output_id})
@@ -141,7 +144,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         from visor.routing.labels import label_items, label_summary, write_labels
 
         model, tokenizer, processor = _load_visor(stage2.path("final"))
-        viable = [tuple(c) for c in model.config.viable_configs]
+        viable = [c if isinstance(c, dict) else tuple(c) for c in model.config.viable_configs]  # dict: with a resolution
         with _autocast(preset.precision):
             rows = label_items(model, tokenizer, processor, label_items_for(), viable, threshold=preset.label_threshold,
                                score=preset.label_score, batch_size=preset.batch_size, progress=progress)
@@ -160,11 +163,14 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         from visor.routing.labels import read_labels
         from visor.routing.train import train_router
 
+        from visor.model.resolution import parse_configuration
+
         model, tokenizer, processor = _load_visor(stage2.path("final"))
-        viable = [tuple(c) for c in model.config.viable_configs]
+        viable = [c if isinstance(c, dict) else tuple(c) for c in model.config.viable_configs]  # dict: with a resolution
+        parsed = [parse_configuration(c, model.plan) for c in viable]
         rows = {row["id"]: row for row in read_labels(labels.path("labels"))}
         items = [it for it in label_items_for() if it.id in rows]
-        targets = [viable.index(tuple(rows[it.id]["label"])) for it in items]
+        targets = [parsed.index(parse_configuration(rows[it.id]["label"], model.plan)) for it in items]
         result = train_router(model, tokenizer, processor, items, targets, viable, epochs=preset.router_epochs,
                               lr=preset.router_lr, batch_size=preset.batch_size, seed=preset.data_seed,
                               progress=progress, autocast=preset.precision == "bf16")

@@ -30,6 +30,9 @@ class Preset:
     recipes: dict[str, dict]  # TRAINING_STAGES name -> recipe mapping (paths filled in later)
     configs_n: int = 200  # validation items for the viable-configuration search
     configs_mode: str = "nested"
+    # resolution on request (visor.model.resolution): e.g. ["full", "base"] makes the configuration search, and so
+    # stage 2, the labels and the router, cover the resolution too; None = full resolution only (as before)
+    configs_resolutions: list[str] | None = None
     label_n: int = 1000  # training items labelled for the router
     label_threshold: float = 0.99
     label_score: str = "grader"

@@ -12,7 +12,9 @@ its kept fraction) are costed at the real geometry (``visor.cost``, LLM prefill 
   slot run again on the text + routing tokens, their CA blocks included, then the MLP).
 
 A method's projected reduction is ``baseline FLOPs / mean over samples of the sample's FLOPs``, the same
-definition as at the tiny geometry.
+definition as at the tiny geometry. The end-to-end columns (``projected_total_flops``) add the vision tower and
+projector on the crops each sample encoded (10 at full resolution; 1 for a base-only one, which also enters the
+LLM with 730 visual tokens: ``visor.model.resolution``).
 """
 
 from __future__ import annotations
@@ -91,4 +93,82 @@ def method_projection(model_kind: str, reducer: str | None, routed: bool, router
         else:
             n_sa = 0 if active == "none" else len(active.split("+"))
             values.append(projected_flops(n_sa, reducer, router))
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------------- end to end (vision + LLM)
+#: visual tokens of a base-only image at 0.5B geometry (27 x 27 grid + 1 newline; visor.model.resolution)
+BASE_ONLY_VISUAL = 730
+
+
+@lru_cache(maxsize=None)
+def projected_total_flops(n_sa: int | None, reducer: str | None = None, router: tuple[int, int, int] | None = None,
+                          resolution: str | None = None, on_request: bool = False) -> float:
+    """One sample's *end-to-end* prefill FLOPs at 0.5B geometry: the vision tower and projector on the crops
+    encoded (10 at full resolution, 1 for a base-only sample) plus the LLM prefill as ``projected_flops``
+    costs it, at 7,290 visual tokens (full) or 730 (base only). ``on_request``: the router read the base-only
+    layout (``visor.routing.resolution``): its pass is costed there, and a full-resolution sample's base view
+    is reused (square images), so it encodes 10 crops in all."""
+    from visor.cost import count_prefill
+    from visor.cost.flops import projector_flops, vision_encoder_flops
+    from visor.model.plan import LayerPlan
+
+    geometry = _geometry()
+    base = resolution == "base"
+    crops = 1 if base else PROJECTION["n_crops"]
+    vision = float(vision_encoder_flops(geometry.vision, crops) + projector_flops(geometry.vision, crops))
+    if not base and not on_request:
+        return projected_flops(n_sa, reducer, router) + vision
+    layers = geometry.text.num_layers
+    n_visual, n_text = (BASE_ONLY_VISUAL if base else PROJECTION["n_visual"]), PROJECTION["n_text"]
+    per_layer = overhead = None
+    if reducer:
+        from visor.cost import reducer_schedule
+
+        per_layer, overhead = reducer_schedule(geometry, reducer, n_visual, n_text, n_crops=crops)
+    if n_sa is None:
+        plan, active = LayerPlan.all_self_attention(layers), None
+    else:
+        plan = LayerPlan.default(layers)
+        active = plan.first_slots(min(int(n_sa), plan.num_slots))
+    flops = float(count_prefill(geometry, plan, active, n_visual, n_text, visual_tokens_per_layer=per_layer,
+                                compression_overhead_flops=overhead or 0).llm_total)
+    if router is not None and n_sa is not None:
+        num_tokens, mlp_hidden, n_configs = router
+        read = plan.self_attention_layers[0] - 1
+        routed_visual = BASE_ONLY_VISUAL if on_request else n_visual
+        prefix = count_prefill(geometry, plan, (), routed_visual, n_text + num_tokens).per_layer[: read + 1]
+        flops += float(sum(prefix) + 2 * (num_tokens * geometry.text.hidden * mlp_hidden + mlp_hidden * n_configs))
+    return flops + vision
+
+
+@lru_cache(maxsize=None)
+def baseline_total_flops() -> float:
+    """The baseline's end-to-end prefill FLOPs at 0.5B geometry (10 crops, 7,290 visual + 64 text tokens)."""
+    return projected_total_flops(None)
+
+
+def method_total_projection(model_kind: str, reducer: str | None, routed: bool, router_settings: dict | None,
+                            active_per_item: list[str | None], resolution_per_item: list[str | None] | None = None) -> float:
+    """Mean projected end-to-end FLOPs over a method's items (``method_projection`` plus the vision tower;
+    ``resolution_per_item``: the harness's ``resolution`` per item, ``None`` = full)."""
+    from visor.model.resolution import names_resolution
+
+    router = None
+    on_request = False
+    if routed and router_settings:
+        router = (int(router_settings.get("num_tokens", 1)), int(router_settings.get("mlp_hidden", 256)),
+                  len(router_settings["configs"]))
+        on_request = names_resolution(router_settings["configs"])
+    resolutions = resolution_per_item or [None] * len(active_per_item)
+    values = []
+    for active, resolution in zip(active_per_item, resolutions):
+        if active is None:
+            continue
+        resolution = "base" if resolution == "base" else None
+        if model_kind == "base":
+            values.append(projected_total_flops(None, reducer, None, resolution))
+        else:
+            n_sa = 0 if active == "none" else len(active.split("+"))
+            values.append(projected_total_flops(n_sa, reducer, router, resolution, on_request))
     return sum(values) / len(values) if values else float("nan")

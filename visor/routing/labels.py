@@ -12,6 +12,12 @@ A sample's label is the cheapest configuration whose score is at least ``thresho
 configuration's (the paper's ">= 99% of the full model"). Consequences of the rule, tested: ties go to
 the cheaper configuration; when every configuration passes (including when the maximal one scores 0),
 the cheapest one is the label.
+
+Configurations with a resolution (``visor.model.resolution``: ``{"resolution": "base", "active_sa": [...]}``)
+are scored on their own layout, and costed end to end: the LLM prefill plus the vision tower on the crops
+that layout encodes (the harness's per-item ``llm_flops + vision_flops``), so "cheapest" weighs skipping
+the tiles against skipping SA layers. Plain SA lists keep their LLM-only cost (the same order: every one
+encodes the same crops) and their label format.
 """
 
 from __future__ import annotations
@@ -28,13 +34,24 @@ from visor.model.plan import format_slots
 EPSILON = 1e-9
 
 
-def choose_label(scores: dict[tuple[int, ...], float], costs: dict[tuple[int, ...], float], threshold: float = 0.99) -> tuple[int, ...]:
-    """The cheapest configuration scoring >= ``threshold`` x the maximal (most expensive) one's score."""
+def _tie_order(config) -> tuple:
+    """Among equal costs: fewer SA slots first (then slot numbers, then full before base resolution)."""
+    from visor.model.resolution import RESOLUTIONS, Configuration
+
+    if isinstance(config, Configuration):
+        return len(config.active_sa), config.active_sa, RESOLUTIONS.index(config.resolution)
+    return len(config), config
+
+
+def choose_label(scores: dict, costs: dict, threshold: float = 0.99):
+    """The cheapest configuration scoring >= ``threshold`` x the maximal (most expensive) one's score.
+
+    Keys: SA slot tuples or ``visor.model.resolution.Configuration``s."""
     if not scores:
         raise ValueError("no configuration scores to label from")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    by_cost = sorted(scores, key=lambda c: (costs[c], len(c), c))
+    by_cost = sorted(scores, key=lambda c: (costs[c], *_tie_order(c)))
     target = threshold * scores[by_cost[-1]]
     for config in by_cost:
         if scores[config] >= target - EPSILON:
@@ -46,12 +63,16 @@ def choose_label(scores: dict[tuple[int, ...], float], costs: dict[tuple[int, ..
 def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> list[float]:
     """``exp(mean log-prob)`` of each item's reference answer (teacher forcing) under ``config``."""
     from visor.data.batch import Sample
+    from visor.model.resolution import Configuration
 
+    resolution = {}
+    if isinstance(config, Configuration):
+        config, resolution = config.active_sa, ({} if config.tiled else {"resolution": config.resolution})
     probs: list[float] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         samples = [Sample(item.images, list(item.turns) + [{"from": "gpt", "value": item.answers[0]}]) for item in chunk]
-        batch = batcher.train_batch(samples)
+        batch = batcher.train_batch(samples, **resolution)
         out = model(**batch, active_sa=config)
         labels = batch["labels"]
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
@@ -65,16 +86,22 @@ def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> 
     return probs
 
 
-def label_items(model, tokenizer, image_processor, items: Sequence, configs: Sequence[Sequence[int]], *,
+def label_items(model, tokenizer, image_processor, items: Sequence, configs: Sequence, *,
                 threshold: float = 0.99, score: str = "grader", batch_size: int = 8, progress: bool = True) -> list[dict]:
-    """Score every item under every configuration (both scores are recorded) and label it."""
+    """Score every item under every configuration (both scores are recorded) and label it.
+
+    ``configs``: SA slot lists, or configurations with a resolution (module docstring)."""
     from visor.cost import Geometry, count_prefill
-    from visor.data.batch import Batcher, count_tokens
+    from visor.data.batch import Batcher
     from visor.eval.harness import evaluate
+    from visor.model.resolution import names_resolution, parse_configuration
 
     if score not in ("grader", "loglik"):
         raise ValueError(f"score must be 'grader' or 'loglik', got {score!r}")
     plan = model.plan
+    if names_resolution(configs):
+        return _label_with_resolution(model, tokenizer, image_processor, items,
+                                      [parse_configuration(c, plan) for c in configs], threshold, score, batch_size, progress)
     configs = [plan.resolve_active(c) for c in configs]
     batcher = Batcher.for_model(model, tokenizer, image_processor)
     geometry = Geometry.from_config(model.config)
@@ -102,6 +129,38 @@ def label_items(model, tokenizer, image_processor, items: Sequence, configs: Seq
     return rows
 
 
+def _label_with_resolution(model, tokenizer, image_processor, items, configs, threshold, score, batch_size, progress) -> list[dict]:
+    """``label_items`` over ``Configuration``s: each scored on its own layout, costed end to end."""
+    from visor.data.batch import Batcher
+    from visor.eval.harness import evaluate
+
+    batcher = Batcher.for_model(model, tokenizer, image_processor)
+    graded = {c: evaluate(model, tokenizer, image_processor, items, active_sa=c.active_sa, resolution=c.resolution,
+                          batch_size=batch_size, progress=progress).items for c in configs}
+    likelihood = {c: answer_probabilities(model, batcher, items, c, batch_size) for c in configs}
+    rows = []
+    for index, item in enumerate(items):
+        costs = {}
+        for c in configs:
+            r = graded[c][index]
+            # end to end; an item that did not run has no cost: order by SA slots and resolution alone
+            costs[c] = (r.llm_flops + (r.vision_flops or 0.0)) if r.llm_flops is not None else 0.0
+        grader_scores = {c: (graded[c][index].score or 0.0) for c in configs}
+        loglik_scores = {c: likelihood[c][index] for c in configs}
+        label = choose_label(grader_scores if score == "grader" else loglik_scores, costs, threshold)
+        rows.append({
+            "id": item.id, "family": item.family, "difficulty": item.difficulty, "label": label.to_json(),
+            "label_index": configs.index(label), "score_kind": score,
+            "grader_scores": {c.label(): v for c, v in grader_scores.items()},
+            "loglik_scores": {c.label(): v for c, v in loglik_scores.items()},
+            "label_by_grader": choose_label(grader_scores, costs, threshold).to_json(),
+            "label_by_loglik": choose_label(loglik_scores, costs, threshold).to_json(),
+            "predictions": {c.label(): graded[c][index].prediction for c in configs},
+            "costs": {c.label(): v for c, v in costs.items()},
+        })
+    return rows
+
+
 def write_labels(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,9 +182,11 @@ def read_labels(path: str | Path) -> list[dict]:
 
 def label_summary(rows: list[dict]) -> dict:
     """Label distribution per family, and how often the two scoring rules agree."""
+    from visor.model.resolution import parse_configuration
+
     per_family: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
-        per_family[row["family"]][format_slots(row["label"])] += 1
+        per_family[row["family"]][parse_configuration(row["label"]).label()] += 1
     agree = sum(row["label_by_grader"] == row["label_by_loglik"] for row in rows)
     return {"per_family": {f: dict(c) for f, c in sorted(per_family.items())}, "n": len(rows),
             "grader_loglik_agreement": agree / len(rows) if rows else None}

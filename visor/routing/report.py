@@ -4,7 +4,11 @@ Every configuration the router can choose is evaluated as a fixed configuration,
 or more budgets, on the same items. Output: a table, ``route_report.csv`` / ``.json``, a Pareto plot
 (easy and hard accuracy vs mean LLM FLOPs) and the distribution of chosen configurations per family.
 FLOPs are reported at the evaluated model's own geometry and, projected, at LLaVA-OV-0.5B with 7,371
-visual + 64 text tokens (the same per-sample choices, costed there).
+visual + 64 text tokens (the same per-sample choices, costed there), LLM-only and end to end (vision tower +
+projector + LLM; 10 crops at full resolution, 1 on the base view only, which also leaves 730 visual tokens).
+For a router that also picks the resolution (``visor.model.resolution``) the routed row adds the share of
+items sent to full resolution, the end-to-end saving against the maximal fixed configuration and its bound
+``1 / share``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,35 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-PROJECTION = {"geometry": "llava-ov-0.5b", "n_visual": 7371, "n_text": 64}
+PROJECTION = {"geometry": "llava-ov-0.5b", "n_visual": 7371, "n_text": 64, "n_crops": 10, "n_visual_base": 730}
 
 
-def projected_flops(config: tuple[int, ...]) -> float:
+def _parts(config) -> tuple[int, str]:
+    """(active SA layers, resolution) of a slot tuple or a ``Configuration``."""
+    from visor.model.resolution import Configuration
+
+    if isinstance(config, Configuration):
+        return len(config.active_sa), config.resolution
+    return len(config), "full"
+
+
+def projected_total_flops(config) -> float:
+    """End-to-end (vision + projector + LLM) prefill FLOPs of ``config`` at LLaVA-OV-0.5B (see
+    ``projected_flops``): 10 crops and 7,371 visual tokens at full resolution, 1 crop and 730 on the base view."""
+    from visor.cost import count_prefill, get_geometry
+    from visor.model.plan import LayerPlan
+
+    geometry = get_geometry(PROJECTION["geometry"])
+    plan = LayerPlan.default(geometry.text.num_layers)
+    n_sa, resolution = _parts(config)
+    base = resolution == "base"
+    cost = count_prefill(geometry, plan, plan.first_slots(min(n_sa, plan.num_slots)),
+                         PROJECTION["n_visual_base"] if base else PROJECTION["n_visual"], PROJECTION["n_text"],
+                         n_crops=1 if base else PROJECTION["n_crops"])
+    return float(cost.total)
+
+
+def projected_flops(config) -> float:
     """LLM prefill FLOPs of a configuration with ``len(config)`` active SA layers at LLaVA-OV-0.5B geometry
     (default plan: 8 CA layers, the first k SA slots) and 7,371 visual + 64 text tokens.
 
@@ -28,16 +57,24 @@ def projected_flops(config: tuple[int, ...]) -> float:
 
     geometry = get_geometry(PROJECTION["geometry"])
     plan = LayerPlan.default(geometry.text.num_layers)
-    active = plan.first_slots(min(len(config), plan.num_slots))
-    return float(count_prefill(geometry, plan, active, PROJECTION["n_visual"], PROJECTION["n_text"]).llm_total)
+    n_sa, resolution = _parts(config)
+    active = plan.first_slots(min(n_sa, plan.num_slots))
+    n_visual = PROJECTION["n_visual_base"] if resolution == "base" else PROJECTION["n_visual"]
+    return float(count_prefill(geometry, plan, active, n_visual, PROJECTION["n_text"]).llm_total)
+
+
+def _chosen_name(item) -> str:
+    """The configuration an item ran, in string form (``"0+1"``, or ``"base:0+1"`` off full resolution)."""
+    resolution = getattr(item, "resolution", None)
+    return item.active_sa if resolution in (None, "full") else f"{resolution}:{item.active_sa}"
 
 
 def _row(name: str, summary: dict, items) -> dict:
-    chosen = Counter(item.active_sa for item in items if item.active_sa is not None)
+    chosen = Counter(_chosen_name(item) for item in items if item.active_sa is not None)
     return {
         "method": name, "easy_mean": summary.get("easy_mean"), "hard_mean": summary.get("hard_mean"),
-        "mean_flops": summary.get("mean_flops"), "per_family": summary.get("per_family"),
-        "chosen": dict(chosen),
+        "mean_flops": summary.get("mean_flops"), "mean_total_flops": summary.get("mean_total_flops"),
+        "per_family": summary.get("per_family"), "chosen": dict(chosen),
     }
 
 
@@ -60,16 +97,24 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
                  progress: bool = True) -> dict:
     from visor.eval.harness import evaluate
     from visor.model.plan import format_slots
-    from visor.routing.router import router_settings
+    from visor.model.resolution import parse_configuration
+    from visor.routing.router import router_configurations, routes_resolution
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    configs = [tuple(c) for c in router_settings(model)["configs"]]
+    with_resolution = routes_resolution(model)
+    configs = router_configurations(model) if with_resolution else [c.active_sa for c in router_configurations(model)]
     rows = []
     for config in configs:
-        result = evaluate(model, tokenizer, image_processor, items, active_sa=config, batch_size=batch_size, progress=progress)
-        row = _row(f"fixed {format_slots(config)}", result.summary, result.items)
+        if with_resolution:
+            result = evaluate(model, tokenizer, image_processor, items, active_sa=config.active_sa, resolution=config.resolution,
+                              batch_size=batch_size, progress=progress)
+            row = _row(f"fixed {config.label()}", result.summary, result.items)
+        else:
+            result = evaluate(model, tokenizer, image_processor, items, active_sa=config, batch_size=batch_size, progress=progress)
+            row = _row(f"fixed {format_slots(config)}", result.summary, result.items)
         row["projected_flops"] = projected_flops(config)
+        row["projected_total_flops"] = projected_total_flops(config)
         rows.append(row)
     distribution = {}
     for budget in budgets:
@@ -78,35 +123,57 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
         per_family: dict[str, Counter] = defaultdict(Counter)
         for item in result.items:
             if item.active_sa is not None:
-                per_family[item.family][item.active_sa] += 1
+                per_family[item.family][_chosen_name(item)] += 1
         distribution[f"{budget:g}"] = {f: dict(c) for f, c in sorted(per_family.items())}
-        chosen = [tuple(int(s) for s in item.active_sa.split("+")) if item.active_sa not in (None, "none") else ()
-                  for item in result.items if item.active_sa is not None]
+        chosen = [parse_configuration(_chosen_name(item)) for item in result.items if item.active_sa is not None]
+        if not with_resolution:
+            chosen = [c.active_sa for c in chosen]
         row["projected_flops"] = sum(projected_flops(c) for c in chosen) / max(len(chosen), 1)
+        row["projected_total_flops"] = sum(projected_total_flops(c) for c in chosen) / max(len(chosen), 1)
+        if with_resolution:  # the saving over the whole mix next to its bound, 1 / share of items given tiles
+            share = sum(c.resolution == "full" for c in chosen) / max(len(chosen), 1)
+            row["full_resolution_share"] = share
+            row["saving_bound"] = 1 / share if share else None
         rows.append(row)
     from visor.cost import count_baseline_prefill, get_geometry
 
-    base = float(count_baseline_prefill(get_geometry(PROJECTION["geometry"]), PROJECTION["n_visual"], PROJECTION["n_text"]).llm_total)
+    baseline = count_baseline_prefill(get_geometry(PROJECTION["geometry"]), PROJECTION["n_visual"], PROJECTION["n_text"],
+                                      n_crops=PROJECTION["n_crops"])
+    base, base_total = float(baseline.llm_total), float(baseline.total)
+    fixed = [r for r in rows[: len(configs)] if r.get("mean_total_flops") is not None]
+    fixed_max = max(fixed, key=lambda r: r["mean_total_flops"]) if fixed else None  # the dearest fixed configuration
     for row in rows:
         row["projected_reduction"] = base / row["projected_flops"] if row["projected_flops"] else None
+        row["projected_total_reduction"] = base_total / row["projected_total_flops"] if row.get("projected_total_flops") else None
+        if "saving_bound" in row and fixed_max and row.get("mean_total_flops"):
+            row["total_saving_vs_maximal"] = fixed_max["mean_total_flops"] / row["mean_total_flops"]
         row["dominated_by"] = dominated(row, rows)
     report = {"rows": rows, "distribution": distribution, "projection": PROJECTION}
     (out / "route_report.json").write_text(json.dumps(report, indent=2))
     with open(out / "route_report.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "easy_mean", "hard_mean", "mean_flops", "projected_reduction_0.5b", "dominated_by"])
+        writer.writerow(["method", "easy_mean", "hard_mean", "mean_flops", "projected_reduction_0.5b", "dominated_by",
+                         "mean_total_flops", "projected_total_reduction_0.5b"])
         for row in rows:
             writer.writerow([row["method"], row["easy_mean"], row["hard_mean"], row["mean_flops"], row["projected_reduction"],
-                             ";".join(row["dominated_by"])])
+                             ";".join(row["dominated_by"]), row.get("mean_total_flops"), row.get("projected_total_reduction")])
     plot_pareto(rows, out / "route_pareto.png")
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'method':<22} {'easy':>7} {'hard':>7} {'LLM FLOPs':>11} {'0.5B reduction':>15}  dominated by"]
+    lines = [f"{'method':<26} {'easy':>7} {'hard':>7} {'LLM FLOPs':>11} {'e2e FLOPs':>11} {'0.5B LLM':>9} {'0.5B e2e':>9}"
+             f"  dominated by"]
     for row in report["rows"]:
-        lines.append(f"{row['method']:<22} {100 * (row['easy_mean'] or 0):>6.1f}% {100 * (row['hard_mean'] or 0):>6.1f}% "
-                     f"{row['mean_flops'] or 0:>11.3g} {row['projected_reduction'] or 0:>14.1f}x  {', '.join(row['dominated_by']) or '-'}")
+        lines.append(f"{row['method']:<26} {100 * (row['easy_mean'] or 0):>6.1f}% {100 * (row['hard_mean'] or 0):>6.1f}% "
+                     f"{row['mean_flops'] or 0:>11.3g} {row.get('mean_total_flops') or 0:>11.3g} "
+                     f"{row['projected_reduction'] or 0:>8.1f}x {row.get('projected_total_reduction') or 0:>8.1f}x  "
+                     f"{', '.join(row['dominated_by']) or '-'}")
+        if row.get("full_resolution_share") is not None:
+            bound = row.get("saving_bound")
+            lines.append(f"  {'':<24} tiles for {100 * row['full_resolution_share']:.1f}% of items: end-to-end saving "
+                         f"{row.get('total_saving_vs_maximal') or 0:.2f}x vs the maximal configuration "
+                         f"(bound 1/share = {'inf' if bound is None else f'{bound:.2f}x'})")
     for budget, families in report["distribution"].items():
         lines.append(f"chosen configurations (budget {budget}):")
         for family, counts in families.items():

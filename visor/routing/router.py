@@ -13,6 +13,10 @@ Design (DESIGN.md section 2, "Router input"):
   (``RouterGeometry``) and ``visor route report`` shows it.
 * ``budget``: ``logits - budget * cost(config) / cost(maximal)`` before the argmax (0 = as trained,
   > 0 cheaper, < 0 richer), with costs from the analytic model at the sample's own token counts.
+* resolution on request (``visor.model.resolution``, ``visor.routing.resolution``): a router whose
+  configurations name a resolution reads the *base-only* layout (no tile encoded yet) and picks both parts;
+  its costs are end to end (vision tower + LLM), and it may read after any layer (the routing pass runs the
+  CA-only configuration up to there; the default stays the layer before the first SA slot).
 """
 
 from __future__ import annotations
@@ -46,17 +50,27 @@ def router_settings(model) -> dict:
     return settings
 
 
-def attach_router(model, configs: Sequence[Sequence[int]], num_tokens: int = 1, mlp_hidden: int = 256,
+def attach_router(model, configs: Sequence, num_tokens: int = 1, mlp_hidden: int = 256,
                   read_after_layer: int | None = None) -> Router:
-    """Add a fresh router over ``configs`` to ``model`` (recorded in ``model.config.router``)."""
+    """Add a fresh router over ``configs`` to ``model`` (recorded in ``model.config.router``).
+
+    ``configs``: SA slot lists, or configurations with a resolution (``visor.model.resolution``)."""
+    from visor.model.resolution import names_resolution, parse_configuration
+
     plan = model.plan
     if not plan.self_attention_layers:
         raise ValueError("the plan has no optional SA slot: there is nothing to route")
     first_slot_layer = min(plan.self_attention_layers)
     read = first_slot_layer - 1 if read_after_layer is None else int(read_after_layer)
-    if not 0 <= read < first_slot_layer:
-        raise ValueError(f"the router must read before the first SA slot (layer {first_slot_layer}), got layer {read}")
-    configs = [list(plan.resolve_active(c)) for c in configs]
+    with_resolution = names_resolution(configs)
+    last = plan.num_layers if with_resolution else first_slot_layer  # a resolution router may read deeper
+    if not 0 <= read < last:
+        raise ValueError(f"the router must read before the first SA slot (layer {first_slot_layer}), got layer {read}"
+                         if not with_resolution else f"read_after_layer must be in 0..{last - 1}, got {read}")
+    if with_resolution:
+        configs = [parse_configuration(c, plan).to_json() for c in configs]
+    else:
+        configs = [list(plan.resolve_active(c)) for c in configs]
     if len(configs) < 2:
         raise ValueError("a router needs at least two configurations to choose from")
     text = model.config.text_config
@@ -99,6 +113,21 @@ def routing_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return router(streams.text[:, -k:])
 
 
+def routes_resolution(model) -> bool:
+    """Whether the model's router also picks the resolution (``visor.model.resolution``)."""
+    from visor.model.resolution import names_resolution
+
+    settings = getattr(model.config, "router", None)
+    return bool(settings) and names_resolution(settings["configs"])
+
+
+def router_configurations(model) -> list:
+    """The router's configurations as ``visor.model.resolution.Configuration``s (full unless named)."""
+    from visor.model.resolution import parse_configuration
+
+    return [parse_configuration(c, model.plan) for c in router_settings(model)["configs"]]
+
+
 def relative_costs(model, n_visual: Sequence[int], n_text: Sequence[int]) -> torch.Tensor:
     """[B, num_configs] LLM prefill FLOPs of each router configuration / the most expensive one."""
     from visor.cost import Geometry, count_prefill
@@ -118,12 +147,20 @@ def relative_costs(model, n_visual: Sequence[int], n_text: Sequence[int]) -> tor
 
 @torch.no_grad()
 def route(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None, image_sizes=None,
-          batch_num_images=None, image_features=None, budget: float = 0.0) -> list[tuple[int, ...]]:
-    """The configuration the router picks for each sample (``budget`` biases towards cheaper ones)."""
+          batch_num_images=None, image_features=None, budget: float = 0.0, image_tiled=None) -> list:
+    """The configuration the router picks for each sample (``budget`` biases towards cheaper ones).
+
+    SA slot tuples; for a router that also picks the resolution, ``Configuration``s, read from base-only
+    inputs (``visor.routing.resolution.route_on_request``)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if routes_resolution(model):
+        from visor.routing.resolution import route_on_request
+
+        return route_on_request(model, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
+                                image_features, budget, image_tiled)
     if image_features is None and pixel_values is not None:
-        image_features = model.encode_images(pixel_values, image_sizes, batch_num_images)
+        image_features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
     per_sample = model._assign_images(image_features or [], input_ids.shape[0], batch_num_images)
     logits = routing_logits(model, input_ids, attention_mask, per_sample).float()
     if budget:

@@ -2,7 +2,8 @@
 
 Only the router (routing tokens + MLP) learns. Each step runs the short routing pass (the layers before
 the first SA slot) on a batch of prompts; the vision tower's features are computed once per item and
-kept, since the backbone does not change.
+kept, since the backbone does not change. A router over configurations with a resolution
+(``visor.model.resolution``) is trained on the base-only layout it reads at inference (``visor.routing.resolution``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from visor.routing.router import attach_router, routing_logits
 
 def train_router(model, tokenizer, image_processor, items: Sequence, label_indices: Sequence[int],
                  configs: Sequence[Sequence[int]], *, epochs: int = 20, lr: float = 2e-3, batch_size: int = 16,
-                 seed: int = 0, num_tokens: int = 1, mlp_hidden: int = 256, progress: bool = True, autocast: bool = True) -> dict:
+                 seed: int = 0, num_tokens: int = 1, mlp_hidden: int = 256, progress: bool = True, autocast: bool = True,
+                 read_after_layer: int | None = None) -> dict:
     """Attach a fresh router over ``configs`` and fit it to ``label_indices``; returns the history."""
     from visor.data.batch import Batcher, Sample
+    from visor.model.resolution import names_resolution
 
+    layout = {"resolution": "base"} if names_resolution(configs) else {}
     if len(items) != len(label_indices):
         raise ValueError(f"{len(items)} items but {len(label_indices)} labels")
     torch.manual_seed(seed)
-    attach_router(model, configs, num_tokens=num_tokens, mlp_hidden=mlp_hidden)
+    attach_router(model, configs, num_tokens=num_tokens, mlp_hidden=mlp_hidden, read_after_layer=read_after_layer)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("router.")
     batcher = Batcher.for_model(model, tokenizer, image_processor)
@@ -36,9 +40,10 @@ def train_router(model, tokenizer, image_processor, items: Sequence, label_indic
     model.eval()
     for start in tqdm(range(0, len(items), batch_size), desc="features", disable=not progress, leave=False):
         chunk = items[start:start + batch_size]
-        batch = batcher.prompt_batch([Sample(item.images, item.turns) for item in chunk])
+        batch = batcher.prompt_batch([Sample(item.images, item.turns) for item in chunk], **layout)
         with torch.no_grad(), ctx():
-            feats = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"]) if "pixel_values" in batch else []
+            feats = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"],
+                                        batch.get("image_tiled")) if "pixel_values" in batch else []
         per_sample = model._assign_images([f.detach() for f in feats], len(chunk), batch.get("batch_num_images"))
         for row in range(len(chunk)):
             mask = batch["attention_mask"][row].bool()
@@ -69,7 +74,7 @@ def train_router(model, tokenizer, image_processor, items: Sequence, label_indic
     for param in model.parameters():
         param.requires_grad = True
     model.eval()
-    return {"history": history, "configs": [list(c) for c in model.config.router["configs"]]}
+    return {"history": history, "configs": [c if isinstance(c, dict) else list(c) for c in model.config.router["configs"]]}
 
 
 def _pad(rows, pad_id: int):

@@ -8,7 +8,9 @@ Determinism (what makes resume and the 1-process == N-process tests hold):
 * the loss is summed over target tokens and divided by the global batch's token count (all-reduced),
   so the gradient is the same for 1 process x k accumulation steps and k processes x 1;
 * stage 2's active configuration at step ``s`` comes from ``Random((seed, s))``: the same on every rank
-  and after a resume.
+  and after a resume. A configuration may name a resolution (``visor.model.resolution``): the step's
+  micro-batches are then laid out at that resolution (base-only: one crop, base grid + 1 newline); the step
+  is read from the indices (``indices[0] // global_batch``), so the batch and the loss agree.
 """
 
 from __future__ import annotations
@@ -90,20 +92,36 @@ class LanguageTask:
         self.recipe = recipe
         self.source = SampleSource(recipe)
         self.batcher = Batcher.for_model(model, tokenizer, image_processor)
+        from visor.model.resolution import Configuration, cross, parse_configuration
+
         plan = model.plan
         if recipe.kind == "visor-stage2":
             viable = recipe.viable_configs or model.config.viable_configs
             if not viable:
                 raise ValueError("stage 2 needs viable configurations: run `visor configs` on the stage-1 checkpoint first")
-            self.viable = [plan.resolve_active(c) for c in viable]
+            self.configurations = [parse_configuration(c, plan) for c in viable]
+            resolutions = getattr(recipe, "resolutions", None)
+            if resolutions:  # every viable SA set at every listed resolution
+                sets = list(dict.fromkeys(c.active_sa for c in self.configurations))
+                self.configurations = cross(sets, resolutions)
         else:
-            self.viable = [plan.all_slots]
+            self.configurations = [Configuration(plan.all_slots)]
+        self.viable = [c.active_sa for c in self.configurations]
+
+    def configuration_for_step(self, step: int):
+        """The step's ``Configuration`` (resolution + active SA slots); one draw per step (module docstring)."""
+        configs = self.configurations
+        return configs[0] if len(configs) == 1 else sample_config(self.recipe, configs, step)
 
     def config_for_step(self, step: int) -> tuple[int, ...]:
-        return self.viable[0] if len(self.viable) == 1 else sample_config(self.recipe, self.viable, step)
+        return self.configuration_for_step(step).active_sa
 
     def batch(self, indices: list[int]) -> dict:
-        return self.batcher.train_batch([self.source.sample(i) for i in indices])
+        samples = [self.source.sample(i) for i in indices]
+        config = self.configuration_for_step(indices[0] // self.recipe.global_batch) if indices else None
+        if config is None or config.tiled:
+            return self.batcher.train_batch(samples)
+        return self.batcher.train_batch(samples, resolution=config.resolution)
 
     @staticmethod
     def count(batch: dict) -> int:
@@ -388,6 +406,8 @@ class Trainer:
                            "target_tokens_per_s": window_tokens / seconds, "elapsed_s": time.perf_counter() - started}
                     if hasattr(self.task, "viable") and len(self.task.viable) > 1:
                         row["active_sa"] = list(self.task.config_for_step(step - 1))
+                        if any(not c.tiled for c in self.task.configurations):
+                            row["resolution"] = self.task.configuration_for_step(step - 1).resolution
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")

@@ -99,8 +99,12 @@ class Recipe:
     seed: int = 0
     # VISOR stages
     plan: Literal["default"] = "default"
-    viable_configs: list[list[int]] | None = None  # stage 2: default = read from the init checkpoint
+    # stage 2: default = read from the init checkpoint; an entry may name a resolution,
+    # {"resolution": "base", "active_sa": [...]} (visor.model.resolution); a plain list is full resolution
+    viable_configs: list[list[int] | dict] | None = None
     config_sampling: Literal["uniform"] = "uniform"  # stage 2: one viable configuration per step, uniformly
+    # stage 2: cross the viable SA sets with these resolutions ("full", "base"); None = as the entries say
+    resolutions: list[str] | None = None
     # vision kind
     vision_color_weight: float = 0.3
 
@@ -113,6 +117,12 @@ class Recipe:
             raise ValueError(f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})")
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.resolutions is not None:
+            from visor.model.resolution import RESOLUTIONS
+
+            bad = [r for r in self.resolutions if r not in RESOLUTIONS]
+            if bad or not self.resolutions:
+                raise ValueError(f"resolutions must be a non-empty list of {list(RESOLUTIONS)}, got {self.resolutions}")
         if self.kind in ("visor-stage1", "visor-stage2") and not self.init:
             raise ValueError(f"a {self.kind} recipe needs `init` (the checkpoint to start from)")
         if self.data.source == "llava" and not self.data.path:
