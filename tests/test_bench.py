@@ -63,7 +63,7 @@ def test_baseline_shares_the_visor_weights(tiny_geometry):
 def test_bench_runs_end_to_end_on_a_tiny_geometry(tiny_geometry, tmp_path, capsys):
     out = tmp_path / "bench"
     summary = run_bench(geometry=tiny_geometry, dtype="fp32", out=out, rows=["base", "384x384"], repeats=2,
-                        decode_tokens=2, decode_batches=(1, 4), memory=False, quick=True, threads=1, peak_shapes=((256, 256, 256),), log=lambda *_: None)
+                        decode_tokens=2, decode_batches=(1, 4), memory=False, quick=True, threads=1, profile=True, peak_shapes=((256, 256, 256),), log=lambda *_: None)
     assert summary["rows"] > 0 and not summary["interrupted"]
     rows = list(csv.DictReader(open(out / "rows.csv")))
     assert len(rows) == summary["rows"]
@@ -79,6 +79,9 @@ def test_bench_runs_end_to_end_on_a_tiny_geometry(tiny_geometry, tmp_path, capsy
         if r["config"] == "visor-ca":
             assert r["analytic_speedup"] > 1 and r["kv_ratio"] < 1
     assert (out / "speedup.png").stat().st_size > 0
+    shares = results["meta"]["profile"]["baseline"]["shares"]
+    assert shares["matmul (mm/addmm/bmm)"] > 0 and abs(sum(shares.values()) - 1) < 0.01
+    assert "self CPU time by kernel class" in (out / "profile_visor-ca.txt").read_text()
     assert "prefill ms" in capsys.readouterr().out
 
 
@@ -141,6 +144,9 @@ def test_targets_are_read_at_7371_tokens():
         (["--text-tokens", "0"], "text-tokens"),
         (["--threads", "0"], "threads"),
         (["--decode-batches", "1,x"], "decode-batches"),
+        (["--reduce", "visionzip:4x"], "vision tower's attention"),
+        (["--reduce", "fastv"], "inside the LLM"),
+        (["--reduce", "nosuch:2x"], "unknown reducer"),
     ],
 )
 def test_cli_bad_input(argv, message, tmp_path, capsys):

@@ -81,6 +81,10 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else (f"{seconds * 1e3:.0f}" if seconds >= 1 else f"{seconds * 1e3:.1f}")
 
 
+def _times(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def _mib(n) -> str:
     return "-" if not n else f"{n / 2**20:.0f}"
 
@@ -102,7 +106,7 @@ def format_table(rows: list[dict], meta: dict, header: bool = True) -> str:
             f"{r['image']:<10}{r['visual_tokens_llm']:>6} {r['config']:<12}{_ms(r['prefill_s']):>11}{r['speedup']:>7.2f}x"
             f"{r['analytic_speedup']:>8.2f}x{r['speedup'] / r['analytic_speedup']:>6.2f}{100 * r['fraction_of_peak']:>5.0f}%"
             f"{_ms(r['ttft_s']):>9}{_ms(r.get('decode_b1_s')):>8}{_ms(r.get('decode_b16_s')):>9}"
-            f"{(r.get('decode_b16_speedup') or 0):>5.2f}x{_mib(r['kv_bytes']):>8}{100 * r['kv_ratio']:>5.0f}%"
+            f"{_times(r.get('decode_b16_speedup')):>6}{_mib(r['kv_bytes']):>8}{100 * r['kv_ratio']:>5.0f}%"
             f"{_mib(r.get('peak_memory_bytes')):>8}"
         )
     return "\n".join(lines)
@@ -130,7 +134,9 @@ def plot_speedups(rows: list[dict], path: Path, meta: dict) -> None:
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     m = meta.get("machine", {})
-    ax.set_title(f"{meta.get('geometry')} {meta.get('dtype')}, {m.get('device')} ({m.get('threads')} threads)", fontsize=10)
+    threads = m.get("threads")
+    ax.set_title(f"{meta.get('geometry')} {meta.get('dtype')}, {m.get('device')} ({threads} thread{'' if threads == 1 else 's'})",
+                 fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

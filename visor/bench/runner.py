@@ -229,9 +229,14 @@ def _run_bench(
     memory: bool | None = None,
     extra_reducers: tuple[str, ...] = (),
     peak_shapes=None,
+    profile: bool = False,
     log=print,
 ) -> dict:
-    """Run the benchmark; returns the summary printed as the last JSON line. See the module docstring."""
+    """Run the benchmark; returns the summary printed as the last JSON line. See the module docstring.
+
+    ``profile``: after the rows, one ``torch.profiler`` pass of every configuration's prefill on the last
+    image row, written to ``OUT/profile_CONFIG.txt`` (ops by self CPU time) with a summary in results.json.
+    """
     from visor.bench.report import Writer, summarize
 
     if dtype not in DTYPES:
@@ -300,6 +305,8 @@ def _run_bench(
                                   peaks, dtype, memory, server, log)
             writer.add_rows(results)
             log(writer.table_for(results))
+        if profile:
+            meta["profile"] = profile_prefills(models, IMAGE_ROWS[row_names[-1]], all_configs, text_tokens, writer.folder, log)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: the rows finished so far are on disk")
@@ -318,6 +325,42 @@ def _run_bench(
     return summary
 
 
+def profile_prefills(models: BenchModels, row, configs: list[BenchConfig], text_tokens: int, folder: Path, log) -> dict:
+    """One profiled prefill per configuration: where the time goes, by kernel class (see ``run_bench``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_visual, _ = image_tokens_and_crops(models.visor, row)
+    summary = {}
+    for config in configs:
+        if config.reducer is not None and row.size is None:
+            continue
+        call = prefill_call(models, config, n_visual, text_tokens, row.size)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if models.device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            call()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        by_class = {"attention (SDPA kernels)": 0, "matmul (mm/addmm/bmm)": 0, "conv": 0, "other (elementwise, copies, ...)": 0}
+        for e in events:
+            if "_scaled_dot_product_" in e.key and any(k in e.key for k in ("flash", "efficient", "cudnn")):
+                key = "attention (SDPA kernels)"
+            elif e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+                key = "matmul (mm/addmm/bmm)"
+            elif "convolution" in e.key:
+                key = "conv"
+            else:
+                key = "other (elementwise, copies, ...)"
+            by_class[key] += e.self_cpu_time_total
+        shares = {k: round(v / total, 4) for k, v in by_class.items()}
+        table = events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48)
+        (folder / f"profile_{config.name}.txt").write_text(
+            f"{config.label}: prefill of {row.label}, {n_visual} visual + {text_tokens} text tokens\n"
+            f"self CPU time by kernel class: {json.dumps(shares)}\n\n{table}\n")
+        summary[config.name] = {"self_cpu_s": total / 1e6, "shares": shares}
+        log(f"  profile {config.name}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()))
+    return summary
+
+
 def default_threads() -> tuple[int, str]:
     """torch's default (every core), or 1 when other processes keep the cores busy.
 
@@ -332,6 +375,20 @@ def default_threads() -> tuple[int, str]:
     return cores, "torch's default: every core"
 
 
+def check_bench_reducer(spec: str) -> None:
+    """The bench times the LLM with visual features given and costs a reducer by the tokens it keeps: that
+    covers pre-LLM reducers that need no vision-tower cues (pooling). The others are refused, clearly."""
+    from visor.compression.registry import build_reducer
+
+    reducer = build_reducer(spec)
+    if reducer.stage != "pre_llm":
+        raise ValueError(f"--reduce {spec}: {reducer.name} prunes inside the LLM; visor bench times pre-LLM reducers only")
+    cues = getattr(reducer, "cues", None)
+    if cues is not None and cues.any:
+        raise ValueError(f"--reduce {spec}: {reducer.name} scores tokens with the vision tower's attention, which the "
+                         f"bench's LLM-only prefill (features given) does not run; use a cue-free reducer such as pooling")
+
+
 def select_configs(geometry: str, quick: bool, names: list[str] | None, extra_reducers) -> tuple[list[BenchConfig], str | None]:
     """The configurations to run (validated before anything slow starts) and why reducer rows are absent."""
     from transformers import LlavaOnevisionConfig
@@ -343,6 +400,8 @@ def select_configs(geometry: str, quick: bool, names: list[str] | None, extra_re
     why_not = reducers_available()
     if extra_reducers and why_not is not None:
         raise ValueError(f"--reduce needs visor.compression: {why_not}")
+    for spec in extra_reducers:
+        check_bench_reducer(spec)
     configs = llm_configs(num_slots, with_reducers=why_not is None, extra_reducers=tuple(extra_reducers))
     if quick and names is None:
         keep = {"baseline", "visor-ca", "visor-2sa", "visor-tr2x"}

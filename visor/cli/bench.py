@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     memory.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--reduce", action="append", default=[], metavar="NAME[:AMOUNT]",
                    help="add a baseline + token-compression row (visor.compression reducer spec); repeatable")
+    p.add_argument("--profile", action="store_true",
+                   help="after the rows, profile one prefill per configuration on the last image row (OUT/profile_CONFIG.txt)")
     p.set_defaults(func=run)
 
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             geometry=args.geometry, dtype=args.dtype, device=args.device, out=args.out, quick=args.quick,
             rows=_names(args.rows), configs=_names(args.configs), repeats=args.repeats, decode_tokens=args.decode_tokens,
             decode_batches=batches, text_tokens=args.text_tokens, threads=args.threads, memory=args.memory,
-            extra_reducers=tuple(args.reduce),
+            extra_reducers=tuple(args.reduce), profile=args.profile,
         )
     except ValueError as err:
         print(f"visor bench: error: {err}", file=sys.stderr)
