@@ -412,3 +412,27 @@ def test_search_covers_both_parts():
     assert "base:0+2" in nested.table()
     # the legacy search is unchanged
     assert choose_viable(lambda c: scorer(Configuration(c)), 3, "nested").viable == chain
+
+
+def test_reproduce_row_has_end_to_end_columns_and_resolution_choices():
+    from visor.reproduce.evaluation import row_from_predictions
+    from visor.reproduce.methods import Method
+    from visor.reproduce.projection import baseline_flops, baseline_total_flops, projected_parts
+
+    def pred(score, llm, vision, active, resolution):
+        return {"family": "color", "difficulty": "easy", "score": score, "llm_flops": llm, "vision_flops": vision,
+                "active_sa": active, "visual_tokens": 5, "resolution": resolution}
+
+    preds = [pred(1.0, 10.0, 5.0, "none", BASE), pred(0.0, 30.0, 50.0, "0+1", FULL)]
+    router = {"configs": [{"resolution": "base", "active_sa": []}, [0, 1]], "num_tokens": 1, "mlp_hidden": 8}
+    method = Method("visor-routed", "VISOR routed", "visor", "visor", route=True)
+    row = row_from_predictions(method, preds, base_flops=40.0, base_projected=baseline_flops(), router=router,
+                               base_total=100.0)
+    assert row["mean_flops"] == 20.0 and row["mean_total_flops"] == 47.5 and row["total_flops_reduction"] == 100.0 / 47.5
+    assert row["chosen"] == {"base:none": 1, "0+1": 1} and row["base_only_share"] == 0.5
+    base_part = projected_parts(0, None, (1, 8, 2), "base", True)
+    full_part = projected_parts(2, None, (1, 8, 2), None, True)
+    assert row["projected_flops"] == pytest.approx((base_part[0] + full_part[0]) / 2)  # base: 730 tokens into the LLM
+    assert row["projected_total_flops"] == pytest.approx((sum(base_part) + sum(full_part)) / 2)
+    assert row["projected_total_reduction"] == pytest.approx(baseline_total_flops() / row["projected_total_flops"])
+    assert base_part[1] * 10 == pytest.approx(full_part[1])  # 1 crop vs 10

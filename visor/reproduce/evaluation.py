@@ -12,6 +12,7 @@ FLOPs, the same end to end (vision tower + projector + LLM: ``mean_total_flops``
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -274,6 +275,10 @@ def row_from_predictions(method: M.Method, preds: list[dict], *, base_flops: flo
     chosen = chosen_configs(preds) if method.route else None
     total = mean_total_flops(preds)
     resolutions = [p.get("resolution") for p in preds if p.get("llm_flops") is not None]
+    if "base" in resolutions:  # some items ran on the base view only (visor.model.resolution): fewer LLM tokens too
+        projected = method_total_projection(method.model, method.reducer, method.route, router,
+                                            [p.get("active_sa") for p in preds], [p.get("resolution") for p in preds],
+                                            llm_only=True)
     projected_total = method_total_projection(method.model, method.reducer, method.route, router,
                                               [p.get("active_sa") for p in preds], [p.get("resolution") for p in preds])
     end_to_end = {
@@ -297,6 +302,10 @@ def row_from_predictions(method: M.Method, preds: list[dict], *, base_flops: flo
         "matched": method.matched or None,
     }
     row.update(end_to_end)
+    if chosen and "base" in resolutions:  # the configurations with their resolution part
+        named = Counter(p["active_sa"] if p.get("resolution") != "base" else f"base:{p['active_sa']}"
+                        for p in preds if p.get("active_sa") is not None)
+        row["chosen"] = dict(sorted(named.items()))
     return row
 
 

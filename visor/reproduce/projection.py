@@ -102,13 +102,13 @@ BASE_ONLY_VISUAL = 730
 
 
 @lru_cache(maxsize=None)
-def projected_total_flops(n_sa: int | None, reducer: str | None = None, router: tuple[int, int, int] | None = None,
-                          resolution: str | None = None, on_request: bool = False) -> float:
-    """One sample's *end-to-end* prefill FLOPs at 0.5B geometry: the vision tower and projector on the crops
-    encoded (10 at full resolution, 1 for a base-only sample) plus the LLM prefill as ``projected_flops``
-    costs it, at 7,290 visual tokens (full) or 730 (base only). ``on_request``: the router read the base-only
-    layout (``visor.routing.resolution``): its pass is costed there, and a full-resolution sample's base view
-    is reused (square images), so it encodes 10 crops in all."""
+def projected_parts(n_sa: int | None, reducer: str | None = None, router: tuple[int, int, int] | None = None,
+                    resolution: str | None = None, on_request: bool = False) -> tuple[float, float]:
+    """One sample's (LLM prefill, vision tower + projector) FLOPs at 0.5B geometry: the LLM as
+    ``projected_flops`` costs it, at 7,290 visual tokens (full) or 730 (``resolution="base"``), and the tower on
+    the crops encoded (10, or 1 base-only). ``on_request``: the router read the base-only layout
+    (``visor.routing.resolution``): its pass is costed there, and a full-resolution sample's base view is reused
+    (square images), so it encodes 10 crops in all."""
     from visor.cost import count_prefill
     from visor.cost.flops import projector_flops, vision_encoder_flops
     from visor.model.plan import LayerPlan
@@ -118,7 +118,7 @@ def projected_total_flops(n_sa: int | None, reducer: str | None = None, router: 
     crops = 1 if base else PROJECTION["n_crops"]
     vision = float(vision_encoder_flops(geometry.vision, crops) + projector_flops(geometry.vision, crops))
     if not base and not on_request:
-        return projected_flops(n_sa, reducer, router) + vision
+        return projected_flops(n_sa, reducer, router), vision
     layers = geometry.text.num_layers
     n_visual, n_text = (BASE_ONLY_VISUAL if base else PROJECTION["n_visual"]), PROJECTION["n_text"]
     per_layer = overhead = None
@@ -139,7 +139,13 @@ def projected_total_flops(n_sa: int | None, reducer: str | None = None, router: 
         routed_visual = BASE_ONLY_VISUAL if on_request else n_visual
         prefix = count_prefill(geometry, plan, (), routed_visual, n_text + num_tokens).per_layer[: read + 1]
         flops += float(sum(prefix) + 2 * (num_tokens * geometry.text.hidden * mlp_hidden + mlp_hidden * n_configs))
-    return flops + vision
+    return flops, vision
+
+
+def projected_total_flops(n_sa: int | None, reducer: str | None = None, router: tuple[int, int, int] | None = None,
+                          resolution: str | None = None, on_request: bool = False) -> float:
+    """One sample's *end-to-end* prefill FLOPs at 0.5B geometry (``projected_parts`` summed)."""
+    return sum(projected_parts(n_sa, reducer, router, resolution, on_request))
 
 
 @lru_cache(maxsize=None)
@@ -149,9 +155,11 @@ def baseline_total_flops() -> float:
 
 
 def method_total_projection(model_kind: str, reducer: str | None, routed: bool, router_settings: dict | None,
-                            active_per_item: list[str | None], resolution_per_item: list[str | None] | None = None) -> float:
+                            active_per_item: list[str | None], resolution_per_item: list[str | None] | None = None,
+                            llm_only: bool = False) -> float:
     """Mean projected end-to-end FLOPs over a method's items (``method_projection`` plus the vision tower;
-    ``resolution_per_item``: the harness's ``resolution`` per item, ``None`` = full)."""
+    ``resolution_per_item``: the harness's ``resolution`` per item, ``None`` = full). ``llm_only``: the LLM part
+    alone (what ``method_projection`` gives when every item ran at full resolution)."""
     from visor.model.resolution import names_resolution
 
     router = None
@@ -166,9 +174,7 @@ def method_total_projection(model_kind: str, reducer: str | None, routed: bool, 
         if active is None:
             continue
         resolution = "base" if resolution == "base" else None
-        if model_kind == "base":
-            values.append(projected_total_flops(None, reducer, None, resolution))
-        else:
-            n_sa = 0 if active == "none" else len(active.split("+"))
-            values.append(projected_total_flops(n_sa, reducer, router, resolution, on_request))
+        n_sa = None if model_kind == "base" else (0 if active == "none" else len(active.split("+")))
+        llm, vision = projected_parts(n_sa, reducer, None if n_sa is None else router, resolution, on_request)
+        values.append(llm if llm_only else llm + vision)
     return sum(values) / len(values) if values else float("nan")
