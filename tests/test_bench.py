@@ -144,8 +144,7 @@ def test_targets_are_read_at_7371_tokens():
         (["--text-tokens", "0"], "text-tokens"),
         (["--threads", "0"], "threads"),
         (["--decode-batches", "1,x"], "decode-batches"),
-        (["--reduce", "visionzip:4x"], "vision tower's attention"),
-        (["--reduce", "fastv"], "inside the LLM"),
+        (["--reduce", "visionzip:0"], "kept fraction"),
         (["--reduce", "nosuch:2x"], "unknown reducer"),
     ],
 )
@@ -164,3 +163,100 @@ def test_bench_is_registered_and_documented():
     for action in sub._actions:
         if action.dest != "help":
             assert action.help, action.dest
+
+
+REDUCER_NAMES = ("pooling-matched", "visionzip-matched", "vispruner-matched", "hired-matched", "fastv", "pdrop",
+                 "visor-2sa+visionzip", "visor-2sa+vispruner")
+
+
+def test_every_reducer_has_a_row_at_a_stated_budget():
+    from visor.bench.models import MATCHED_KEEP_2SA, llm_configs
+
+    configs = {c.name: c for c in llm_configs(8)}
+    for name in ("visor-tr2x", "visor-tr4x", *REDUCER_NAMES):
+        assert configs[name].reducer, name
+    for name in ("pooling", "visionzip", "vispruner", "hired"):  # peers on the baseline at the matched budget
+        c = configs[f"{name}-matched"]
+        assert c.baseline and c.reducer == f"{name}:{MATCHED_KEEP_2SA}" and "matched" in c.label
+    assert configs["fastv"].baseline and "published default" in configs["fastv"].label
+    assert configs["visor-2sa+visionzip"].sa_count == 2 and not configs["visor-2sa+visionzip"].baseline
+
+
+def test_matched_budget_matches_visor_2sa_flops():
+    from visor.bench.models import MATCHED_KEEP_2SA
+    from visor.cost import count_baseline_prefill, count_prefill, get_geometry
+    from visor.model.plan import LayerPlan
+
+    g = get_geometry("llava-ov-0.5b")
+    plan = LayerPlan.default(g.text.num_layers)
+    two = count_prefill(g, plan, plan.first_slots(2), 7290, 64).llm_total
+    peer = count_baseline_prefill(g, round(7290 * MATCHED_KEEP_2SA), 64).llm_total
+    assert abs(peer / two - 1) < 0.01
+
+
+def _meta_models(geometry="llava-ov-0.5b"):
+    """Real-geometry models on the meta device: enough for the analytic numbers, no memory."""
+    import copy
+
+    from visor.bench.models import BenchModels, config_path
+    from visor.convert.llava_onevision import convert_llava_onevision
+    from visor.model.plan import LayerPlan
+
+    model = convert_llava_onevision(config_path(geometry), device="meta", dtype=torch.bfloat16)
+    baseline = copy.copy(model)
+    baseline.config = copy.deepcopy(model.config)
+    baseline.config.set_plan(LayerPlan.all_self_attention(model.config.text_config.num_hidden_layers))
+    return BenchModels(model, baseline, torch.bfloat16, torch.device("cpu"), geometry)
+
+
+@pytest.mark.parametrize("name", REDUCER_NAMES + ("visor-tr2x",))
+def test_analytic_ratio_agrees_with_visor_cost_reduce(name, capsys):
+    from visor.bench.models import llm_configs
+    from visor.bench.runner import analytic_row
+    from visor.cli.main import main
+
+    config = {c.name: c for c in llm_configs(8)}[name]
+    models = _meta_models()
+    base = analytic_row(models, llm_configs(8)[0], 7371, 64, 10, (1152, 1152))
+    row = analytic_row(models, config, 7371, 64, 10, (1152, 1152))
+    argv = ["cost", "--visual-tokens", "7371", "--text-tokens", "64", "--crops", "10", "--reduce", config.reducer]
+    if not config.baseline:
+        argv += ["--sa-count", str(config.sa_count)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = report["reducer_reduction"] if config.baseline else report["reduction"]
+    assert base["flops"] / row["flops_with_selection"] == pytest.approx(expected, rel=1e-9)
+    assert row["flops_with_selection"] - row["flops"] == row["selection_flops"] == report["reduce"]["selection_flops"]
+    assert row["visual_tokens_entering_llm"] == report["reduce"]["visual_tokens_per_layer"][0]
+
+
+def test_bench_runs_every_reducer_row(tiny_geometry, tmp_path, capsys):
+    out = tmp_path / "bench"
+    summary = run_bench(geometry=tiny_geometry, dtype="fp32", out=out, rows=["384x384"], repeats=1, decode_tokens=1,
+                        decode_batches=(1,), memory=False, threads=1, configs=["baseline", *REDUCER_NAMES],
+                        peak_shapes=((256, 256, 256),), extra_reducers=("visionzip:0.5",), log=lambda *_: None)
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in results["rows"]}
+    assert set(REDUCER_NAMES) <= set(rows)
+    for name in REDUCER_NAMES:
+        r = rows[name]
+        assert r["prefill_s"] > 0 and r["selection_s"] is not None and r["selection_s"] >= 0
+        assert r["analytic_speedup"] > 1 and r["visual_tokens_entering_llm"] <= r["visual_tokens"]
+    assert rows["fastv"]["visual_tokens_entering_llm"] == rows["fastv"]["visual_tokens"]  # prunes inside the LLM
+    printed = capsys.readouterr().out
+    for name in REDUCER_NAMES:
+        assert f"selection overhead 384x384 {name} " in printed
+    assert "selection_s" in open(out / "rows.csv").readline()
+    assert summary["rows"] == len(REDUCER_NAMES) + 1
+
+
+def test_reducer_targets_are_reported_per_reducer():
+    rows = [{"image": "1152x1152", "config": "baseline", "speedup": 1, "analytic_speedup": 1, "kv_ratio": 1,
+             "fraction_of_peak": 0.5},
+            {"image": "1152x1152", "config": "fastv", "reducer": "fastv", "speedup": 1.5, "analytic_speedup": 2.3,
+             "kv_ratio": 0.7, "fraction_of_peak": 0.5, "selection_s": 0.01},
+            {"image": "1152x1152", "config": "visor-2sa+visionzip", "reducer": "visionzip", "speedup": 40,
+             "analytic_speedup": 45, "kv_ratio": 0.1, "fraction_of_peak": 0.5, "selection_s": 0.2}]
+    targets = check_targets(rows, {"dtype": "bf16"})
+    assert not targets["reducers"]["fastv"]["met"] and targets["reducers"]["visor-2sa+visionzip"]["met"]
+    assert "visor-2sa+visionzip" not in targets["prefill"]

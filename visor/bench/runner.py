@@ -56,12 +56,6 @@ QUICK_SHAPES = ((2048, 2048, 2048), (4096, 896, 4864))
 
 
 # ------------------------------------------------------------------------------------------ calls
-def _reducer_inputs(model, config: BenchConfig, image_size) -> dict:
-    if config.reducer is None:
-        return {}
-    return {"reducer": config.reducer, "image_sizes": torch.tensor([list(image_size)], device=model.device)}
-
-
 def prefill_call(models: BenchModels, config: BenchConfig, n_visual: int, n_text: int, image_size=None,
                  use_cache: bool = True, batch: int = 1):
     """A closure running the LLM prefill of ``config`` on a ``n_visual`` + ``n_text`` prompt (features given)."""
@@ -70,12 +64,22 @@ def prefill_call(models: BenchModels, config: BenchConfig, n_visual: int, n_text
     feats = visual_features(model, n_visual, batch)
     feats = [f.to(models.device) for f in feats]
     active = config.active(models.visor.plan)
-    extra = _reducer_inputs(model, config, image_size)
+    if config.reducer is None:
+        kwargs, selection_s, per_layer = {"input_ids": ids, "image_features": feats}, None, None
+    else:  # pre-LLM: selection done here, once, so the timed call is the LLM on the kept tokens; in-LLM: inside
+        from visor.compression.timing import bench_prefill_inputs
+
+        if batch != 1 or image_size is None:
+            raise ValueError(f"{config.name}: reducer rows need batch 1 and an anyres image size")
+        prepared = bench_prefill_inputs(model, config.reducer, ids, image_size, image_features=feats)
+        kwargs, selection_s, per_layer = prepared["forward"], prepared["selection_s"], prepared["visual_tokens_per_layer"]
 
     @torch.no_grad()
     def call():
-        return model(ids, image_features=feats, active_sa=active, use_cache=use_cache, logits_to_keep=1, **extra)
+        return model(**kwargs, active_sa=active, use_cache=use_cache, logits_to_keep=1)
 
+    call.selection_s = selection_s  # the reducer's scoring/merging, timed once (not part of call's time)
+    call.visual_tokens_per_layer = per_layer
     return call
 
 
@@ -121,41 +125,35 @@ def decode_latency(models: BenchModels, config: BenchConfig, n_visual: int, n_te
 def analytic_row(models: BenchModels, config: BenchConfig, n_visual: int, n_text: int, n_crops: int, image_size) -> dict:
     """``visor.cost`` numbers for one row: LLM prefill FLOPs (full and causal-halved), decode step, KV bytes."""
     from visor.cost import Geometry, count_decode_step, count_prefill, kv_cache_bytes
+    from visor.cost.flops import reducer_schedule
 
     model = models.for_config(config)
     geometry = Geometry.from_config(model.config)
     plan = model.plan
     active = config.active(models.visor.plan)
-    n_llm, overhead = n_visual, 0
-    if config.reducer is not None:
-        n_llm, overhead = reduced_tokens(model, config.reducer, image_size, n_visual, n_text, n_crops, geometry)
-    common = dict(compression_overhead_flops=overhead)
-    prefill = count_prefill(geometry, plan, active, n_llm, n_text, n_crops=n_crops, **common)
-    executed = count_prefill(geometry, plan, active, n_llm, n_text, causal_halving=True, **common)
-    decode = count_decode_step(geometry, plan, active, n_llm, n_text)
-    kv = kv_cache_bytes(geometry, plan, active, n_llm, n_text, dtype_bytes=torch.empty((), dtype=models.dtype).element_size())
+    schedule, overhead = None, 0
+    if config.reducer is not None:  # as `visor cost --reduce`: kept tokens per layer, selection FLOPs apart
+        schedule, overhead = reducer_schedule(geometry, config.reducer, n_visual, n_text, n_crops)
+    common = dict(visual_tokens_per_layer=schedule)
+    prefill = count_prefill(geometry, plan, active, n_visual, n_text, n_crops=n_crops, **common)
+    executed = count_prefill(geometry, plan, active, n_visual, n_text, causal_halving=True, **common)
+    with_selection = count_prefill(geometry, plan, active, n_visual, n_text, compression_overhead_flops=overhead, **common)
+    decode = count_decode_step(geometry, plan, active, n_visual, n_text, **common)
+    kv = kv_cache_bytes(geometry, plan, active, n_visual, n_text, dtype_bytes=torch.empty((), dtype=models.dtype).element_size(),
+                        **common)
+    # the synthetic decode cache has one visual length for every layer: the mean of an in-LLM schedule
+    n_llm = n_visual if schedule is None else round(sum(schedule) / len(schedule))
     return {
         "visual_tokens_llm": n_llm,
+        "visual_tokens_entering_llm": n_visual if schedule is None else schedule[0],
+        "selection_flops": overhead,
+        "flops_with_selection": with_selection.llm_total,  # what `visor cost --reduce` reports
         "flops": prefill.llm_total,
         "flops_executed": executed.llm_total,
         "vision_flops": (prefill.vision_encoder or 0) + (prefill.projector or 0),
         "decode_flops": decode.llm_total,
         "kv_bytes_analytic": kv.total,
     }
-
-
-def reduced_tokens(model, spec: str, image_size, n_visual: int, n_text: int, n_crops: int, geometry) -> tuple[int, int]:
-    """Visual tokens a pre-LLM reducer leaves for one image of ``image_size``, and its selection FLOPs."""
-    from visor.compression.cues import image_layouts
-    from visor.compression.registry import build_reducer
-
-    reducer = build_reducer(spec)
-    layout = image_layouts(model.config, torch.tensor([list(image_size)]), None)[0]
-    kept = int(reducer.kept_count(layout))
-    overhead = 0
-    if hasattr(reducer, "selection_flops"):
-        overhead = int(reducer.selection_flops(geometry, n_visual, n_text, n_crops) or 0)
-    return kept, overhead
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -376,17 +374,13 @@ def default_threads() -> tuple[int, str]:
 
 
 def check_bench_reducer(spec: str) -> None:
-    """The bench times the LLM with visual features given and costs a reducer by the tokens it keeps: that
-    covers pre-LLM reducers that need no vision-tower cues (pooling). The others are refused, clearly."""
+    """A ``--reduce`` spec must name a reducer (checked before anything slow starts). Every reducer runs:
+    pre-LLM ones select once before the timed prefill (vision-attention cues from random pixels with the
+    row's crop count, ``visor.compression.timing.bench_prefill_inputs``), in-LLM ones prune inside it; the
+    selection time is reported on its own (``selection_s``)."""
     from visor.compression.registry import build_reducer
 
-    reducer = build_reducer(spec)
-    if reducer.stage != "pre_llm":
-        raise ValueError(f"--reduce {spec}: {reducer.name} prunes inside the LLM; visor bench times pre-LLM reducers only")
-    cues = getattr(reducer, "cues", None)
-    if cues is not None and cues.any:
-        raise ValueError(f"--reduce {spec}: {reducer.name} scores tokens with the vision tower's attention, which the "
-                         f"bench's LLM-only prefill (features given) does not run; use a cue-free reducer such as pooling")
+    build_reducer(spec)
 
 
 def select_configs(geometry: str, quick: bool, names: list[str] | None, extra_reducers) -> tuple[list[BenchConfig], str | None]:
@@ -427,6 +421,10 @@ def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_token
     calls = {c.name: prefill_call(models, c, n_visual, text_tokens, row.size) for c in usable}
     vision = vision_call(models, row, crops)
     analytic = {c.name: analytic_row(models, c, n_visual, text_tokens, crops, row.size or (384, 384)) for c in usable}
+    for config in usable:  # reducer rows: warm once on their own (shorter) prompts; log the selection overhead
+        if config.reducer is not None:
+            calls[config.name]()
+            log(f"  selection overhead {config.name} ({config.reducer}): {calls[config.name].selection_s * 1e3:.1f}ms")
 
     # warm-up at this size: the cheapest configuration with an SA layer
     cheapest = min((c for c in usable if c.reducer is None and not c.baseline), key=lambda c: analytic[c.name]["flops"],
@@ -487,6 +485,10 @@ def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_token
             "image_label": row.label,
             "visual_tokens": n_visual,
             "visual_tokens_llm": a["visual_tokens_llm"],
+            "visual_tokens_entering_llm": a["visual_tokens_entering_llm"],
+            "reducer": config.reducer,
+            "selection_s": calls[config.name].selection_s,
+            "selection_flops": a["selection_flops"],
             "text_tokens": text_tokens,
             "crops": crops,
             "config": config.name,
@@ -496,7 +498,8 @@ def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_token
             "prefill_cpu_s": median(prefill_cpu[config.name]),
             "speedup": base_prefill / prefill_s,
             "cpu_speedup": base_cpu / max(median(prefill_cpu[config.name]), 1e-9),
-            "analytic_speedup": analytic[base_name]["flops"] / a["flops"],
+            "analytic_speedup": analytic[base_name]["flops"] / a["flops"],  # the timed LLM work (selection apart)
+            "analytic_speedup_with_selection": analytic[base_name]["flops"] / a["flops_with_selection"],
             "flops": a["flops"],
             "flops_executed": a["flops_executed"],
             "achieved_flops_per_s": a["flops_executed"] / prefill_s,
