@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma-separated image rows to run, from: {', '.join(IMAGE_ROWS)} (default: all; --quick: base,384x384)")
     p.add_argument("--configs", metavar="NAMES",
                    help="comma-separated configurations (baseline, visor-ca, visor-1sa, visor-2sa, visor-4sa, visor-8sa, "
-                        "visor-tr2x, visor-tr4x, ...; default: all; --quick: baseline, visor-ca, visor-2sa, visor-tr2x)")
+                        "visor-tr2x, visor-tr4x, pooling-matched, visionzip-matched, vispruner-matched, hired-matched "
+                        "(baseline at the kept fraction matching VISOR 2 SA's FLOPs), fastv, pdrop (published defaults), "
+                        "visor-2sa+visionzip, visor-2sa+vispruner; default: all; --quick: baseline, visor-ca, visor-2sa, visor-tr2x)")
     p.add_argument("--repeats", type=int, help="timed prefill repeats per configuration, median reported (default: 3; --quick: 2)")
     p.add_argument("--decode-tokens", type=int, help="timed decode steps per configuration and batch (default: 8; --quick: 3)")
     p.add_argument("--decode-batches", default="1,16", help="decode batch sizes, comma-separated (default: %(default)s)")
@@ -45,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="measure peak memory (a fresh forked process per row on CPU); default on, off with --quick")
     memory.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--reduce", action="append", default=[], metavar="NAME[:AMOUNT]",
-                   help="add a baseline + token-compression row (visor.compression reducer spec); repeatable")
+                   help="add a baseline + token-compression row (any visor.compression reducer spec; selection timed on its own); repeatable")
     p.add_argument("--profile", action="store_true",
                    help="after the rows, profile one prefill per configuration on the last image row (OUT/profile_CONFIG.txt)")
     p.set_defaults(func=run)
