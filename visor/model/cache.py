@@ -72,17 +72,3 @@ class VisorCache:
     @property
     def num_bytes(self) -> int:
         return sum(self.num_bytes_by_kind().values())
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the samples ``index`` (e.g. to drop finished rows); in place."""
-        for slot in [*self.self_kv, *self.cross_kv]:
-            if slot.key is not None:
-                slot.set(slot.key[index], slot.value[index])
-        self.full_valid = self.full_valid[index]
-        self.text_valid = self.text_valid[index]
-        self.visual_valid = self.visual_valid[index]
-        self.next_position = self.next_position[index]
-        for segment in self.segments:
-            segment.full_valid, segment.visual_valid = segment.full_valid[index], segment.visual_valid[index]
-            if segment.position_shift is not None:
-                segment.position_shift = segment.position_shift[index]

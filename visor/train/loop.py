@@ -296,7 +296,6 @@ class Trainer:
         trainable = models.set_trainable(model, recipe)
         if not trainable:
             raise ValueError("the recipe leaves no parameter to train")
-        self.frozen_snapshot = None
         model.to(self.env.device)
         self.model = wrap_model(model, recipe.distributed, self.env)
         opt = recipe.optim
@@ -365,7 +364,7 @@ class Trainer:
         def on_signal(signum, frame):  # finish the current step, save, exit
             stop["signal"] = signum
 
-        previous = signal.signal(signal.SIGTERM, on_signal) if env.is_main or True else None
+        previous = signal.signal(signal.SIGTERM, on_signal)
         bar = tqdm(total=recipe.max_steps, initial=self.start_step, desc=recipe.kind, disable=not self.progress)
         started = time.perf_counter()
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
