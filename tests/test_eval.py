@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import tiny_image_processor, tiny_llava_config
+from tests.tiny import tiny_benchmark_llava, tiny_image_processor
 from visor.cli.main import main
 from visor.cost import Geometry, count_prefill
-from visor.data.tokenizer import build_tokenizer
 from visor.eval.graders import grade
 from visor.model.plan import LayerPlan
 from visor.model.vision import image_token_count
@@ -27,19 +26,9 @@ N_LAYERS = 3
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict:
     """A LLaVA-OV folder, its VISOR conversion and a 'visor data synth' folder (built once)."""
-    from transformers import LlavaOnevisionForConditionalGeneration
-
     root = tmp_path_factory.mktemp("eval")
-    tok = build_tokenizer()
-    config = tiny_llava_config(num_layers=N_LAYERS, hidden=32, image_size=32)
-    config.text_config.vocab_size = len(tok)
+    model, tok, config = tiny_benchmark_llava(N_LAYERS, seed=0)
     assert tok.convert_tokens_to_ids("<image>") == config.image_token_id
-    torch.manual_seed(0)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():  # non-trivial norms/biases, as tests/tiny.py does
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
     llava = root / "llava"
     model.save_pretrained(str(llava))
     tok.save_pretrained(str(llava))

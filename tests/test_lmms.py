@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import tiny_image_processor, tiny_llava_config
+from tests.tiny import tiny_benchmark_llava, tiny_image_processor
 from visor.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,20 +93,8 @@ def process_results(doc, results):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    from visor.data.tokenizer import build_tokenizer
-
     root = tmp_path_factory.mktemp("lmms")
-    tok = build_tokenizer()
-    config = tiny_llava_config(num_layers=N_LAYERS, hidden=32, image_size=32)
-    config.text_config.vocab_size = len(tok)
-    torch.manual_seed(1)
-    llava = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in llava.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    llava, tok, config = tiny_benchmark_llava(N_LAYERS, seed=1)
     llava_dir, visor_dir, data = root / "llava", root / "visor", root / "data"
     llava.save_pretrained(str(llava_dir))
     tok.save_pretrained(str(llava_dir))

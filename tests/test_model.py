@@ -7,7 +7,10 @@ import copy
 import pytest
 import torch
 
-from tests.tiny import IMAGE_TOKEN_ID, random_image, save_tiny_llava, tiny_image_processor, tiny_llava, tiny_tokenizer
+from tests.tiny import (
+    IMAGE_TOKEN_ID, random_image, randomise_cross_attention, save_tiny_llava, tiny_image_processor, tiny_llava,
+    tiny_tokenizer,
+)
 from visor import LayerPlan, VisorForConditionalGeneration
 from visor.model.layers import DecoderLayer
 from visor.model.plan import LayerKind
@@ -26,13 +29,6 @@ def batch_inputs(model, sizes=((50, 70), (40, 90)), questions=("what is it?", "w
     return processor(prompts, images)
 
 
-def randomise_cross_attention(model, seed: int = 1) -> None:
-    """Give CA blocks non-zero output projections so they change the result."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".cross_attn." in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
 def text_logits_from_hf(hf_logits: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny import IMAGE_TOKEN_ID, random_image, tiny_image_processor, tiny_llava, tiny_tokenizer
+from tests.tiny import IMAGE_TOKEN_ID, random_image, randomise_cross_attention, tiny_image_processor, tiny_llava, tiny_tokenizer
 from visor import LayerPlan, VisorForConditionalGeneration
 from visor.model.resolution import BASE, FULL, Configuration, image_tiled, names_resolution, parse_configuration
 from visor.processing.processor import ImageGeometry, VisorProcessor
@@ -19,12 +19,6 @@ def make_processor(model) -> VisorProcessor:
     return VisorProcessor(tiny_tokenizer(), tiny_image_processor(model.config), ImageGeometry.from_config(model.config), IMAGE_TOKEN_ID)
 
 
-def randomise_cross_attention(model, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".cross_attn." in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
 def samples(n: int = 3):

@@ -24,7 +24,7 @@ import torch
 import openai  # the test extra installs it (and the serve extra: fastapi, uvicorn)
 import uvicorn
 
-from tests.tiny import random_image, tiny_image_processor, tiny_llava_config
+from tests.tiny import random_image, tiny_benchmark_llava, tiny_image_processor
 from visor.cli.main import main
 from visor.cost import Geometry, count_prefill
 
@@ -72,24 +72,13 @@ def data_url(image, fmt: str = "PNG") -> str:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    from visor.data.tokenizer import build_tokenizer
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.processing.processor import VisorProcessor
     from visor.serve.app import build_app
     from visor.serve.inputs import Limits
 
     root = tmp_path_factory.mktemp("serve")
-    tok = build_tokenizer()
-    config = tiny_llava_config(num_layers=N_LAYERS, hidden=32, image_size=32)
-    config.text_config.vocab_size = len(tok)
-    torch.manual_seed(0)
-    llava = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in llava.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    llava, tok, config = tiny_benchmark_llava(N_LAYERS, seed=0)
     llava_dir, visor_dir = root / "llava", root / "visor"
     llava.save_pretrained(str(llava_dir))
     tok.save_pretrained(str(llava_dir))

@@ -92,3 +92,29 @@ def save_tiny_llava(folder, seed: int = 0, **kwargs):
     tiny_tokenizer().save_pretrained(str(folder))
     tiny_image_processor(model.config).save_pretrained(str(folder))
     return model
+
+
+def randomise_cross_attention(model, seed: int = 1) -> None:
+    """Give CA blocks non-zero output projections so they change the result."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".cross_attn." in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def tiny_benchmark_llava(num_layers: int, seed: int = 0, hidden: int = 32, image_size: int = 32):
+    """``(model, tokenizer, config)``: a tiny random LLaVA-OV over the benchmark tokenizer's vocabulary
+    (so procedural items tokenise), with non-trivial norms and biases."""
+    from visor.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    config = tiny_llava_config(num_layers=num_layers, hidden=hidden, image_size=image_size)
+    config.text_config.vocab_size = len(tok)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, tok, config
