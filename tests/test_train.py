@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from visor.train.checkpoint import latest_checkpoint, write_checkpoint
+from visor.train.checkpoint import RunLock, latest_checkpoint, write_checkpoint
 from visor.train.recipe import Recipe, build, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,32 @@ def test_base_loss_goes_down_and_exports_llava_onevision(base_run):
     tokenizer = AutoTokenizer.from_pretrained(final)
     result = evaluate(model, tokenizer, image_processor_for(model.config), synth_items("val", 4, families=["color", "side"]), progress=False)
     assert result.summary["n_items"] == 4 and result.summary["n_skipped"] == 0
+
+
+def test_mid_run_checkpoint_evaluates_with_the_cli(base_run, tmp_path, capsys):
+    """Every step checkpoint carries its tokenizer and image processor: `visor eval` runs on it mid-run."""
+    from visor.cli.main import main
+
+    run_dir, _ = base_run
+    checkpoint = latest_checkpoint(run_dir)
+    assert (checkpoint / "tokenizer_config.json").exists() and (checkpoint / "preprocessor_config.json").exists()
+    args = ["eval", "--model", str(checkpoint), "--data", "synth", "--split", "val", "--n", "4",
+            "--families", "color", "side", "--no-progress", "--out", str(tmp_path / "eval")]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_items"] == 4 and summary["n_skipped"] == 0
+
+
+def test_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
+    from visor.train.loop import Trainer
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "locked", max_steps=2))
+    with RunLock(tmp_path / "locked"):
+        with pytest.raises(RuntimeError, match=r"another training process \(pid \d+\) is writing to"):
+            Trainer(recipe, progress=False).train()
+        assert not (tmp_path / "locked" / "checkpoints").exists()  # refused before touching anything
+    # released (by exit or by the kernel when the holder dies): training proceeds
+    assert Trainer(recipe, progress=False).train() is not None
 
 
 def test_stage1_trains_only_the_new_blocks(base_run, tmp_path):

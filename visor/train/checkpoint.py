@@ -10,10 +10,15 @@ optimiser, scheduler, step, RNG, data position) is on disk and a ``COMPLETE`` ma
 sizes is written; a run killed at any moment leaves either the previous checkpoints or a temp folder
 that is ignored. On resume, candidates are checked newest first (marker present, sizes match, tensors
 readable) and a corrupt one is skipped with a message in favour of the previous complete one.
+
+Only one process may train into a run folder: :class:`RunLock` holds an OS lock on ``RUN/train.lock``
+(released by the kernel when the process dies, even on SIGKILL), so a second ``visor train --resume`` or
+``visor reproduce --train`` on the same folder stops with a message instead of interleaving checkpoints.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +29,49 @@ import torch
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
+
+
+LOCK_FILE = "train.lock"
+
+
+class RunLock:
+    """Exclusive lock on a run folder for the lifetime of a training process (module docstring)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._handle = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RuntimeError(
+                f"another training process (pid {holder}) is writing to {self.path.parent}; "
+                "wait for it to finish or stop it (it saves a checkpoint on SIGTERM) before resuming"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def step_dir_name(step: int) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from visor.train.checkpoint import STATE_FILE, latest_checkpoint, write_checkpoint
+from visor.train.checkpoint import STATE_FILE, RunLock, latest_checkpoint, write_checkpoint
 from visor.train.distributed import DistEnv, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
 from visor.train.recipe import Recipe
 
@@ -349,6 +349,10 @@ class Trainer:
                 config = getattr(unwrap(self.model), "config", None)
                 if config is not None:
                     config.to_json_file(str(folder / "config.json"))
+                # tokenizer + image processor too, so `visor eval --model CHECKPOINT` works mid-run
+                for part in (self.tokenizer, self.image_processor):
+                    if part is not None:
+                        part.save_pretrained(str(folder))
 
             path = write_checkpoint(self.run_dir, step, save_weights, state, keep=self.recipe.keep_checkpoints)
             self._log(f"checkpoint {path}")
@@ -356,6 +360,14 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
     def train(self) -> Path | None:
+        lock = RunLock(self.run_dir).acquire() if self.env.is_main else None
+        try:
+            return self._train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> Path | None:
         recipe, env = self.recipe, self.env
         self._build()
         accum = recipe.accumulation_steps(env.world_size)
