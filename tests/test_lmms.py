@@ -195,3 +195,42 @@ def test_loglikelihood_multiple_choice(work, tmp_path):
     assert out["results"]["visor_synth_mc"]["acc,none"] == pytest.approx(acc)
     report = json.loads(flops_file.read_text())
     assert report["summary"]["n_samples"] == len(docs) and report["summary"]["active_sa_counts"] == {"0+1": 2 * len(docs)}
+
+
+def test_resolution_router_routes_on_request_in_both_request_kinds(work, capsys, tmp_path):
+    """A checkpoint whose router also picks the resolution: with a large budget every sample runs on its base
+    view (no tile encoded); generation equals `visor eval --resolution base` and the log-likelihoods equal a
+    plain base-layout forward; the FLOPs report records the resolution and the routing pass."""
+    from visor import VisorForConditionalGeneration
+    from visor.model.resolution import BASE, FULL, Configuration
+    from visor.processing.processor import VisorProcessor
+    from visor.routing.router import attach_router
+
+    model = VisorForConditionalGeneration.from_pretrained(str(work["visor"]))
+    attach_router(model, [Configuration((), BASE), Configuration(model.plan.all_slots, FULL)])
+    routed_dir = tmp_path / "routed"
+    model.save_pretrained(str(routed_dir))
+    VisorProcessor.from_pretrained(str(work["visor"])).save_pretrained(str(routed_dir))
+    docs = work["docs"]
+    check = {"pretrained": str(routed_dir), "active_sa": "none", "delimiter": " ", "resolution": "base",
+             "docs": [{"image": d["image"], "question": d["question"], "choices": d["choices"]} for d in docs]}
+    flops_file = tmp_path / "flops.json"
+    out = run_driver(work, f"pretrained={routed_dir},budget=1e6,flops_out={flops_file}",
+                     ["visor_synth_gen", "visor_synth_mc"], check_ll=check, batch_size=3)
+
+    capsys.readouterr()
+    assert main(["eval", "--no-progress", "--max-new-tokens", "3", "--model", str(routed_dir), "--data", str(work["data"]),
+                 "--active-sa", "none", "--resolution", "base", "--batch-size", "4", "--out", str(tmp_path / "eval")]) == 0
+    rows = [json.loads(r) for r in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    samples = sorted(out["samples"]["visor_synth_gen"], key=lambda s: s["doc_id"])
+    answers = [s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"] for s in samples]
+    assert answers == [r["prediction"] for r in rows]
+    mc = sorted(out["samples"]["visor_synth_mc"], key=lambda s: s["doc_id"])
+    for sample, ref in zip(mc, out["recomputed"]):
+        assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx([-x for x in ref], abs=1e-4)
+
+    report = json.loads(flops_file.read_text())
+    assert {r["resolution"] for r in report["samples"]} == {"base"} and report["summary"]["active_sa_counts"] == {"none": 3 * len(docs)}
+    by_doc = {s["doc_id"]: s for s in report["samples"] if s["request"] == "generate_until"}
+    for i, row in enumerate(rows):  # the base-only prefill + the routing pass; the base view's crop only
+        assert by_doc[i]["llm_flops"] > row["llm_flops"] and by_doc[i]["vision_flops"] == pytest.approx(row["vision_flops"])

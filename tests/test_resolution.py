@@ -191,6 +191,35 @@ def test_samples_routed_to_base_never_encode_their_tiles(routed, batcher):
     assert all(mixed.base_reused[i] for i in square if resolutions[i] == FULL)
 
 
+def test_generate_cli_routes_on_request(routed, tmp_path, capsys):
+    """`visor generate --route` with a resolution router: the answer of the fixed (resolution, SA) it picked."""
+    import json
+
+    from tests.tiny import save_tiny_llava
+    from visor.cli.main import main
+
+    folder = tmp_path / "routed"
+    routed.save_pretrained(folder)
+    make_processor(routed).save_pretrained(folder)
+    random_image(*SIZES[0], seed=3).save(tmp_path / "img.png")
+    args = ["generate", "--model", str(folder), "--image", str(tmp_path / "img.png"), "--prompt", "read the code",
+            "--max-new-tokens", "4"]
+    seen = {}
+    for budget in ("1e6", "-1e6"):
+        assert main(args + [f"--budget={budget}"]) == 0
+        chosen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(args + ["--active-sa", chosen["active_sa"], "--resolution", chosen["resolution"]]) == 0
+        fixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert chosen["answer"] == fixed["answer"] and chosen["visual_tokens"] == fixed["visual_tokens"]
+        seen[chosen["resolution"]] = chosen["active_sa"]
+    assert seen == {BASE: "none", FULL: "0+1"}
+    with pytest.raises(SystemExit, match="picks the resolution itself"):
+        main(args + ["--route", "--resolution", "base"])
+    save_tiny_llava(tmp_path / "plain", num_layers=6)  # no router: a clear refusal
+    with pytest.raises(SystemExit, match="has no router"):
+        main(["generate", "--model", str(tmp_path / "plain"), "--image", str(tmp_path / "img.png"), "--prompt", "x", "--route"])
+
+
 def test_routed_mixed_batch_equals_per_sample_runs(routed, batcher):
     from visor.routing.resolution import generate_on_request
 

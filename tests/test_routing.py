@@ -160,3 +160,28 @@ def test_router_training_fits_labels(routed):
                           lr=5e-3, batch_size=8, progress=False, autocast=False)
     assert result["history"][-1]["loss"] < result["history"][0]["loss"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before), "backbone changed"
+
+
+def test_generate_cli_routes_and_matches_the_chosen_fixed_configuration(routed, tmp_path, capsys):
+    """`visor generate --route` runs the router's pick: same answer as `--active-sa PICK`; budgets move the pick."""
+    import json
+
+    from visor.cli.main import main
+
+    picks = set()
+    for i, item in enumerate(routed["items"][:4]):
+        path = tmp_path / f"{i}.png"
+        item.images[0].save(path)
+        question = item.turns[0]["value"].replace("<image>", "").strip()
+        args = ["generate", "--model", str(routed["folder"]), "--image", str(path), "--prompt", question, "--max-new-tokens", "3"]
+        for extra in (["--route"], ["--budget=1e6"], ["--budget=-1e6"]):
+            assert main(args + extra) == 0
+            chosen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert main(args + ["--active-sa", chosen["active_sa"]]) == 0
+            fixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert chosen["answer"] == fixed["answer"] and chosen["route"] and chosen["resolution"] == "full"
+            picks.add((tuple(extra), chosen["active_sa"]))
+    assert {p for e, p in picks if e == ("--budget=1e6",)} == {"none"}
+    assert {p for e, p in picks if e == ("--budget=-1e6",)} == {"0+1"}
+    with pytest.raises(SystemExit, match="drop --active-sa"):
+        main(args + ["--route", "--active-sa", "0"])

@@ -114,13 +114,13 @@ def user_message(image_url: str | None, question: str = QUESTION) -> list[dict]:
     return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
 
 
-def direct(work, image, question: str, config, max_new: int, **sampling) -> dict:
+def direct(work, image, question: str, config, max_new: int, resolution: str = "full", **sampling) -> dict:
     """What the model generates for this prompt without the server (the documented Python API)."""
     model, processor = work["model"], work["processor"]
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompt = processor.chat_prompt(question, num_images=1 if image is not None else 0)
-    inputs = processor(prompt, [image] if image is not None else None)
+    inputs = processor(prompt, [image] if image is not None else None, resolution=resolution)
     out = model.generate(**inputs, active_sa=config, max_new_tokens=max_new, eos_token_id=eos,
                          pad_token_id=tok.pad_token_id, **sampling)
     tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -321,7 +321,7 @@ def test_route_uses_the_routers_choice(work, monkeypatch):
         calls.append(budget)
         return [(1,)] * input_ids.shape[0]
 
-    monkeypatch.setattr(served.config, "router", {"fake": True}, raising=False)
+    monkeypatch.setattr(served.config, "router", {"configs": [[1]]}, raising=False)
     monkeypatch.setattr(served, "route", fake_route, raising=False)
     monkeypatch.setattr(batching, "_router_flops", lambda model, n_visual, n_text: 0.0)
     image = work["pics"]["b"]
@@ -337,6 +337,46 @@ def test_route_uses_the_routers_choice(work, monkeypatch):
     r = httpx.post(work["server"].url + "/v1/chat/completions", timeout=60, json={
         "model": "visor-tiny", "messages": user_message(data_url(image)), "visor": {"route": True, "active_sa": "0"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "visor.route"
+
+
+def test_route_on_request_runs_the_chosen_resolution(work):
+    """A router that also picks the resolution (issue 10): the server routes on the base view, encodes the
+    tiles only for requests routed to full resolution, and reports the resolution, the slots and the cost."""
+    from visor.model.resolution import BASE, FULL, Configuration
+    from visor.routing.router import attach_router
+
+    served = work["app"].state.engine.model
+    plan = served.plan
+    attach_router(served, [Configuration((), BASE), Configuration(plan.all_slots, FULL)])
+    try:
+        image = work["pics"]["a"]  # 40 x 56: base view + tiles at full resolution, base view not reusable
+        geometry = Geometry.from_config(served.config)
+        for budget, resolution, config in ((1e6, BASE, ()), (-1e6, FULL, plan.all_slots)):
+            before = health(work)["stats"]
+            r = work["client"].chat.completions.create(model="visor-tiny", messages=user_message(data_url(image)),
+                                                       max_tokens=5, extra_body={"visor": {"budget": budget}})
+            info = r.model_extra["visor"]
+            assert info["resolution"] == resolution and info["active_sa"] == ("+".join(map(str, config)) or "none")
+            want = direct(work, image, QUESTION, config, 5, resolution=resolution)
+            assert r.choices[0].message.content == want["text"]
+            assert r.usage.model_extra["visual_tokens"] == want["visual_tokens"]
+            chosen = count_prefill(geometry, plan, config, want["visual_tokens"], want["text_tokens"])
+            assert r.usage.model_extra["llm_flops"] > chosen.llm_total  # plus the routing pass
+            one_crop = count_prefill(geometry, plan, (), want["visual_tokens"], want["text_tokens"], n_crops=1)
+            per_crop = one_crop.vision_encoder + one_crop.projector
+            if resolution == BASE:
+                assert info["vision_flops"] == pytest.approx(per_crop)  # the base view only: no tile encoded
+            else:
+                # the base view for routing, then the full layout (base view again: non-square pixels differ, + tiles)
+                from visor.model.vision import num_crops
+
+                cfg = served.config
+                full = num_crops([image.height, image.width], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                assert full > 2 and info["vision_flops"] == pytest.approx(per_crop * (1 + full))
+            assert health(work)["stats"]["batches"] == before["batches"] + 1
+    finally:
+        del served.router
+        served.config.router = None
 
 
 # ---------------------------------------------------------------------- bad input

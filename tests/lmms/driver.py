@@ -63,12 +63,13 @@ def recompute_loglikelihoods(check: dict) -> list[list[float]]:
     for doc in check["docs"]:
         image = Image.open(doc["image"]).convert("RGB")
         sample = Sample([image], [{"from": "human", "value": "<image>\n" + doc["question"]}])
-        prompt = batcher.prompt_ids(sample)
+        resolution = check.get("resolution")  # "base": the layout a resolution router picks without tiles
+        prompt = batcher.prompt_ids(sample, resolution)
         row = []
         for choice in doc["choices"]:
             cont = processor.tokenizer.encode(check["delimiter"] + choice, add_special_tokens=False)
             ids = torch.tensor([prompt + cont])
-            pixels = batcher._pixels([sample])
+            pixels = batcher._pixels([sample], resolution)
             with torch.no_grad():
                 output = model(ids, attention_mask=torch.ones_like(ids), active_sa=active, **pixels)
             logprobs = torch.log_softmax(output.logits[0].float(), -1)  # text-stream slots

@@ -268,8 +268,8 @@ def _reducer(generate_kwargs: dict | None):
     return build_reducer(spec)
 
 
-def _item_cost(model, geometry, plan, config, reducer, image_sizes: list[tuple[int, int]], n_visual: int,
-               n_text: int, tiled: bool = True) -> tuple[float, float | None, int]:
+def item_cost(model, geometry, plan, config, reducer, image_sizes: list[tuple[int, int]], n_visual: int,
+              n_text: int, tiled: bool = True) -> tuple[float, float | None, int]:
     """(LLM prefill FLOPs, vision encoder + projector FLOPs, visual tokens entering the LLM).
 
     ``tiled=False``: the item ran base-only (``visor.model.resolution``), one crop per image."""
@@ -302,13 +302,31 @@ def _item_cost(model, geometry, plan, config, reducer, image_sizes: list[tuple[i
 
 
 # ---------------------------------------------------------------------- running
+
+def on_request_cost(model, geometry, config, reducer, image_sizes: list[tuple[int, int]], n_visual: int, n_text: int,
+                    crops: int) -> tuple[float, float | None, int]:
+    """:func:`item_cost` of a sample routed on request (``visor.routing.resolution``): the chosen
+    configuration's prefill plus the routing pass on the base-only layout, and the vision tower on the
+    ``crops`` it really encoded (``OnRequest.crops``)."""
+    from visor.cost.flops import projector_flops, vision_encoder_flops
+    from visor.routing.router import router_overhead_flops
+
+    llm, vision, n_llm = item_cost(model, geometry, model.plan, config.active_sa, reducer, image_sizes, n_visual, n_text,
+                                   tiled=config.resolution == "full")
+    base_visual = sum(model.num_image_tokens(s, tiled=False) for s in image_sizes)
+    llm += router_overhead_flops(model, base_visual, n_text)
+    if crops and geometry.vision is not None:
+        vision = float(vision_encoder_flops(geometry.vision, crops) + projector_flops(geometry.vision, crops))
+    return llm, vision, n_llm
+
 def _load_images(item: EvalItem) -> list:
     from visor.processing.processor import load_image
 
     return [load_image(im) if isinstance(im, (str, Path)) else im for im in item.images]
 
 
-def _end_token(tokenizer) -> int | None:
+def end_token(tokenizer) -> int | None:
+    """The id that ends an assistant turn: ``<|im_end|>`` where the vocabulary has it, else EOS."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(eos, int) and eos != tokenizer.unk_token_id:
         return eos
@@ -352,7 +370,6 @@ def evaluate(
     ``mean_total_flops`` is end to end (vision + LLM).
     """
     from visor.cost import Geometry
-    from visor.cost.flops import projector_flops, vision_encoder_flops
     from visor.model.resolution import Configuration, parse_configuration
 
     if batch_size < 1:
@@ -367,7 +384,7 @@ def evaluate(
     plan = model.plan
     geometry = Geometry.from_config(model.config)
     reducer = _reducer(generate_kwargs)
-    eos = _end_token(tokenizer)
+    eos = end_token(tokenizer)
     max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
     results: dict[int, ItemResult] = {}
 
@@ -457,18 +474,15 @@ def evaluate(
                 score = float(get_grader(item.grader)(prediction, item.answers))
                 sizes = [(im.height, im.width) for im in samples[row].images]
                 res = chosen[row].resolution if chosen is not None else "full"
-                llm, vision, n_llm = _item_cost(model, geometry, plan, configs[row], reducer, sizes,
-                                                int(visual[row]), int(text[row]), tiled=res == "full")
-                crops = _crops(model, sizes, res == "full")
                 if on_request is not None:  # routing pass on the base layout; the crops really encoded
-                    from visor.routing.router import router_overhead_flops
-
-                    base_visual = sum(model.num_image_tokens(s, tiled=False) for s in sizes)
-                    llm += router_overhead_flops(model, base_visual, int(text[row]))
                     crops = on_request.crops[row]
-                    vision = float(vision_encoder_flops(geometry.vision, crops) + projector_flops(geometry.vision, crops)) \
-                        if crops and geometry.vision is not None else vision
-                elif (route or budget) and llm is not None:
+                    llm, vision, n_llm = on_request_cost(model, geometry, chosen[row], reducer, sizes, int(visual[row]),
+                                                         int(text[row]), crops)
+                else:
+                    llm, vision, n_llm = item_cost(model, geometry, plan, configs[row], reducer, sizes,
+                                                   int(visual[row]), int(text[row]), tiled=res == "full")
+                    crops = _crops(model, sizes, res == "full")
+                if on_request is None and (route or budget) and llm is not None:
                     from visor.routing.router import router_overhead_flops
 
                     llm += router_overhead_flops(model, int(visual[row]), int(text[row]))

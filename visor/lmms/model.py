@@ -10,7 +10,9 @@ Model arguments (``--model_args key=value,...``):
 ``active_sa``      SA slots joined by ``+`` (``0+2``), ``none`` (cross-attention only) or ``all``
 ``sa_count``       the first K SA slots instead
 ``route``          ``true``: the checkpoint's router picks the slots per sample; ``budget``
-                   (a float) biases it (implies ``route``)
+                   (a float) biases it (implies ``route``). A router that also picks the resolution
+                   (``visor.routing.resolution``) reads the base view first and encodes the tiles only
+                   for the samples it sends to full resolution, in both request kinds
 ``reduce``         a visual-token reducer ``NAME[:AMOUNT]`` (``pooling:2x``, ``visionzip:0.25``)
 ``batch_size``     prompts per ``generate`` / forward call (default 8; lmms-eval's ``--batch_size``)
 ``max_new_tokens`` default answer length when a task's ``generation_kwargs`` give none (32)
@@ -75,7 +77,7 @@ class Visor(lmms):
         super().__init__()
         from visor.cli.eval import load_for_eval
         from visor.cost import Geometry
-        from visor.eval.harness import _end_token
+        from visor.eval.harness import end_token
         from visor.processing.processor import VisorProcessor
 
         if unused:
@@ -94,7 +96,7 @@ class Visor(lmms):
         self.tokenizer = processor.tokenizer
         self.batcher = Batcher.for_model(self.model, self.tokenizer, processor.image_processor)
         self.geometry = Geometry.from_config(self.model.config)
-        self.eos_token_id = _end_token(self.tokenizer)
+        self.eos_token_id = end_token(self.tokenizer)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 8
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"visor: batch_size must be >= 1, got {batch_size}")
@@ -120,6 +122,9 @@ class Visor(lmms):
             self.config = plan.first_slots(int(sa_count))
         else:
             self.config = plan.resolve_active(active_sa)
+        from visor.routing.router import routes_resolution
+
+        self.on_request = self.route and routes_resolution(self.model)
         self.reduce = reduce
         self.reducer = None
         if reduce is not None:
@@ -183,14 +188,24 @@ class Visor(lmms):
                                    batch_num_images=inputs.get("batch_num_images"), budget=self.budget or 0.0)
         return [tuple(c) for c in configs], features
 
-    def _record(self, task, doc_id, config, samples_row: Sample, n_visual: int, n_text: int, kind: str) -> dict:
-        from visor.eval.harness import _item_cost
+    def _record(self, task, doc_id, config, samples_row: Sample, n_visual: int, n_text: int, kind: str,
+                crops: int | None = None) -> dict:
+        """One request's cost; ``config`` is a ``Configuration`` and ``crops`` the crops encoded when routed on
+        request (``visor.routing.resolution``), else SA slots."""
+        from visor.eval.harness import item_cost, on_request_cost
         from visor.model.plan import format_slots
 
         sizes = [(im.height, im.width) for im in samples_row.images]
-        llm, vision, n_llm = _item_cost(self.model, self.geometry, self.model.plan, config, self.reducer, sizes,
-                                        n_visual, n_text)
-        if self.route:
+        resolution = "full"
+        if crops is not None:  # routed on request: routing pass on the base layout, the crops really encoded
+            resolution = config.resolution
+            llm, vision, n_llm = on_request_cost(self.model, self.geometry, config, self.reducer, sizes, n_visual,
+                                                 n_text, crops)
+            config = config.active_sa
+        else:
+            llm, vision, n_llm = item_cost(self.model, self.geometry, self.model.plan, config, self.reducer, sizes,
+                                           n_visual, n_text)
+        if self.route and crops is None:
             try:
                 from visor.routing.router import router_overhead_flops
 
@@ -198,7 +213,7 @@ class Visor(lmms):
             except ImportError:
                 pass
         record = {"task": task, "doc_id": doc_id, "request": kind, "active_sa": format_slots(config),
-                  "llm_flops": llm, "vision_flops": vision, "visual_tokens": n_llm, "text_tokens": n_text}
+                  "resolution": resolution, "llm_flops": llm, "vision_flops": vision, "visual_tokens": n_llm, "text_tokens": n_text}
         self.flops_records.append(record)
         return record
 
@@ -267,9 +282,18 @@ class Visor(lmms):
             context, _kwargs, doc_to_visual, doc_id, task, split = request.args
             samples.append(self._sample(context, doc_to_visual, doc_id, task, split))
             metas.append((task, doc_id))
-        batch = self.batcher.prompt_batch(samples)
-        inputs = self._inputs(batch)
-        configs, features = self._configs(inputs)
+        routed = None
+        if self.on_request:
+            from visor.routing.resolution import route_and_encode
+
+            routed = route_and_encode(self.model, self.batcher, samples, budget=self.budget or 0.0, reducer=self.reducer)
+            batch = routed.batch
+            inputs = self._inputs({**batch, **routed.image_kwargs})
+            configs, features = [c.active_sa for c in routed.configurations], None
+        else:
+            batch = self.batcher.prompt_batch(samples)
+            inputs = self._inputs(batch)
+            configs, features = self._configs(inputs)
         kwargs: dict[str, Any] = dict(active_sa=configs, max_new_tokens=max_new, do_sample=do_sample,
                                       temperature=temperature if do_sample else 1.0,
                                       top_p=float(top_p) if (do_sample and top_p is not None) else None,
@@ -294,7 +318,11 @@ class Visor(lmms):
             for stop in stops:
                 answer = answer.split(stop)[0]
             answer = answer.strip()
-            self._record(task, doc_id, configs[row], samples[row], int(visual[row]), int(text[row]), "generate_until")
+            if routed is not None:
+                self._record(task, doc_id, routed.configurations[row], samples[row], int(visual[row]), int(text[row]),
+                             "generate_until", crops=routed.crops[row])
+            else:
+                self._record(task, doc_id, configs[row], samples[row], int(visual[row]), int(text[row]), "generate_until")
             if GenerationResult is not None:
                 outputs.append(GenerationResult(answer, TokenCounts(input_tokens=int(batch["attention_mask"][row].sum()),
                                                                     output_tokens=len(tokens))))
@@ -314,7 +342,7 @@ class Visor(lmms):
 
     @torch.no_grad()
     def _loglikelihood_chunk(self, chunk: list[Instance]) -> list:
-        samples, rows, n_cont, metas = [], [], [], []
+        samples, conts, metas = [], [], []
         for request in chunk:
             context, target, doc_to_visual, doc_id, task, split = request.args[:6]
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
@@ -322,23 +350,40 @@ class Visor(lmms):
                 continuation = continuation[0]
             continuation = str(continuation)
             sample = self._sample(context, doc_to_visual, doc_id, task, split)
-            prompt = self.batcher.prompt_ids(sample)
             cont = self.tok_encode(continuation)
             if not cont:
                 raise ValueError(f"visor: {task}/{doc_id}: empty continuation")
             samples.append(sample)
-            rows.append(prompt + cont)
-            n_cont.append(len(cont))
-            metas.append((task, doc_id, len(prompt)))
+            conts.append(cont)
+            metas.append((task, doc_id))
+        routed = None
+        if self.on_request:  # route on the base view; score each sample at the resolution it was given
+            from visor.routing.resolution import route_and_encode
+
+            routed = route_and_encode(self.model, self.batcher, samples, budget=self.budget or 0.0, reducer=self.reducer)
+            resolutions = [c.resolution for c in routed.configurations]
+        else:
+            resolutions = [None] * len(samples)
+        prompts = [self.batcher.prompt_ids(s, r) for s, r in zip(samples, resolutions)]
+        rows = [p + c for p, c in zip(prompts, conts)]
+        n_cont = [len(c) for c in conts]
         batch = collate_tokens([(r, [-100] * len(r)) for r in rows], self.batcher.pad_token_id, padding_side="left")
         batch.pop("labels")
-        batch.update(self.batcher._pixels(samples))
-        inputs = self._inputs(batch)
-        configs, features = self._configs(inputs)
-        keep = max(n_cont) + 1  # the last prompt token predicts the first continuation token
         extra: dict[str, Any] = {}
-        if features is not None:
-            extra["image_features"] = features
+        if routed is not None:
+            for key in ("batch_num_images", "image_tiled"):
+                if key in routed.batch:
+                    batch[key] = routed.batch[key]
+            batch.update(routed.image_kwargs)
+            configs = [c.active_sa for c in routed.configurations]
+            inputs = self._inputs(batch)
+        else:
+            batch.update(self.batcher._pixels(samples))
+            inputs = self._inputs(batch)
+            configs, features = self._configs(inputs)
+            if features is not None:
+                extra["image_features"] = features
+        keep = max(n_cont) + 1  # the last prompt token predicts the first continuation token
         if self.reducer is not None:
             extra["reducer"] = self.reducer
         out = self.model(**inputs, active_sa=configs, logits_to_keep=keep, **extra)
@@ -348,7 +393,7 @@ class Visor(lmms):
         answers = []
         width = ids.shape[1]
         text_index = out.text_index.cpu()  # input position of every logits slot (the text stream)
-        for row, ((task, doc_id, n_prompt), n) in enumerate(zip(metas, n_cont)):
+        for row, ((task, doc_id), n_prompt, n) in enumerate(zip(metas, map(len, prompts), n_cont)):
             target = ids[row, -n:]
             slot_of = {int(p): k for k, p in enumerate(text_index[row].tolist()) if p >= 0}
             wanted = range(width - n - 1, width - 1)  # input positions predicting the continuation
@@ -359,8 +404,12 @@ class Visor(lmms):
             greedy = bool((scores.argmax(-1) == target).all())
             answers.append(_loglikelihood_output((nll, greedy)))
             # FLOPs of the prompt the model was asked about (the continuation is scored, not generated)
-            self._record(task, doc_id, configs[row], samples[row], int(visual[row]), n_prompt - int(visual[row]),
-                         "loglikelihood")
+            if routed is not None:
+                self._record(task, doc_id, routed.configurations[row], samples[row], int(visual[row]),
+                             n_prompt - int(visual[row]), "loglikelihood", crops=routed.crops[row])
+            else:
+                self._record(task, doc_id, configs[row], samples[row], int(visual[row]), n_prompt - int(visual[row]),
+                             "loglikelihood")
         return answers
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -119,7 +119,7 @@ def analytic_mean_flops(model, reducer_spec: str | None, profile, config=None) -
     """Mean LLM prefill FLOPs (the harness's cost model) of ``model`` under a reducer over ``profile``."""
     from visor.compression import build_reducer
     from visor.cost import Geometry
-    from visor.eval.harness import _item_cost
+    from visor.eval.harness import item_cost
 
     geometry = Geometry.from_config(model.config)
     plan = model.plan
@@ -127,7 +127,7 @@ def analytic_mean_flops(model, reducer_spec: str | None, profile, config=None) -
     reducer = build_reducer(reducer_spec) if reducer_spec else None
     total = count = 0
     for sizes, nv, nt, n in profile:
-        flops, _, _ = _item_cost(model, geometry, plan, config, reducer, [tuple(s) for s in sizes], nv, nt)
+        flops, _, _ = item_cost(model, geometry, plan, config, reducer, [tuple(s) for s in sizes], nv, nt)
         total += flops * n
         count += n
     return total / max(count, 1)

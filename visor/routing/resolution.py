@@ -202,14 +202,26 @@ class OnRequest:
     batch: dict = field(repr=False, default_factory=dict)
 
 
-@torch.no_grad()
-def generate_on_request(model, batcher, samples: Sequence, *, budget: float = 0.0, reuse_base_view: bool = True,
-                        configurations: Sequence[Configuration] | None = None, **generate_kwargs) -> OnRequest:
-    """Route on the base view, then generate one mixed batch, tiles encoded only where routed to full.
+@dataclass
+class RoutedInputs:
+    """What ``route_and_encode`` returns: the batch laid out per sample at its chosen resolution (token ids;
+    ``batch_num_images``/``image_tiled``), the configurations, what to pass the model for the images
+    (``image_features`` in image order, or the pixels when a reducer needs the tower again), the crops the
+    tower encoded per sample, and whether a full-resolution sample's base view was reused."""
 
-    ``samples``: ``visor.data.batch.Sample``s (images + turns). ``configurations``: skip the router and run
-    these (one per sample; what the tests compare against). ``generate_kwargs`` go to ``model.generate``
-    (``max_new_tokens``, ``eos_token_id``, ``reducer``, ...)."""
+    batch: dict
+    configurations: list[Configuration]
+    image_kwargs: dict
+    crops: list[int]
+    base_reused: list[bool]
+
+
+@torch.no_grad()
+def route_and_encode(model, batcher, samples: Sequence, *, budget: float = 0.0, reuse_base_view: bool = True,
+                     configurations: Sequence[Configuration] | None = None, reducer=None) -> RoutedInputs:
+    """Steps 1-2 of the module docstring and the image half of step 3: encode the base views, route, lay
+    every sample out at its resolution and encode the tiles of the samples routed to full. Generation
+    (``generate_on_request``) and scoring (the lmms-eval plugin's log-likelihoods) share it."""
     samples = list(samples)
     device = next(model.parameters()).device
     base_batch = batcher.prompt_batch(samples, resolution=BASE)
@@ -233,13 +245,13 @@ def generate_on_request(model, batcher, samples: Sequence, *, budget: float = 0.
     tiled_index = [i for i, t in enumerate(flags) if t]
     features = list(base_features)
     reused = [False] * len(flags)
-    kwargs = dict(generate_kwargs)
+    image_kwargs: dict = {}
     images = [im for s in samples for im in s.images]
     from visor.processing.processor import images_to_pixels
 
-    if kwargs.get("reducer") is not None:  # a reducer may score with the tower's attention: the pixels, all encoded again
-        kwargs.update(images_to_pixels(batcher.image_processor, [s.images for s in samples], flags) if images else {})
-        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    if reducer is not None:  # a reducer may score with the tower's attention: the pixels, all encoded again
+        image_kwargs = images_to_pixels(batcher.image_processor, [s.images for s in samples], flags) if images else {}
+        image_kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in image_kwargs.items()}
     else:
         if tiled_index:
             pixels = images_to_pixels(batcher.image_processor, [[images[i]] for i in tiled_index])
@@ -251,25 +263,43 @@ def generate_on_request(model, batcher, samples: Sequence, *, budget: float = 0.
             full = encode_tiles(model, pixels["pixel_values"].to(device), pixels["image_sizes"], reuse)
             for i, f in zip(tiled_index, full):
                 features[i] = f
-        kwargs["image_features"] = features
+        image_kwargs["image_features"] = features
     cfg = model.config
     crops_per_image = []
     for i, t in enumerate(flags):  # the base view for routing, then what the chosen layout encoded on top
         again = num_crops(sizes[i].tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size, t) if t else 0
-        if kwargs.get("reducer") is not None:
+        if reducer is not None:
             again = again or 1
         crops_per_image.append(1 + again - (1 if reused[i] else 0))
     crops, start = [], 0
     for n in counts:
         crops.append(sum(crops_per_image[start:start + n]))
         start += n
+    return RoutedInputs(batch=batch, configurations=list(configurations), image_kwargs=image_kwargs, crops=crops,
+                        base_reused=[any(reused[j] for j in _images_of(counts, b)) for b in range(len(samples))])
+
+
+@torch.no_grad()
+def generate_on_request(model, batcher, samples: Sequence, *, budget: float = 0.0, reuse_base_view: bool = True,
+                        configurations: Sequence[Configuration] | None = None, **generate_kwargs) -> OnRequest:
+    """Route on the base view, then generate one mixed batch, tiles encoded only where routed to full.
+
+    ``samples``: ``visor.data.batch.Sample``s (images + turns). ``configurations``: skip the router and run
+    these (one per sample; what the tests compare against). ``generate_kwargs`` go to ``model.generate``
+    (``max_new_tokens``, ``eos_token_id``, ``reducer``, ...)."""
+    samples = list(samples)
+    device = next(model.parameters()).device
+    routed = route_and_encode(model, batcher, samples, budget=budget, reuse_base_view=reuse_base_view,
+                              configurations=configurations, reducer=generate_kwargs.get("reducer"))
+    batch, counts = routed.batch, [len(s.images) for s in samples]
+    flags = image_tiled([c.resolution for c in routed.configurations], counts)
     sequences = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                batch_num_images=counts if any(counts) else None,
                                image_tiled=flags if any(counts) else None,
-                               active_sa=[c.active_sa for c in configurations], **kwargs)
-    return OnRequest(sequences=sequences, prompt_length=batch["input_ids"].shape[1], configurations=list(configurations),
-                     crops=crops, base_reused=[any(reused[j] for j in _images_of(counts, b)) for b in range(len(samples))],
-                     batch=batch)
+                               active_sa=[c.active_sa for c in routed.configurations], **routed.image_kwargs,
+                               **generate_kwargs)
+    return OnRequest(sequences=sequences, prompt_length=batch["input_ids"].shape[1],
+                     configurations=routed.configurations, crops=routed.crops, base_reused=routed.base_reused, batch=batch)
 
 
 def _images_of(counts: Sequence[int], b: int) -> range:

@@ -84,7 +84,7 @@ def _usage(result: dict) -> dict:
 
 
 def _visor_info(result: dict) -> dict:
-    return {k: result[k] for k in ("active_sa", "route", "budget", "reduce", "vision_flops", "batch_size")}
+    return {k: result[k] for k in ("active_sa", "resolution", "route", "budget", "reduce", "vision_flops", "batch_size")}
 
 
 def create_app(engine: BatchEngine, model, settings: ServeSettings, *, manage_engine: bool = True) -> FastAPI:

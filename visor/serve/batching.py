@@ -131,7 +131,7 @@ class BatchEngine:
     def __init__(self, model, tokenizer, image_processor, *, max_batch: int = 8, batch_wait_ms: float = 10.0,
                  max_queue: int = 256) -> None:
         from visor.cost import Geometry
-        from visor.eval.harness import _end_token
+        from visor.eval.harness import end_token
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -143,7 +143,7 @@ class BatchEngine:
         self.tokenizer = tokenizer
         self.batcher = Batcher.for_model(model, tokenizer, image_processor)
         self.geometry = Geometry.from_config(model.config)
-        self.eos_token_id = _end_token(tokenizer)
+        self.eos_token_id = end_token(tokenizer)
         self.max_batch = max_batch
         self.batch_wait = batch_wait_ms / 1000.0
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -268,6 +268,13 @@ class BatchEngine:
             return tokens[: tokens.index(self.eos_token_id) + 1], "stop"
         return tokens, ("length" if len(tokens) >= limit else None)
 
+    def _routes_resolution(self) -> bool:
+        try:
+            from visor.routing.router import routes_resolution
+        except ImportError:
+            return False
+        return routes_resolution(self.model)
+
     def _reducer(self, spec: str | None):
         if spec is None:
             return None
@@ -279,12 +286,13 @@ class BatchEngine:
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> list[dict]:
-        from visor.eval.harness import _item_cost
+        from visor.eval.harness import item_cost, on_request_cost
         from visor.model.plan import format_slots
 
         spec = jobs[0].prepared.spec
         samples = [j.prepared.sample for j in jobs]
-        batch = self.batcher.prompt_batch(samples)
+        on_request = spec.route and self._routes_resolution()
+        batch = {} if on_request else self.batcher.prompt_batch(samples)
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         max_new = max(j.prepared.max_new_tokens for j in jobs)
         kwargs: dict[str, Any] = dict(
@@ -300,7 +308,9 @@ class BatchEngine:
         if reducer is not None:
             kwargs["reducer"] = reducer
         routed = None
-        if spec.route and callable(getattr(self.model, "route", None)):
+        if on_request:  # the router reads the base view and picks the resolution too: tiles only where needed
+            pass
+        elif spec.route and callable(getattr(self.model, "route", None)):
             # ask the router first (its choices are needed for the FLOPs), then generate with them; the
             # images are encoded once for both
             features = self.model.encode_images(inputs["pixel_values"], inputs["image_sizes"],
@@ -320,7 +330,14 @@ class BatchEngine:
         if streamer is not None:
             kwargs["streamer"] = streamer
         started = time.perf_counter()
-        sequences = self.model.generate(**inputs, **kwargs)
+        if on_request:
+            from visor.routing.resolution import generate_on_request
+
+            result = generate_on_request(self.model, self.batcher, samples, budget=spec.budget or 0.0, **kwargs)
+            sequences, batch, chosen = result.sequences, result.batch, result.configurations
+            routed = [c.active_sa for c in chosen]
+        else:
+            sequences = self.model.generate(**inputs, **kwargs)
         seconds = time.perf_counter() - started
         with self._lock:
             self.stats["batches"] += 1
@@ -340,8 +357,12 @@ class BatchEngine:
             config = routed[row] if routed is not None else spec.config
             llm_flops = vision_flops = None
             n_visual = int(visual[row])
-            if config is not None:
-                llm_flops, vision_flops, n_visual = _item_cost(
+            if on_request:  # routing pass on the base layout, vision on the crops really encoded
+                llm_flops, vision_flops, n_visual = on_request_cost(
+                    self.model, self.geometry, chosen[row], reducer, job.prepared.image_sizes, int(visual[row]),
+                    int(text[row]), result.crops[row])
+            elif config is not None:
+                llm_flops, vision_flops, n_visual = item_cost(
                     self.model, self.geometry, self.model.plan, config, reducer, job.prepared.image_sizes,
                     int(visual[row]), int(text[row]))
                 if routed is not None:  # the routing pass is part of the request's cost
@@ -355,6 +376,7 @@ class BatchEngine:
                 "llm_flops": llm_flops,
                 "vision_flops": vision_flops,
                 "active_sa": format_slots(config) if config is not None else None,
+                "resolution": chosen[row].resolution if on_request else "full",
                 "route": spec.route,
                 "budget": spec.budget,
                 "reduce": spec.reduce,
