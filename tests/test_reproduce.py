@@ -159,6 +159,35 @@ def test_ship_requires_train(capsys, tmp_path):
     assert "--train" in capsys.readouterr().err
 
 
+def test_training_stage_under_torchrun_matches_one_process(tmp_path):
+    """`visor reproduce --nproc 2`: a training stage run by torchrun (2 DDP processes, micro-batch split to
+    fit) ends at the parameters of the in-process run, and a finished stage is returned, not retrained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from visor.reproduce.pipeline import train_stage_distributed
+    from visor.reproduce.presets import quick_preset
+    from visor.train.loop import Trainer
+    from visor.train.recipe import Recipe, build
+
+    raw = dict(quick_preset().recipes["vision"])  # global batch 8, micro-batch 8: torchrun gets 2 x 4
+    # compared with one process over the same micro-batches (2 x 4): equal up to float summation order
+    one = build(Recipe, {**raw, "micro_batch": 4, "out_dir": str(tmp_path / "one" / "run")})
+    final_one = Trainer(one, progress=False).train()
+    two = build(Recipe, {**raw, "out_dir": str(tmp_path / "two" / "run")})
+    final_two = train_stage_distributed(two.to_dict(), tmp_path / "two", 2, progress=False)
+    assert final_two == tmp_path / "two" / "run" / "final"
+    assert "micro_batch: 4" in (tmp_path / "two" / "recipe-ddp.yaml").read_text()
+    a, b = load_file(str(final_one / "model.safetensors")), load_file(str(final_two / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    metrics = (tmp_path / "two" / "run" / "metrics.jsonl").read_text()
+    assert train_stage_distributed(two.to_dict(), tmp_path / "two", 2, progress=False) == final_two  # resumed at its end
+    assert (tmp_path / "two" / "run" / "metrics.jsonl").read_text() == metrics  # no step was trained again
+    with pytest.raises(ValueError, match="does not divide"):
+        train_stage_distributed({**two.to_dict(), "out_dir": str(tmp_path / "three" / "run")}, tmp_path / "three", 3,
+                                progress=False)
+
+
 # ---------------------------------------------------------------------- stage cache
 def test_stage_cache_skips_resumes_and_invalidates(tmp_path):
     logs = []

@@ -58,6 +58,10 @@ def register(subparsers) -> None:
                              "labels and router also cover the input resolution (visor.model.resolution; give it its own --work-dir); "
                              "default full only")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="--train/--quick: run each training stage under torchrun with N DDP processes "
+                             "(each with the recipe's threads; the cache does not depend on N, so a stage can resume "
+                             "with another N); default 1 (in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -70,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "train" if args.train else "shipped"
     if args.ship and mode == "shipped":
         print("visor reproduce: --ship copies what --train (or --quick) produced; add --train", file=sys.stderr)
+        return 2
+    if args.nproc < 1 or (args.nproc > 1 and mode == "shipped"):
+        print("visor reproduce: --nproc must be at least 1, and only trains (--train or --quick)", file=sys.stderr)
         return 2
     if args.n is not None and args.n < 1:
         print("visor reproduce: --n must be at least 1", file=sys.stderr)
@@ -128,7 +135,7 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     cache = StageCache(work_dir, set(args.force), log)
     log(f"visor reproduce --{mode}: stages under {work_dir}")
     try:
-        trained = train_all(preset, cache, progress=progress, log=log)
+        trained = train_all(preset, cache, progress=progress, log=log, nproc=args.nproc)
     except (StageInterrupted, KeyboardInterrupt) as err:
         print(f"visor reproduce: interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
         return None

@@ -63,9 +63,65 @@ def _load_visor(folder: Path):
     return model, AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config)
 
 
+def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool = True) -> Path | None:
+    """Run one training stage as ``torchrun --nproc_per_node NPROC -m visor train RECIPE --resume`` (DDP;
+    gloo on CPU, NCCL on GPU): the recipe as run is written to ``FOLDER/recipe-ddp.yaml``. The sample
+    order and the loss normalisation make N processes train the same parameters as one (``visor.train.loop``),
+    so a stage may be resumed with a different number of processes. Ctrl-C reaches the workers with the
+    terminal's process group; SIGTERM to this process is forwarded; either way they save and stop. Returns
+    ``RUN/final`` when the run finished, else ``None``."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    final = Path(data["out_dir"]) / "final"
+    if (final / "recipe.json").exists():  # written last by a finished run: nothing to launch
+        return final
+    threads = int(data.get("threads") or 1)
+    per_rank, micro = divmod(int(data["global_batch"]), nproc)
+    if micro:
+        raise ValueError(f"--nproc {nproc} does not divide the stage's global batch {data['global_batch']}")
+    # the largest micro-batch <= the recipe's that splits each rank's share: the same samples per step
+    micro = max(m for m in range(1, min(int(data["micro_batch"]), per_rank) + 1) if per_rank % m == 0)
+    data = {**data, "micro_batch": micro}
+    recipe_file = folder / "recipe-ddp.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = json.loads(json.dumps({**data, "distributed": "ddp", "threads": threads}))  # tuples -> lists for YAML
+    recipe_file.write_text(yaml.safe_dump(plain, sort_keys=False))
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+               "-m", "visor", "train", str(recipe_file), "--resume"] + ([] if progress else ["--no-progress"])
+    child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # the workers got it too: let them save
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0 and not final.exists():
+        if code in (-signal.SIGTERM, -signal.SIGINT, 130, 143) or child.returncode is None:
+            return None
+        raise RuntimeError(f"the distributed training stage failed (exit status {code}): {' '.join(command)}")
+    return final if (final / "recipe.json").exists() else None
+
+
 def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
-              log: Callable[[str], None] = print, on_stage: Callable[[str], None] | None = None) -> Trained:
-    """Run (or skip, or resume) every training-side stage; returns the two checkpoints to evaluate."""
+              log: Callable[[str], None] = print, on_stage: Callable[[str], None] | None = None,
+              nproc: int = 1) -> Trained:
+    """Run (or skip, or resume) every training-side stage; returns the two checkpoints to evaluate.
+
+    ``nproc`` > 1 runs each training stage under torchrun with that many DDP processes
+    (:func:`train_stage_distributed`); the stages' cache keys do not depend on it."""
     from visor.train.loop import Trainer
     from visor.train.recipe import Recipe, build
 
@@ -81,7 +137,10 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         def body(folder: Path) -> dict:
             data = {**raw, **paths, "out_dir": str(folder / "run")}
             recipe = build(Recipe, data, where=f"{preset.name} preset, stage {name}")
-            final = Trainer(recipe, resume=True, progress=progress).train()
+            if nproc > 1:
+                final = train_stage_distributed(recipe.to_dict(), folder, nproc, progress)
+            else:
+                final = Trainer(recipe, resume=True, progress=progress).train()
             if final is None:
                 raise StageInterrupted(f"stage {name} stopped before its last step; rerun the same command to resume "
                                        f"from its newest checkpoint in {folder / 'run' / 'checkpoints'}")
