@@ -481,6 +481,8 @@ class Trainer:
             summary = result.summary
             self._metric({"step": step, "eval": summary})
             self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}")
+        if self.env.is_main and summary is not None:  # the curve so far, to look at while a long run goes on
+            plot_metrics(self.metrics_path, self.run_dir / "loss.png")
         barrier(self.env)
         return summary
 
@@ -532,8 +534,9 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     if not Path(metrics_path).exists():
         return
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval" in r]
+    # a resumed run logs again the steps since its checkpoint: the later row of a step is the one that counts
+    train = sorted({r["step"]: r for r in rows if "loss" in r}.values(), key=lambda r: r["step"])
+    evals = sorted({r["step"]: r for r in rows if "eval" in r}.values(), key=lambda r: r["step"])
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train])
