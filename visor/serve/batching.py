@@ -308,9 +308,8 @@ class BatchEngine:
         if reducer is not None:
             kwargs["reducer"] = reducer
         routed = None
-        if on_request:  # the router reads the base view and picks the resolution too: tiles only where needed
-            pass
-        elif spec.route and callable(getattr(self.model, "route", None)):
+        # a router that picks the resolution too runs below (generate_on_request): tiles only where needed
+        if spec.route and not on_request and callable(getattr(self.model, "route", None)):
             # ask the router first (its choices are needed for the FLOPs), then generate with them; the
             # images are encoded once for both
             features = self.model.encode_images(inputs["pixel_values"], inputs["image_sizes"],
@@ -320,11 +319,11 @@ class BatchEngine:
                 batch_num_images=inputs.get("batch_num_images"), budget=spec.budget or 0.0)]
             kwargs["active_sa"] = routed
             kwargs["image_features"] = features
-        elif spec.route:  # generation routes internally: the choices (and so the FLOPs) stay unknown
+        elif spec.route and not on_request:  # generation routes internally: the choices (and FLOPs) stay unknown
             kwargs["route"] = True
             if spec.budget is not None:
                 kwargs["budget"] = spec.budget
-        else:
+        elif not spec.route:
             kwargs["active_sa"] = [spec.config] * len(jobs)
         streamer = _DeltaStreamer(jobs[0], self) if jobs[0].prepared.stream else None
         if streamer is not None:
