@@ -188,6 +188,35 @@ def test_training_stage_under_torchrun_matches_one_process(tmp_path):
                                 progress=False)
 
 
+def test_status_reads_the_work_dir(quick, tmp_path):
+    """`visor reproduce --status`: every stage of a finished quick run complete at its last step; a running
+    stage's progress, throughput, time left and latest validation come from its metrics.jsonl."""
+    result = visor_cli(["reproduce", "--quick", "--status", "--work-dir", str(quick["root"] / "work")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["stages"]}
+    assert list(stages) == ["vision", "base", "stage1", "configs", "stage2", "labels", "router"]
+    assert all(s["status"] == "complete" for s in stages.values())
+    assert stages["base"]["step"] == stages["base"]["max_steps"] == 6 and stages["base"]["eta_s"] is None
+
+    from visor.reproduce.status import format_status, work_dir_status
+
+    run = tmp_path / "2-base" / "run"
+    run.mkdir(parents=True)
+    (tmp_path / "2-base" / "stage.json").write_text(json.dumps(
+        {"stage": "base", "status": "running", "spec": {"max_steps": 100, "global_batch": 4}, "seconds": 60}))
+    rows = [{"step": 10, "loss": 2.0, "samples_per_s": 1.0}, {"step": 20, "loss": 1.5, "samples_per_s": 3.0},
+            {"step": 20, "eval": {"easy_mean": 0.5, "hard_mean": 0.25, "n_items": 8}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 2')  # cut by a crash
+    base = work_dir_status(tmp_path)[1]
+    assert (base.status, base.step, base.loss, base.samples_per_s) == ("running", 20, 1.5, 2.0)
+    assert base.eta_s == (100 - 20) * 4 / 2.0 and base.validation == {"step": 20, "easy_mean": 0.5, "hard_mean": 0.25}
+    table = format_status(work_dir_status(tmp_path))
+    assert "20/100 (20%)" in table and "easy 50.0%, hard 25.0%" in table and "2m40s" in table
+    assert work_dir_status(tmp_path)[2].status == "pending"
+    missing = visor_cli(["reproduce", "--status", "--work-dir", str(tmp_path / "nothing")])
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
 # ---------------------------------------------------------------------- stage cache
 def test_stage_cache_skips_resumes_and_invalidates(tmp_path):
     logs = []

@@ -63,6 +63,9 @@ def register(subparsers) -> None:
                              "(each with the recipe's threads; the cache does not depend on N, so a stage can resume "
                              "with another N); default 1 (in this process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--status", action="store_true",
+                        help="print where the runs in --work-dir stand (stage, step, loss, samples/s, time left, "
+                             "latest validation) and exit; loads no model, safe beside a running reproduce")
     parser.set_defaults(func=run)
 
 
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from visor.reproduce.pipeline import set_threads
 
     mode = "quick" if args.quick else "train" if args.train else "shipped"
+    if args.status:
+        return _status(Path(args.work_dir or ("runs/reproduce-quick" if mode == "quick" else "runs/reproduce")))
     if args.ship and mode == "shipped":
         print("visor reproduce: --ship copies what --train (or --quick) produced; add --train", file=sys.stderr)
         return 2
@@ -95,6 +100,23 @@ def run(args: argparse.Namespace) -> int:
         if data is None:
             return 130
     return _finish(data, out, mode)
+
+
+def _status(work_dir: Path) -> int:
+    from dataclasses import asdict
+
+    from visor.cli.common import print_json_line
+    from visor.reproduce.status import format_status, work_dir_status
+
+    try:
+        stages = work_dir_status(work_dir)
+    except FileNotFoundError as err:
+        print(f"visor reproduce --status: {err}", file=sys.stderr)
+        return 2
+    print(f"{work_dir}:")
+    print(format_status(stages))
+    print_json_line({"work_dir": str(work_dir), "stages": [asdict(s) for s in stages]})
+    return 0
 
 
 def _shipped(args, work_dir: Path, progress: bool, log):
