@@ -141,6 +141,18 @@ def test_eval_matches_hand_computation(work, capsys, tmp_path):
         assert line_b[key] == pytest.approx(hand[key]), key
     assert line_b["per_family"] == pytest.approx(hand["per_family"])
     assert set(hand["per_family"]) == {"color", "code"} and hand["easy_mean"] != hand["hard_mean"]
+    # partial credit: edit similarity per item (1 for the exact items, 1 - 1/len for the near miss)
+    from visor.eval.graders import levenshtein
+
+    for k, (rec, row) in enumerate(zip(crafted, rows_b)):
+        refs = rec.get("answers") or [rec["conversations"][1]["value"]]
+        p = " ".join(row["prediction"].lower().split())
+        want = max(1.0 - levenshtein(p, " ".join(r.lower().split())) / max(len(p), len(r), 1) for r in refs)
+        assert row["similarity"] == pytest.approx(want if p or any(refs) else 1.0)
+    assert [rows_b[k]["similarity"] for k in (0, 1, 3, 5)] == [1.0, 1.0, 1.0, 1.0]
+    similar = hand_summary([{**r, "score": r["similarity"]} for r in rows_b])
+    assert line_b["hard_similarity_mean"] == pytest.approx(similar["hard_mean"])
+    assert line_b["easy_similarity_mean"] == pytest.approx(similar["easy_mean"])
 
     # FLOPs: the baseline (every layer SA) from counts made without the harness
     geometry = Geometry.from_config(work["config"])

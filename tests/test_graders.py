@@ -67,6 +67,17 @@ def test_anls_edge_cases():
     assert anls("abc", "abd", threshold=0.3) == 0.0  # 1/3 >= 0.3
 
 
+def test_edit_similarity_is_unthresholded_anls():
+    from visor.eval.graders import edit_similarity
+
+    assert edit_similarity("KKA", "KKA") == 1.0
+    assert edit_similarity("KKN", "KKA") == pytest.approx(2 / 3)
+    assert edit_similarity("KN", "KKA") == pytest.approx(1 / 3)  # below ANLS's cut-off: ANLS gives 0
+    assert anls("KN", "KKA") == 0.0
+    assert edit_similarity("zzz", ["KKA", "zzA"]) == pytest.approx(2 / 3)  # the closest reference
+    assert edit_similarity("abc", "xyz") == 0.0
+
+
 def test_parse_number():
     assert parse_number("42") == 42.0
     assert parse_number(" -3.5 ") == -3.5

@@ -177,6 +177,13 @@ def anls(prediction: str, answers: Answers, threshold: float = 0.5) -> float:
     return best
 
 
+def edit_similarity(prediction: str, answers: Answers) -> float:
+    """1 - normalised edit distance to the closest reference (ANLS without its 0.5 cut-off): partial
+    credit that shows a model starting to read (``"KKN"`` for ``"KKA"`` scores 2/3) before exact match
+    moves. A diagnostic reported next to the scores, not a grader."""
+    return anls(prediction, answers, threshold=1.0)
+
+
 def parse_number(text: str) -> float | None:
     """A float from ``text`` (``"1,234"``, ``"-3.5"``, ``"45%"`` -> 0.45), or ``None``."""
     t = str(text).strip().replace(" ", "")

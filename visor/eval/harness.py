@@ -62,7 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visor.data.batch import Batcher, Sample, count_tokens
-from visor.eval.graders import UnknownGraderError, aggregate, get_grader, grader_names
+from visor.eval.graders import UnknownGraderError, aggregate, edit_similarity, get_grader, grader_names
 from visor.model.plan import format_slots
 
 UNREADABLE_FAMILY = "(unreadable)"
@@ -110,6 +110,7 @@ class ItemResult:
     warning: str | None = None
     resolution: str | None = None  # "full" (base + tiles) or "base" (base view only): visor.model.resolution
     vision_crops: int | None = None  # crops the vision tower encoded for this item (the routing pass's included)
+    similarity: float | None = None  # edit similarity to the answer (visor.eval.graders.edit_similarity)
 
 
 @dataclass
@@ -472,6 +473,7 @@ def evaluate(
                     tokens = tokens[: tokens.index(eos) + 1]
                 prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 score = float(get_grader(item.grader)(prediction, item.answers))
+                similarity = edit_similarity(prediction, item.answers)
                 sizes = [(im.height, im.width) for im in samples[row].images]
                 res = chosen[row].resolution if chosen is not None else "full"
                 if on_request is not None:  # routing pass on the base layout; the crops really encoded
@@ -490,7 +492,7 @@ def evaluate(
                     item.id, item.family, item.difficulty, item.grader, item.answers[0], prediction, score,
                     active_sa=format_slots(configs[row]), llm_flops=llm, vision_flops=vision,
                     visual_tokens=n_llm, text_tokens=int(text[row]), new_tokens=len(tokens), warning=item.warning,
-                    resolution=res, vision_crops=crops,
+                    resolution=res, vision_crops=crops, similarity=similarity,
                 )
         bar.update(min(batch_size, len(runnable) - start))
     bar.close()
@@ -501,6 +503,10 @@ def evaluate(
 def summarize(results: Sequence[ItemResult]) -> dict:
     """Scores (:func:`visor.eval.graders.aggregate`) and cost means over the items that ran."""
     summary = aggregate([{"family": r.family, "difficulty": r.difficulty, "score": r.score} for r in results])
+    # partial credit (edit similarity), a more sensitive signal than the scores early in training
+    similar = aggregate([{"family": r.family, "difficulty": r.difficulty, "score": r.similarity} for r in results])
+    summary["per_family_similarity"] = similar["per_family"]
+    summary["easy_similarity_mean"], summary["hard_similarity_mean"] = similar["easy_mean"], similar["hard_mean"]
     ran = [r for r in results if r.llm_flops is not None]
 
     def mean(values: list) -> float | None:
@@ -543,11 +549,14 @@ def format_table(summary: dict, title: str = "") -> str:
     from visor.cost import format_flops
 
     lines = [title] if title else []
-    lines.append(f"{'family':<14} {'score':>7} {'n':>5}")
+    similarity = summary.get("per_family_similarity") or {}
+    lines.append(f"{'family':<14} {'score':>7} {'n':>5} {'edit sim':>9}")
     for family, score in summary["per_family"].items():
-        lines.append(f"{family:<14} {_percent(score):>7} {summary['per_family_n'][family]:>5}")
+        lines.append(f"{family:<14} {_percent(score):>7} {summary['per_family_n'][family]:>5} "
+                     f"{_percent(similarity.get(family)):>9}")
     for key in ("easy_mean", "hard_mean", "overall_mean"):
-        lines.append(f"{key:<14} {_percent(summary.get(key)):>7}")
+        sim = summary.get(key.replace("_mean", "_similarity_mean"))
+        lines.append(f"{key:<14} {_percent(summary.get(key)):>7} {'':>5} {_percent(sim) if sim is not None else '':>9}")
     flops = summary.get("mean_flops")
     total = summary.get("mean_total_flops")
     lines.append(f"items {summary['n_items']}, skipped {summary['n_skipped']}, "
