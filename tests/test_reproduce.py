@@ -188,6 +188,36 @@ def test_training_stage_under_torchrun_matches_one_process(tmp_path):
                                 progress=False)
 
 
+def test_sigterm_stops_a_distributed_stage_with_a_checkpoint(tmp_path):
+    """SIGTERM to `visor reproduce` reaches the torchrun workers: they save a checkpoint at their current
+    step and the stage reports itself interrupted (resumable), not failed."""
+    script = tmp_path / "stop.py"
+    script.write_text(f"""
+import os, signal, sys, threading, time
+from pathlib import Path
+from visor.reproduce.pipeline import train_stage_distributed
+from visor.reproduce.presets import quick_preset
+from visor.train.recipe import Recipe, build
+tmp = Path({str(tmp_path)!r})
+raw = dict(quick_preset().recipes["base"], max_steps=400, save_every=1000)
+recipe = build(Recipe, {{**raw, "out_dir": str(tmp / "run")}})
+def stop_once_training():
+    while not (tmp / "run" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=stop_once_training, daemon=True).start()
+print("RESULT", train_stage_distributed(recipe.to_dict(), tmp, 2, progress=False))
+""")
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RESULT None" in result.stdout
+    from visor.train.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and 0 < int(checkpoint.name.split("_")[1]) < 400  # saved mid-run, on the signal
+
+
 def test_status_reads_the_work_dir(quick, tmp_path):
     """`visor reproduce --status`: every stage of a finished quick run complete at its last step; a running
     stage's progress, throughput, time left and latest validation come from its metrics.jsonl."""

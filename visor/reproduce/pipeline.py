@@ -98,21 +98,27 @@ def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
                "-m", "visor", "train", str(recipe_file), "--resume"] + ([] if progress else ["--no-progress"])
     child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    stopped = []  # a signal reached us (and so the workers): their non-zero exit is an interruption, not a failure
+
+    def forward(signum, frame) -> None:
+        stopped.append(signum)
+        child.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         while True:
             try:
                 code = child.wait()
                 break
-            except KeyboardInterrupt:  # the workers got it too: let them save
-                continue
+            except KeyboardInterrupt:  # the workers got it too (same process group): let them save
+                stopped.append(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if code != 0 and not final.exists():
-        if code in (-signal.SIGTERM, -signal.SIGINT, 130, 143) or child.returncode is None:
-            return None
+    if (final / "recipe.json").exists():
+        return final
+    if code != 0 and not stopped and code not in (-signal.SIGTERM, -signal.SIGINT):
         raise RuntimeError(f"the distributed training stage failed (exit status {code}): {' '.join(command)}")
-    return final if (final / "recipe.json").exists() else None
+    return None
 
 
 def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
