@@ -146,6 +146,9 @@ class DenseVisionTask:
         import numpy as np
 
         from visor.data.synth.dense import dense_targets
+        from visor.train.models import SIGLIP_MEAN, SIGLIP_STD
+
+        mean, std = np.asarray(SIGLIP_MEAN, np.float32), np.asarray(SIGLIP_STD, np.float32)
 
         pixels, targets = [], {"left": [], "right": [], "color": [], "dots": []}
         for index in indices:
@@ -169,7 +172,7 @@ class DenseVisionTask:
                 dense = dense_targets(item, self.patch)
                 box = (y // self.patch, x // self.patch)
             array = np.asarray(image, dtype=np.float32) / 255.0
-            pixels.append(torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1))
+            pixels.append(torch.from_numpy((array - mean) / std).permute(2, 0, 1))
             grid = self.size // self.patch
             for key in targets:
                 values = getattr(dense, key)

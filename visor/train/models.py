@@ -174,11 +174,22 @@ def export_llava_onevision(model, folder: Path, tokenizer, image_processor) -> N
     image_processor.save_pretrained(str(folder))
 
 
+# SigLIP's pixel normalisation, as LLaVA-OneVision's preprocessor_config.json gives it; the dense
+# pre-training of our tower normalises with the same numbers, so the tower sees in the LVLM what it
+# learned on (transformers' default for this processor class is CLIP's mean/std: 35% per-patch glyph
+# accuracy instead of 92% for our frozen tower, measured)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
 def image_processor_for(config):
+    """The PIL LLaVA-OV image processor for a model we build: its crop size, anyres grid and SigLIP's
+    normalisation."""
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     size = config.vision_config.image_size
     return LlavaOnevisionImageProcessorPil(
         size={"height": size, "width": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+        image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD),
     )
