@@ -114,6 +114,28 @@ def test_base_loss_goes_down_and_exports_llava_onevision(base_run):
     assert result.summary["n_items"] == 4 and result.summary["n_skipped"] == 0
 
 
+def test_lvlm_pixels_are_normalised_as_the_tower_was_pretrained(tmp_path):
+    """The image processor of a model we build gives the vision tower the pixels its dense pre-training
+    used (SigLIP's 0.5 mean/std, as LLaVA-OV's preprocessor_config): a 64 px image's base view through the
+    processor equals the pre-training batch's normalisation of the same image."""
+    from transformers import LlavaOnevisionConfig
+
+    from visor.train.loop import DenseVisionTask
+    from visor.train.models import image_processor_for
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "v", kind="vision", model={**TINY_MODEL, "patch_size": 8}))
+    task = DenseVisionTask(recipe)
+    item = task.source.item(0)  # index 0 is a base view: the whole image resized to 64 px
+    resized = item.image.resize((64, 64))
+    expected = task.batch([0])["pixel_values"][0]
+    config = LlavaOnevisionConfig(vision_config={"model_type": "siglip_vision_model", "image_size": 64, "patch_size": 8},
+                                  image_grid_pinpoints=[[64, 64]])
+    processor = image_processor_for(config)
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5] and list(processor.image_std) == [0.5, 0.5, 0.5]
+    pixels = processor(images=[resized], return_tensors="pt")["pixel_values"][0, 0]
+    assert torch.allclose(pixels, expected, atol=1e-5)
+
+
 def test_mid_run_checkpoint_evaluates_with_the_cli(base_run, tmp_path, capsys):
     """Every step checkpoint carries its tokenizer and image processor: `visor eval` runs on it mid-run."""
     from visor.cli.main import main
