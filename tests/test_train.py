@@ -309,3 +309,60 @@ def test_configs_cli_writes_viable_set(base_run, tmp_path, capsys):
     loaded = VisorForConditionalGeneration.from_pretrained(tmp_path / "s1v")
     assert loaded.config.viable_configs == result["viable"] and len(result["viable"]) == loaded.plan.num_slots + 1
     assert list(loaded.plan.slot_order) == result["slot_order"]
+
+
+def test_questions_per_image_adds_correct_turns_about_the_same_scene(tmp_path):
+    """data.questions_per_image: extra question turns about the same scene, their answers read off the
+    scene independently here, deterministic per index, every assistant turn a training target; a family
+    whose scene holds one answer stays single-turn."""
+    import re
+
+    from transformers import LlavaOnevisionConfig
+
+    from visor.data.batch import Batcher
+    from visor.data.synth.families import other_queries
+    from visor.data.tokenizer import build_tokenizer
+    from visor.processing.processor import ImageGeometry
+    from visor.train.loop import SampleSource
+    from visor.train.models import image_processor_for
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "q", data={"families": ["doc", "chart", "presence", "code"],
+                                                           "questions_per_image": 3}))
+    source = SampleSource(recipe)
+    seen = set()
+    for index in range(12):
+        item, turns = source.item(index), source.sample(index).turns
+        assert turns[:2] == item.conversations()
+        extra = 0 if item.family == "code" else min(2, len(other_queries(item.scene)))
+        assert len(turns) == 2 + 2 * extra
+        asked = [item.question] + [t["value"] for t in turns[2::2]]
+        assert len(set(asked)) == len(asked)  # never the same question twice
+        for human, gpt in zip(turns[2::2], turns[3::2]):
+            assert human["from"] == "human" and gpt["from"] == "gpt" and "<image>" not in human["value"]
+            pattern = {"doc": r"value of (.+)\?$", "chart": r"bar (\w+)\?$", "presence": r"there a (\w+) in"}[item.family]
+            name = re.search(pattern, human["value"]).group(1)
+            if item.family == "doc":  # the value printed after that key
+                rows = dict(t["text"].split(": ") for t in item.scene["texts"] if t["role"] == "doc_row")
+                assert gpt["value"] == rows[name]
+            elif item.family == "chart":  # the value of the bar carrying that label
+                assert gpt["value"] == str(next(b["value"] for b in item.scene["bars"] if b["label"] == name))
+            else:  # presence: is a large shape of that kind drawn
+                drawn = {sh["kind"] for sh in item.scene["shapes"] if sh["size"] >= item.scene["large_min"]}
+                assert gpt["value"] == ("yes" if name in drawn else "no")
+            seen.add(item.family)
+        assert source.sample(index).turns == turns  # deterministic
+    assert seen == {"doc", "chart", "presence"}
+    single = SampleSource(load_recipe(tiny_recipe(tmp_path, "s", data={"families": ["doc"]})))
+    assert len(single.sample(0).turns) == 2
+    # every assistant turn is a training target
+    tok = build_tokenizer()
+    config = LlavaOnevisionConfig(vision_config={"model_type": "siglip_vision_model", "image_size": 64, "patch_size": 16},
+                                  image_grid_pinpoints=[[64, 64]])
+    doc = next(source.sample(i) for i in range(12) if source.item(i).family == "doc")
+    batch = Batcher(tok, image_processor_for(config), ImageGeometry.from_config(config)).train_batch([doc])
+    targets = tok.decode([t for t, label in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist()) if label != -100])
+    position = 0
+    for answer in (t["value"] for t in doc.turns[1::2]):  # in order, each answer among the targets
+        position = targets.index(answer, position) + len(answer)
+    with pytest.raises(ValueError, match="questions_per_image"):
+        build(Recipe, {"kind": "base", "out_dir": "x", "data": {"questions_per_image": 0}})

@@ -70,7 +70,19 @@ class SampleSource:
             record = self.records[index % len(self.records)]
             return Sample(record.load_images(), record.conversations)
         item = self.item(index)
-        return Sample([item.image], item.conversations())
+        turns = item.conversations()
+        extra = self.recipe.data.questions_per_image - 1
+        if extra > 0:  # more questions about the same scene, in a fixed order per index
+            import numpy as np
+
+            from visor.data.synth.families import derive_answer, other_queries, question_text
+
+            queries = other_queries(item.scene)
+            order = np.random.default_rng([self.recipe.data.seed, index]).permutation(len(queries))
+            for q in order[:extra]:
+                scene = {**item.scene, "query": queries[int(q)]}
+                turns += [{"from": "human", "value": question_text(scene)}, {"from": "gpt", "value": derive_answer(scene)}]
+        return Sample([item.image], turns)
 
 
 def micro_indices(recipe: Recipe, step: int, accum: int, env: DistEnv) -> list[int]:

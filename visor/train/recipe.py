@@ -57,6 +57,7 @@ class DataSpec:
     synth_image_size: int | None = None  # synth: override SynthConfig.image_size
     seed: int = 0  # synth: dataset seed (splits derive disjoint seeds from it)
     val_n: int = 200  # validation items evaluated periodically
+    questions_per_image: int = 1  # synth training: up to this many question turns per image (families.other_queries)
     workers: int = 1  # background processes generating/processing samples
 
 
@@ -129,6 +130,9 @@ class Recipe:
             raise ValueError("data.source=llava needs data.path (a LLaVA JSON/JSONL file)")
         if self.save_every <= 0:
             raise ValueError("save_every must be positive")
+        if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source != "synth"):
+            raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth data (a LLaVA "
+                             f"file brings its own turns), got {self.data.questions_per_image}")
 
     def accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch * world_size

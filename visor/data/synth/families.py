@@ -400,6 +400,23 @@ def question_text(scene: dict) -> str:
     return template.format(**{k: v for k, v in query.items() if k != "template"})
 
 
+def other_queries(scene: dict) -> list[dict]:
+    """The other questions the same scene answers, as ``query`` dicts (template 0): every other key of a
+    document, every other bar of a chart, every other shape kind for presence; none for the families whose
+    scene holds one answer. With :func:`derive_answer` they give extra training turns per image
+    (``DataSpec.questions_per_image``): more supervision for one pass over the visual tokens."""
+    family, query = scene["family"], scene.get("query", {})
+    if family == "doc":
+        keys = [t["text"].partition(": ")[0] for t in scene["texts"] if t["role"] == "doc_row"]
+        return [{"template": 0, "key": k} for k in keys if k != query.get("key")]
+    if family == "chart":
+        labels = [t["text"] for t in scene["texts"] if t["role"] == "bar_label"]
+        return [{"template": 0, "label": label} for label in labels if label != query.get("label")]
+    if family == "presence":
+        return [{"template": 0, "kind": k} for k in SHAPES if k != query.get("kind")]
+    return []
+
+
 def _largest(shapes: list[dict]) -> dict:
     return max(shapes, key=lambda s: shape_area(s["kind"], s["size"]))
 
