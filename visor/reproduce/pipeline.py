@@ -82,8 +82,8 @@ def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool
     if (final / "recipe.json").exists():  # written last by a finished run: nothing to launch
         return final
     threads = int(data.get("threads") or 1)
-    per_rank, micro = divmod(int(data["global_batch"]), nproc)
-    if micro:
+    per_rank, remainder = divmod(int(data["global_batch"]), nproc)
+    if remainder:
         raise ValueError(f"--nproc {nproc} does not divide the stage's global batch {data['global_batch']}")
     # the largest micro-batch <= the recipe's that splits each rank's share: the same samples per step
     micro = max(m for m in range(1, min(int(data["micro_batch"]), per_rank) + 1) if per_rank % m == 0)
