@@ -49,6 +49,17 @@ def _reducer_schedule(reducer: str | None) -> tuple[tuple[int, ...] | None, int]
 
 
 @lru_cache(maxsize=None)
+def _plan_for(layers: int, n_sa: int | None):
+    """(plan, active slots): every layer SA for the baseline (``n_sa=None``), else the default plan with
+    its first ``n_sa`` slots."""
+    from visor.model.plan import LayerPlan
+
+    if n_sa is None:
+        return LayerPlan.all_self_attention(layers), None
+    plan = LayerPlan.default(layers)
+    return plan, plan.first_slots(min(int(n_sa), plan.num_slots))
+
+
 def projected_flops(n_sa: int | None, reducer: str | None = None, router: tuple[int, int, int] | None = None) -> float:
     """One sample's LLM prefill FLOPs at 0.5B geometry.
 
@@ -56,17 +67,12 @@ def projected_flops(n_sa: int | None, reducer: str | None = None, router: tuple[
     ``reducer``: ``"NAME:AMOUNT"``; ``router``: ``(num_tokens, mlp_hidden, n_configs)`` of a routed sample.
     """
     from visor.cost import count_prefill
-    from visor.model.plan import LayerPlan
 
     geometry = _geometry()
     layers = geometry.text.num_layers
     n_visual, n_text = PROJECTION["n_visual"], PROJECTION["n_text"]
     per_layer, overhead = _reducer_schedule(reducer)
-    if n_sa is None:
-        plan, active = LayerPlan.all_self_attention(layers), None
-    else:
-        plan = LayerPlan.default(layers)
-        active = plan.first_slots(min(int(n_sa), plan.num_slots))
+    plan, active = _plan_for(layers, n_sa)
     flops = float(count_prefill(geometry, plan, active, n_visual, n_text, visual_tokens_per_layer=per_layer,
                                 compression_overhead_flops=overhead).llm_total)
     if router is not None and n_sa is not None:
@@ -111,7 +117,6 @@ def projected_parts(n_sa: int | None, reducer: str | None = None, router: tuple[
     (square images), so it encodes 10 crops in all."""
     from visor.cost import count_prefill
     from visor.cost.flops import projector_flops, vision_encoder_flops
-    from visor.model.plan import LayerPlan
 
     geometry = _geometry()
     base = resolution == "base"
@@ -126,11 +131,7 @@ def projected_parts(n_sa: int | None, reducer: str | None = None, router: tuple[
         from visor.cost import reducer_schedule
 
         per_layer, overhead = reducer_schedule(geometry, reducer, n_visual, n_text, n_crops=crops)
-    if n_sa is None:
-        plan, active = LayerPlan.all_self_attention(layers), None
-    else:
-        plan = LayerPlan.default(layers)
-        active = plan.first_slots(min(int(n_sa), plan.num_slots))
+    plan, active = _plan_for(layers, n_sa)
     flops = float(count_prefill(geometry, plan, active, n_visual, n_text, visual_tokens_per_layer=per_layer,
                                 compression_overhead_flops=overhead or 0).llm_total)
     if router is not None and n_sa is not None:
