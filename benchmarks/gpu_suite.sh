@@ -6,11 +6,15 @@
 #
 #   OUT=runs/gpu-suite bash benchmarks/gpu_suite.sh            # python3 must see torch with CUDA
 #   PYTHON=.venv/bin/python OUT=... bash benchmarks/gpu_suite.sh
+#   PREFILL_BATCH=8 TRAIN=0 OUT=... bash benchmarks/gpu_suite.sh  # the compute-bound regime: 8 prompts per
+#       prefill, the image rows with the most visual tokens, no decode sweep and no training part
 set -u
 OUT=${OUT:-runs/gpu-suite}
 PYTHON=${PYTHON:-python3}
 QUICK=${QUICK:-0}            # 1: a smoke run of the script itself (used on CPU before a GPU run)
 DEVICE=${DEVICE:-cuda}
+PREFILL_BATCH=${PREFILL_BATCH:-1}
+TRAIN=${TRAIN:-1}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 WORK="$OUT/suite"
 mkdir -p "$WORK"
@@ -41,15 +45,19 @@ else
   GEOMETRIES=(llava-ov-0.5b llava-ov-1.5b)
   TRAIN_STEPS=60
 fi
+if [ "$PREFILL_BATCH" != 1 ]; then
+  BENCH_ARGS+=(--prefill-batch "$PREFILL_BATCH" --rows base,640x480,1152x1152,1056x1280 --decode-tokens 2
+               --decode-batches 1)
+fi
 
 for geometry in "${GEOMETRIES[@]}"; do
-  part "bench-$geometry" 180 "$PYTHON" -m visor bench --geometry "$geometry" --dtype bf16 --device "$DEVICE" \
-    "${BENCH_ARGS[@]}" --out "$WORK/bench-$geometry"
+  part "bench-$geometry-b$PREFILL_BATCH" 180 "$PYTHON" -m visor bench --geometry "$geometry" --dtype bf16 \
+    --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench-$geometry-b$PREFILL_BATCH"
 done
 
 # The tiny base recipe under torchrun (one process: NCCL on a GPU, gloo on CPU), random vision tower,
 # no evaluation: checks the GPU training path end to end and gives its samples/s (metrics.jsonl).
-part train-base-tiny 120 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 --master_port 29533 \
+[ "$TRAIN" = 1 ] && part train-base-tiny 120 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 --master_port 29533 \
   -m visor train --device "$DEVICE" --no-progress recipes/base-tiny.yaml \
   out_dir="$WORK/train-base-tiny" vision_init=null max_steps=$TRAIN_STEPS eval_every=100000 \
   save_every=100000 log_every=10 threads=null data.val_n=16

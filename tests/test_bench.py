@@ -260,3 +260,22 @@ def test_reducer_targets_are_reported_per_reducer():
     targets = check_targets(rows, {"dtype": "bf16"})
     assert not targets["reducers"]["fastv"]["met"] and targets["reducers"]["visor-2sa+visionzip"]["met"]
     assert "visor-2sa+visionzip" not in targets["prefill"]
+
+
+def test_prefill_batch_times_several_prompts_and_drops_reducer_rows(tiny_geometry, tmp_path):
+    out = tmp_path / "bench"
+    summary = run_bench(geometry=tiny_geometry, dtype="fp32", out=out, rows=["384x384"], repeats=1, decode_tokens=1,
+                        decode_batches=(1,), memory=True, threads=1, prefill_batch=3, peak_shapes=((256, 256, 256),),
+                        log=lambda *_: None)
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["prefill_batch"] == 3 and "need batch 1" in results["meta"]["reducer_rows"]
+    rows = {r["config"]: r for r in results["rows"]}
+    assert all(r["reducer"] is None and r["prefill_batch"] == 3 for r in rows.values())
+    assert {"baseline", "visor-ca"} <= set(rows) and summary["rows"] == len(rows)
+    # KV bytes are per sample, so they match the analytic count of one prompt whatever the batch
+    for r in rows.values():
+        assert r["kv_bytes"] == r["kv_bytes_analytic"]
+        assert r["achieved_flops_per_s"] == pytest.approx(3 * r["flops_executed"] / r["prefill_s"])
+    assert "batch 3" in (out / "table.txt").read_text()
+    with pytest.raises(ValueError, match="prefill-batch must be positive"):
+        run_bench(geometry=tiny_geometry, out=tmp_path / "x", prefill_batch=0, log=lambda *_: None)

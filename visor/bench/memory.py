@@ -4,8 +4,8 @@ CPU: every row runs in a *fresh process*, because a process's peak RSS only ever
 an interpreter start and a model build per row, one server subprocess (``python -m visor.bench.memory``)
 imports torch, builds the model once (constant weights: values do not change memory) and then forks a
 child per row: the child starts with exactly the model's pages and its own peak counter (Linux sets a new
-process's ``VmHWM`` to its RSS at fork), runs the row's LLM prefill (batch 1, KV cache kept, as generation
-does) and reports ``VmHWM``. The server runs single-threaded so forking is safe; memory does not depend on
+process's ``VmHWM`` to its RSS at fork), runs the row's LLM prefill (the bench's prefill batch, KV cache
+kept, as generation does) and reports ``VmHWM``. The server runs single-threaded so forking is safe; memory does not depend on
 the thread count. ``prefill_rise_bytes`` is the peak over the model alone (activations + KV cache).
 
 GPU: the caching allocator's peak, reset before the row, in the benchmark's own process.
@@ -104,7 +104,8 @@ def run_row(models, row: dict) -> dict:
     from visor.bench.runner import prefill_call
 
     config = BenchConfig(**row["config"])
-    call = prefill_call(models, config, row["n_visual"], row["n_text"], row.get("image_size"), use_cache=True)
+    call = prefill_call(models, config, row["n_visual"], row["n_text"], row.get("image_size"), use_cache=True,
+                        batch=row.get("batch", 1))
     before = current_rss()
     with torch.no_grad():
         out = call()

@@ -97,7 +97,7 @@ def format_table(rows: list[dict], meta: dict, header: bool = True) -> str:
         m = meta.get("machine", {})
         lines.append(f"visor bench: {meta.get('geometry')}, {meta.get('dtype')}, {m.get('device')}, {m.get('threads')} threads, "
                      f"{m.get('cpu')}; torch {m.get('torch')}, transformers {m.get('transformers')}, commit {m.get('git_commit')}")
-        lines.append("prefill = LLM only (visual features given), batch 1; TTFT = vision tower + prefill; decode = ms/token "
+        lines.append(f"prefill = LLM only (visual features given), batch {meta.get('prefill_batch', 1)}; TTFT = vision tower + prefill; decode = ms/token "
                      "from a synthetic cache; %peak = executed FLOPs/s vs the measured matmul peak of this dtype")
     width = max([12] + [len(r["config"]) + 1 for r in rows])
     cols = (f"{'image':<10}{'Nv':>6} {'config':<{width}}{'prefill ms':>11}{'speedup':>8}{'analytic':>9}{'ratio':>6}{'%peak':>6}"

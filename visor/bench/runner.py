@@ -2,11 +2,13 @@
 
 What is measured, per input-image row and LLM configuration (``visor.bench.models``):
 
-* **LLM prefill** (batch 1): ``forward(image_features=..., logits_to_keep=1, use_cache=True)``, i.e. what
-  generation runs before the first token, with the visual features passed in (the vision tower is timed
-  on its own, since VISOR does not change it). Configurations are *interleaved*: every repeat runs each of
-  them once, in a rotated order, so load drift on a shared machine hits all alike. Median over repeats,
-  after warm-up.
+* **LLM prefill** (batch 1, or ``prefill_batch`` identical prompts):
+  ``forward(image_features=..., logits_to_keep=1, use_cache=True)``, i.e. what generation runs before the
+  first token, with the visual features passed in (the vision tower is timed on its own, since VISOR does
+  not change it). A batch above 1 shows the compute-bound regime of a GPU, where batch 1 of a small model
+  is bound by kernel launches; token-reduction rows need batch 1 and are left out then. Configurations
+  are *interleaved*: every repeat runs each of them once, in a rotated order, so load drift on a shared
+  machine hits all alike. Median over repeats, after warm-up.
 * **Vision tower**: SigLIP + projector + anyres packing for the row's crops (median over repeats, run
   in the same interleaved loop). **Time to first token** = vision tower + LLM prefill (the two run one
   after the other; composed from the two medians).
@@ -83,17 +85,17 @@ def prefill_call(models: BenchModels, config: BenchConfig, n_visual: int, n_text
     return call
 
 
-def vision_call(models: BenchModels, row, crops: int):
-    """A closure encoding one image of ``row``: SigLIP + projector (+ anyres packing for a sized image)."""
+def vision_call(models: BenchModels, row, crops: int, batch: int = 1):
+    """A closure encoding ``batch`` images of ``row``: SigLIP + projector (+ anyres packing for a sized image)."""
     model = models.visor
     size = model.config.vision_config.image_size
-    pixels = torch.randn(crops, 3, size, size, generator=torch.Generator().manual_seed(2)).to(models.device, models.dtype)
+    pixels = torch.randn(batch, crops, 3, size, size, generator=torch.Generator().manual_seed(2)).to(models.device, models.dtype)
 
     @torch.no_grad()
     def call():
         if row.size is None:
-            return model.multi_modal_projector(model.vision_features(pixels))
-        return model.encode_images(pixels[None], torch.tensor([list(row.size)], device=models.device))
+            return model.multi_modal_projector(model.vision_features(pixels.flatten(0, 1)))
+        return model.encode_images(pixels, torch.tensor([list(row.size)] * batch, device=models.device))
 
     return call
 
@@ -228,12 +230,15 @@ def _run_bench(
     extra_reducers: tuple[str, ...] = (),
     peak_shapes=None,
     profile: bool = False,
+    prefill_batch: int = 1,
     log=print,
 ) -> dict:
     """Run the benchmark; returns the summary printed as the last JSON line. See the module docstring.
 
-    ``profile``: after the rows, one ``torch.profiler`` pass of every configuration's prefill on the last
-    image row, written to ``OUT/profile_CONFIG.txt`` (ops by self CPU time) with a summary in results.json.
+    ``prefill_batch``: prompts per timed prefill (and images per vision-tower call); token-reduction rows
+    need batch 1 and are dropped above it. ``profile``: after the rows, one ``torch.profiler`` pass of every
+    configuration's prefill on the last image row, written to ``OUT/profile_CONFIG.txt`` (ops by self CPU
+    time) with a summary in results.json.
     """
     from visor.bench.report import Writer, summarize
 
@@ -260,17 +265,28 @@ def _run_bench(
     decode_tokens = decode_tokens or (3 if quick else 8)
     if repeats <= 0 or decode_tokens <= 0 or any(b <= 0 for b in decode_batches):
         raise ValueError("repeats, decode tokens and decode batch sizes must be positive")
+    if prefill_batch <= 0:
+        raise ValueError(f"--prefill-batch must be positive, got {prefill_batch}")
     memory = (dev.type == "cuda" or not quick) if memory is None else memory
     torch_dtype = DTYPES[dtype]
     all_configs, why_not = select_configs(geometry, quick, configs, extra_reducers)
+    if prefill_batch > 1:
+        if extra_reducers:
+            raise ValueError("--reduce rows need batch 1; drop --prefill-batch or --reduce")
+        dropped = [c.name for c in all_configs if c.reducer is not None]
+        all_configs = [c for c in all_configs if c.reducer is None]
+        if dropped:
+            why_not = f"token-reduction rows need batch 1 (prefill batch {prefill_batch}): {', '.join(dropped)} left out"
 
     started = time.time()
     writer = Writer(Path(out))
     meta = {"geometry": geometry, "dtype": dtype, "repeats": repeats, "decode_tokens": decode_tokens,
             "decode_batches": list(decode_batches), "text_tokens": text_tokens, "quick": quick,
+            "prefill_batch": prefill_batch,
             "machine": machine_info(dev, threads)}
     meta["machine"]["threads_choice"] = thread_note
-    log(f"visor bench: {geometry}, {dtype}, {dev}, {threads} threads ({thread_note}), {meta['machine']['cpu']}; out {writer.folder}")
+    log(f"visor bench: {geometry}, {dtype}, {dev}, {threads} threads ({thread_note}), {meta['machine']['cpu']}, "
+        f"prefill batch {prefill_batch}; out {writer.folder}")
 
     shapes = peak_shapes or (QUICK_SHAPES if quick else None)
     peaks = {name: matmul_peak(DTYPES[name], dev, **({"shapes": shapes} if shapes else {})) for name in ("bf16", "fp32")}
@@ -300,7 +316,7 @@ def _run_bench(
         for row_name in row_names:
             row = IMAGE_ROWS[row_name]
             results = measure_row(models, row, all_configs, text_tokens, repeats, decode_tokens, decode_batches,
-                                  peaks, dtype, memory, server, log)
+                                  peaks, dtype, memory, server, log, prefill_batch)
             writer.add_rows(results)
             log(writer.table_for(results))
         if profile:
@@ -412,14 +428,18 @@ def select_configs(geometry: str, quick: bool, names: list[str] | None, extra_re
 
 
 def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_tokens: int, repeats: int, decode_tokens: int,
-                decode_batches, peaks: dict, dtype: str, memory: bool, server, log) -> list[dict]:
-    """Every configuration on one image row: analytic, interleaved prefill + vision timing, decode, memory."""
+                decode_batches, peaks: dict, dtype: str, memory: bool, server, log, prefill_batch: int = 1) -> list[dict]:
+    """Every configuration on one image row: analytic, interleaved prefill + vision timing, decode, memory.
+
+    Prefill, vision and memory run ``prefill_batch`` prompts at once; FLOPs and achieved FLOP/s count the
+    whole batch, KV-cache bytes are per sample.
+    """
     dev = models.device
     n_visual, crops = image_tokens_and_crops(models.visor, row)
     usable = [c for c in configs if c.reducer is None or row.size is not None]  # reducers need an anyres layout
     log(f"\n== {row.name}: {row.label}; {n_visual} visual + {text_tokens} text tokens, {crops} crop(s)")
-    calls = {c.name: prefill_call(models, c, n_visual, text_tokens, row.size) for c in usable}
-    vision = vision_call(models, row, crops)
+    calls = {c.name: prefill_call(models, c, n_visual, text_tokens, row.size, batch=prefill_batch) for c in usable}
+    vision = vision_call(models, row, crops, prefill_batch)
     analytic = {c.name: analytic_row(models, c, n_visual, text_tokens, crops, row.size or (384, 384)) for c in usable}
     for config in usable:  # reducer rows: warm once on their own (shorter) prompts; log the selection overhead
         if config.reducer is not None:
@@ -442,7 +462,8 @@ def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_token
             seconds, out = timed(calls[config.name], dev)
             prefill_cpu[config.name].append(time.process_time() - cpu)
             prefill_times[config.name].append(seconds)
-            kv_measured[config.name] = out.past_key_values.num_bytes if out.past_key_values is not None else None
+            kv_measured[config.name] = (out.past_key_values.num_bytes // prefill_batch
+                                        if out.past_key_values is not None else None)
             del out
         log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{c.name} {prefill_times[c.name][-1]:.2f}s" for c in usable))
     vision_s = median(vision_times)
@@ -466,7 +487,7 @@ def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_token
                 del out
             elif server is not None:
                 result = server.measure({"config": asdict(config), "n_visual": n_visual, "n_text": text_tokens,
-                                         "image_size": list(row.size) if row.size else None})
+                                         "image_size": list(row.size) if row.size else None, "batch": prefill_batch})
                 mem[config.name] = {"peak_bytes": result.get("peak_rss_bytes"), "kind": "fresh-process peak RSS",
                                     "prefill_rise_bytes": result.get("prefill_rise_bytes"), "error": result.get("error")}
         log("  peak memory: " + ", ".join(f"{k} {(v['peak_bytes'] or 0) / 2**20:.0f}MiB" for k, v in mem.items()))
@@ -500,10 +521,11 @@ def measure_row(models: BenchModels, row, configs: list[BenchConfig], text_token
             "cpu_speedup": base_cpu / max(median(prefill_cpu[config.name]), 1e-9),
             "analytic_speedup": analytic[base_name]["flops"] / a["flops"],  # the timed LLM work (selection apart)
             "analytic_speedup_with_selection": analytic[base_name]["flops"] / a["flops_with_selection"],
+            "prefill_batch": prefill_batch,
             "flops": a["flops"],
             "flops_executed": a["flops_executed"],
-            "achieved_flops_per_s": a["flops_executed"] / prefill_s,
-            "fraction_of_peak": a["flops_executed"] / prefill_s / peak,
+            "achieved_flops_per_s": a["flops_executed"] * prefill_batch / prefill_s,
+            "fraction_of_peak": a["flops_executed"] * prefill_batch / prefill_s / peak,
             "vision_s": vision_s,
             "vision_flops": a["vision_flops"],
             "ttft_s": vision_s + prefill_s,

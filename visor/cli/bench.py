@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, help="timed prefill repeats per configuration, median reported (default: 3; --quick: 2)")
     p.add_argument("--decode-tokens", type=int, help="timed decode steps per configuration and batch (default: 8; --quick: 3)")
     p.add_argument("--decode-batches", default="1,16", help="decode batch sizes, comma-separated (default: %(default)s)")
+    p.add_argument("--prefill-batch", type=int, default=1,
+                   help="prompts per timed prefill and images per vision-tower call (default: %(default)s); above 1 "
+                        "shows a GPU's compute-bound regime; token-reduction rows need 1 and are left out")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the prompt (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core torch sees, or 1 when the load average says other processes are using them)")
     memory = p.add_mutually_exclusive_group()
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             geometry=args.geometry, dtype=args.dtype, device=args.device, out=args.out, quick=args.quick,
             rows=_names(args.rows), configs=_names(args.configs), repeats=args.repeats, decode_tokens=args.decode_tokens,
             decode_batches=batches, text_tokens=args.text_tokens, threads=args.threads, memory=args.memory,
-            extra_reducers=tuple(args.reduce), profile=args.profile,
+            extra_reducers=tuple(args.reduce), profile=args.profile, prefill_batch=args.prefill_batch,
         )
     except ValueError as err:
         print(f"visor bench: error: {err}", file=sys.stderr)
