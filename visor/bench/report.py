@@ -142,7 +142,8 @@ def plot_speedups(rows: list[dict], path: Path, meta: dict) -> None:
     ax.grid(True, which="both", alpha=0.3)
     m = meta.get("machine", {})
     threads = m.get("threads")
-    ax.set_title(f"{meta.get('geometry')} {meta.get('dtype')}, {m.get('device')} ({threads} thread{'' if threads == 1 else 's'})",
+    where = m.get("gpu") or f"{m.get('device')} ({threads} thread{'' if threads == 1 else 's'})"
+    ax.set_title(f"{meta.get('geometry')} {meta.get('dtype')}, {where}, prefill batch {meta.get('prefill_batch', 1)}",
                  fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
