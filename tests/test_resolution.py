@@ -459,3 +459,52 @@ def test_reproduce_row_has_end_to_end_columns_and_resolution_choices():
     assert row["projected_total_flops"] == pytest.approx((sum(base_part) + sum(full_part)) / 2)
     assert row["projected_total_reduction"] == pytest.approx(baseline_total_flops() / row["projected_total_flops"])
     assert base_part[1] * 10 == pytest.approx(full_part[1])  # 1 crop vs 10
+
+
+def test_reproduce_timing_composes_end_to_end_seconds_for_a_resolution_router(routed):
+    """The reproduction's timing with a resolution router: the base view, the routing pass on the base layout,
+    each configuration's prefill on its own layout and the tiles of full items, composed by the router's choices."""
+    from collections import Counter
+
+    from visor.data.batch import Batcher, Sample
+    from visor.reproduce import timing as T
+    from visor.reproduce.methods import Method
+
+    tok, processor = tiny_tokenizer(), tiny_image_processor(routed.config)
+    items = eval_items(3)
+    fixed = Method("visor-2sa", "VISOR 2 SA", "visor", "visor", active_sa=(0, 1))
+    routed_method = Method("visor-routed", "VISOR routed", "visor", "visor", route=True)
+    reduced = Method("visor-tr-2x", "VISOR-TR 2x", "visor", "visor+reduction", route=True, reducer="pooling:2x")
+    configs = routed.config.router["configs"]
+    measured = T.measure({"visor": routed}, {"visor": tok}, {"visor": processor}, items, [fixed, routed_method, reduced],
+                         configs, repeats=1, precision="fp32", progress=False)
+    atoms = measured["atoms"]
+    assert {("visor", "vision", None, BASE), ("visor", "tiles", None, FULL), ("visor", "route", None, BASE),
+            ("visor", (), None, BASE), ("visor", (0,), None, BASE), ("visor", (0, 1), None, FULL)} <= set(atoms)
+    assert not any(a[2] for a in atoms)  # the reducer's resolution-routed prefills are not timed
+    chosen = Counter({(BASE, ()): 2, (FULL, (0, 1)): 1})
+    llm = T.method_seconds(routed_method, measured, chosen)
+    e2e = T.method_seconds(routed_method, measured, chosen, end_to_end=True)
+    route = atoms[("visor", "route", None, BASE)]
+    prefill_base, prefill_full = atoms[("visor", (), None, BASE)], atoms[("visor", (0, 1), None, FULL)]
+    assert llm == pytest.approx(route + 2 / 3 * prefill_base + 1 / 3 * prefill_full)
+    assert e2e == pytest.approx(llm + atoms[("visor", "vision", None, BASE)] + 1 / 3 * atoms[("visor", "tiles", None, FULL)])
+    assert T.method_seconds(fixed, measured, None, end_to_end=True) == pytest.approx(
+        atoms[("visor", (0, 1), None, FULL)] + atoms[("visor", "vision", None, FULL)])
+    assert T.method_seconds(reduced, measured, chosen) is None and T.method_seconds(reduced, measured, chosen, True) is None
+    assert T.chosen_layouts([{"active_sa": "none", "resolution": "base"}, {"active_sa": "0+1"}]) == Counter(
+        {(BASE, ()): 1, (FULL, (0, 1)): 1})
+
+    # what the vision atoms run: one crop for the base view; for a square image only its tiles (base view reused)
+    batcher = Batcher.for_model(routed, tok, processor)
+    square = Sample([random_image(64, 64, seed=1)], [{"from": "human", "value": "<image>\nwhat is it?"}])
+    prepared = T._Prepared(routed, batcher.prompt_batch([square]), batcher.prompt_batch([square], resolution=BASE))
+    seen, hook = count_crops(routed)
+    try:
+        prepared.encode_base()
+        prepared.encode_tiles()
+        prepared.encode_full()
+    finally:
+        hook.remove()
+    crops = _tiles(routed, [(64, 64)]) + 1
+    assert seen == [1, crops - 1, crops]

@@ -200,25 +200,22 @@ def _timing(cache, models, model_ids, items, spec: EvalSpec, runner: MethodRunne
 
     methods = [r["method"] for r in runner.results.values()]
     router_configs = models["visor"].model.config.router["configs"]
-    from visor.model.resolution import names_resolution
-
-    if names_resolution(router_configs):  # a router that picks the resolution: timed end to end by
-        methods = [m for m in methods if not m.route]  # benchmarks/resolution_e2e.py, not by this LLM-only timing
-        router_configs = []
-    router_configs = [tuple(c) for c in router_configs]
-    chosen = {key: T.chosen_configs(r["predictions"]) for key, r in runner.results.items() if r["method"].route}
+    chosen = {key: T.chosen_layouts(r["predictions"]) for key, r in runner.results.items() if r["method"].route}
     timing_spec = {"methods": sorted({json.dumps(m.spec(), sort_keys=True) for m in methods}), "models": model_ids,
                    "items": spec.timing_items, "repeats": spec.timing_repeats, "precision": spec.precision,
-                   "eval": spec.key(), "chosen": {k: sorted((list(c), n) for c, n in v.items()) for k, v in chosen.items()}}
+                   "eval": spec.key(),
+                   "chosen": {k: sorted(([r, list(c)], n) for (r, c), n in v.items()) for k, v in chosen.items()}}
 
     def body(folder: Path) -> dict:
         measured = T.measure({k: v.model for k, v in models.items()}, {k: v.tokenizer for k, v in models.items()},
                              {k: v.image_processor for k, v in models.items()}, items[: spec.timing_items], methods,
                              router_configs, repeats=spec.timing_repeats, precision=spec.precision, progress=progress)
         seconds = {m.key: T.method_seconds(m, measured, chosen.get(m.key)) for m in methods}
-        data = {"method_seconds": seconds, "items": measured["items"], "repeats": measured["repeats"],
-                "atoms": [{"model": a[0], "config": a[1] if a[1] in (None, "route") else list(a[1]), "reducer": a[2],
-                           "seconds": s} for a, s in measured["atoms"].items()],
+        e2e = {m.key: T.method_seconds(m, measured, chosen.get(m.key), end_to_end=True) for m in methods}
+        data = {"method_seconds": seconds, "method_seconds_e2e": e2e, "items": measured["items"],
+                "repeats": measured["repeats"],
+                "atoms": [{"model": a[0], "config": a[1] if a[1] is None or isinstance(a[1], str) else list(a[1]),
+                           "reducer": a[2], "layout": a[3], "seconds": s} for a, s in measured["atoms"].items()],
                 "selection": [{"model": k[0], "reducer": k[1], "seconds": s} for k, s in measured["selection"].items()]}
         (folder / "timing.json").write_text(json.dumps(data, indent=2))
         return {"timing": "timing.json"}
@@ -235,9 +232,11 @@ def build_rows(runner: MethodRunner, models: dict[str, Loaded], timing: dict | N
     base_flops = mean_flops(runner.results["baseline"]["predictions"])
     base_total = mean_total_flops(runner.results["baseline"]["predictions"])
     seconds = (timing or {}).get("method_seconds", {})
+    e2e = (timing or {}).get("method_seconds_e2e", {})
     rows = [row_from_predictions(result["method"], result["predictions"], base_flops=base_flops,
                                  base_projected=baseline_flops(), router=router, seconds=seconds.get(key),
-                                 base_seconds=seconds.get("baseline"), base_total=base_total)
+                                 base_seconds=seconds.get("baseline"), base_total=base_total,
+                                 e2e_seconds=e2e.get(key), base_e2e_seconds=e2e.get("baseline"))
             for key, result in runner.results.items()]
     base_visual = _mean([p.get("visual_tokens") for p in runner.results["baseline"]["predictions"]])
     for row in rows:
@@ -263,7 +262,8 @@ def token_reduction(reducer: str | None, num_layers: int, n_visual: float | None
 
 def row_from_predictions(method: M.Method, preds: list[dict], *, base_flops: float | None, base_projected: float,
                          router: dict | None, seconds: float | None = None, base_seconds: float | None = None,
-                         base_total: float | None = None) -> dict:
+                         base_total: float | None = None, e2e_seconds: float | None = None,
+                         base_e2e_seconds: float | None = None) -> dict:
     """One table row, computed from the method's per-item predictions only (module docstring)."""
     from visor.eval.graders import aggregate
     from visor.reproduce.projection import baseline_total_flops, method_projection, method_total_projection
@@ -296,6 +296,8 @@ def row_from_predictions(method: M.Method, preds: list[dict], *, base_flops: flo
         "mean_flops": flops, "flops_reduction": (base_flops / flops) if (flops and base_flops) else None,
         "projected_flops": projected, "projected_reduction": base_projected / projected if projected else None,
         "prefill_seconds": seconds, "prefill_speedup": (base_seconds / seconds) if (seconds and base_seconds) else None,
+        "e2e_seconds": e2e_seconds,
+        "e2e_speedup": (base_e2e_seconds / e2e_seconds) if (e2e_seconds and base_e2e_seconds) else None,
         "mean_visual_tokens": _mean([p.get("visual_tokens") for p in preds]),
         "n_sa_mean": _mean([_n_sa(p.get("active_sa")) for p in preds]) if method.model == "visor" else None,
         "chosen": {("none" if not c else "+".join(map(str, c))): n for c, n in sorted(chosen.items())} if chosen else None,

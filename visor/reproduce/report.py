@@ -51,7 +51,7 @@ def csv_columns(families: list[str]) -> list[str]:
             + ["flops_reduction_tiny", "flops_reduction_0.5b_7290", "prefill_speedup", "mean_llm_flops_tiny",
                "projected_llm_flops_0.5b", "prefill_seconds", "budget", "n_items", "key",
                "e2e_flops_reduction_tiny", "e2e_flops_reduction_0.5b", "mean_e2e_flops_tiny", "projected_e2e_flops_0.5b",
-               "base_only_share"])
+               "base_only_share", "e2e_speedup", "e2e_seconds"])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -64,27 +64,30 @@ def write_csv(rows: list[dict], path: Path) -> None:
                             + [r["flops_reduction"], r["projected_reduction"], r["prefill_speedup"], r["mean_flops"],
                                r["projected_flops"], r["prefill_seconds"], r["budget"], r["n_items"], r["key"],
                                r.get("total_flops_reduction"), r.get("projected_total_reduction"), r.get("mean_total_flops"),
-                               r.get("projected_total_flops"), r.get("base_only_share")])
+                               r.get("projected_total_flops"), r.get("base_only_share"), r.get("e2e_speedup"),
+                               r.get("e2e_seconds")])
 
 
 def format_table(rows: list[dict]) -> str:
     """The terminal table: accuracy in %, reductions and speedups as factors."""
     families = families_of(rows)
     head = (f"{'method':<20} {'easy':>5} {'hard':>5} | " + " ".join(f"{SHORT.get(f, f)[:6]:>6}" for f in families)
-            + f" | {'FLOPs':>7} {'0.5B':>7} {'e2e':>6} {'e2e':>6} {'speed':>6} | budget")
+            + f" | {'FLOPs':>7} {'0.5B':>7} {'e2e':>6} {'e2e':>6} {'speed':>6} {'e2e':>6} | budget")
     sub = (f"{'':<20} {'':>5} {'':>5} | " + " ".join(f"{'':>6}" for _ in families)
-           + f" | {'tiny':>7} {'@7290':>7} {'tiny':>6} {'0.5B':>6} {'up':>6} |")
+           + f" | {'tiny':>7} {'@7290':>7} {'tiny':>6} {'0.5B':>6} {'up':>6} {'speed':>6} |")
     lines = [head, sub, "-" * len(head)]
     for r in table_rows(rows):
         lines.append(f"{r['method']:<20} {_pct(r['easy_mean']):>5} {_pct(r['hard_mean']):>5} | "
                      + " ".join(f"{_pct(r['per_family'].get(f)):>6}" for f in families)
                      + f" | {_x(r['flops_reduction']):>7} {_x(r['projected_reduction']):>7} {_x(r.get('total_flops_reduction')):>6} "
-                     f"{_x(r.get('projected_total_reduction')):>6} {_x(r['prefill_speedup'], 2):>6} | {r['budget']}")
+                     f"{_x(r.get('projected_total_reduction')):>6} {_x(r['prefill_speedup'], 2):>6} "
+                     f"{_x(r.get('e2e_speedup'), 2):>6} | {r['budget']}")
     easy = ", ".join(f for f in families if f in EASY_FAMILIES)
     hard = ", ".join(f for f in families if f in HARD_FAMILIES)
     lines.append(f"accuracy in % (easy: {easy}; hard: {hard}); FLOPs = LLM prefill reduction vs the baseline at the "
                  f"evaluated geometry and projected to LLaVA-OV-0.5B at 7,290 visual tokens; e2e = the same with the vision "
-                 f"tower and projector counted (10 crops at 0.5B); speedup = measured prefill")
+                 f"tower and projector counted (10 crops at 0.5B); speedup = measured LLM prefill; e2e speed = measured "
+                 f"vision tower + prefill")
     return "\n".join(lines)
 
 
@@ -225,13 +228,14 @@ def markdown(data: dict) -> str:
               f"{meta['slot_order']}; viable configurations {meta['viable_configs']}.", ""]
     header = ["method", "easy", "hard"] + families + ["FLOPs red. (tiny)", "FLOPs red. (0.5B @ 7,290)",
                                                        "e2e FLOPs red. (tiny)", "e2e FLOPs red. (0.5B)",
-                                                       "prefill speedup", "budget"]
+                                                       "prefill speedup", "e2e speedup", "budget"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for r in table_rows(rows):
         cells = [r["method"], _pct(r["easy_mean"]), _pct(r["hard_mean"])] + [_pct(r["per_family"].get(f)) for f in families]
         cells += [_x(r["flops_reduction"]), _x(r["projected_reduction"]), _x(r.get("total_flops_reduction")),
-                  _x(r.get("projected_total_reduction")), _x(r["prefill_speedup"], 2), r["budget"]]
+                  _x(r.get("projected_total_reduction")), _x(r["prefill_speedup"], 2), _x(r.get("e2e_speedup"), 2),
+                  r["budget"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy in %. Easy families: " + ", ".join(f for f in families if f in EASY_FAMILIES)
               + "; hard: " + ", ".join(f for f in families if f in HARD_FAMILIES) + ". Means are macro averages over "
@@ -242,7 +246,9 @@ def markdown(data: dict) -> str:
               "routed target is stated at 7,371 visual tokens (`visor route report` projects there): the reductions "
               "differ from the 7,290 column by about 1% at most (CA-only 111x vs 113x, 2 SA 10.9x either way). "
               "e2e: the same reductions end to end, the vision tower and projector counted on the crops each item "
-              "encoded (10 per image at 0.5B; 1 for an item run on its base view only).", ""]
+              "encoded (10 per image at 0.5B; 1 for an item run on its base view only). e2e speedup: measured vision "
+              "tower (on preprocessed pixels) + LLM prefill; a resolution-routed item pays its base view, the routing "
+              "pass and, when routed to full, its tiles (`visor.reproduce.timing`).", ""]
     target = meta.get("target_flops")
     if target:
         lines.append(f"Compressor budgets are matched to VISOR routed's mean FLOPs ({target:.3g} at the evaluated "
