@@ -15,6 +15,8 @@ QUICK=${QUICK:-0}            # 1: a smoke run of the script itself (used on CPU 
 DEVICE=${DEVICE:-cuda}
 PREFILL_BATCH=${PREFILL_BATCH:-1}
 TRAIN=${TRAIN:-1}
+BENCH_EXTRA=${BENCH_EXTRA:-}   # more `visor bench` arguments, e.g. "--rows base,1152x1152 --configs baseline,visor-ca"
+TAG=${TAG:-b$PREFILL_BATCH}    # names the bench folders
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 WORK="$OUT/suite"
 mkdir -p "$WORK"
@@ -51,8 +53,9 @@ if [ "$PREFILL_BATCH" != 1 ]; then
 fi
 
 for geometry in "${GEOMETRIES[@]}"; do
-  part "bench-$geometry-b$PREFILL_BATCH" 180 "$PYTHON" -m visor bench --geometry "$geometry" --dtype bf16 \
-    --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$WORK/bench-$geometry-b$PREFILL_BATCH"
+  # shellcheck disable=SC2086  # BENCH_EXTRA is a list of words
+  part "bench-$geometry-$TAG" 180 "$PYTHON" -m visor bench --geometry "$geometry" --dtype bf16 \
+    --device "$DEVICE" "${BENCH_ARGS[@]}" $BENCH_EXTRA --out "$WORK/bench-$geometry-$TAG"
 done
 
 # The tiny base recipe under torchrun (one process: NCCL on a GPU, gloo on CPU), random vision tower,

@@ -119,3 +119,22 @@ def test_kv_slot_grows_like_concatenation():
     slot.set(got_k[:1], got_v[:1])  # e.g. VisorCache.select: the buffer is dropped, appends still work
     k1 = torch.randn(1, 2, 1, 4)
     assert torch.equal(slot.append(k1, k1)[0], torch.cat([got_k[:1], k1], 2))
+
+
+def test_per_image_conv_takes_slots_read_once():
+    """``ImageSlots`` (what the decoder reads once per forward for every CA layer) gives the same conv as the ids."""
+    from visor.model.layers import ImageSlots
+
+    torch.manual_seed(0)
+    conv = PerImageConv(6, kernel_size=7)
+    torch.nn.init.normal_(conv.weight)
+    ids = torch.tensor([[0] * 4 + [1] * 2 + [2] * 5, [0] * 2 + [1] * 5 + [-1] * 4])
+    slots = ImageSlots.of(ids)
+    assert (slots.all_valid, slots.num_images) == (False, 3)
+    one = ImageSlots.of(torch.zeros(2, 5, dtype=torch.long))
+    assert (one.all_valid, one.num_images) == (True, 1)
+    visual = torch.randn(2, 11, 6)
+    with torch.no_grad():
+        for residual in (False, True):
+            assert torch.equal(conv(visual, slots, residual=residual), conv(visual, ids, residual=residual))
+        assert torch.allclose(conv(visual, slots, residual=True), visual * (ids >= 0)[..., None] + conv(visual, ids), atol=1e-6)

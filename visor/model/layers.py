@@ -293,6 +293,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass(frozen=True)
+class ImageSlots:
+    """Which image each visual token belongs to (``ids``: [B, Nv], -1 = padding) with the two facts the
+    per-image conv branches on, read from the device once per forward: every CA layer reuses them (on a GPU
+    each read is a host sync that stalls the launch queue)."""
+
+    ids: torch.Tensor
+    all_valid: bool
+    num_images: int
+
+    @classmethod
+    def of(cls, image_ids: torch.Tensor) -> ImageSlots:
+        if image_ids.numel() == 0:
+            return cls(image_ids, True, 0)
+        all_valid, max_id = torch.stack([(image_ids >= 0).all().to(image_ids.dtype), image_ids.max()]).tolist()
+        return cls(image_ids, bool(all_valid), int(max_id) + 1)
+
+
 class PerImageConv(nn.Module):
     """Depthwise 1-D convolution over each image's visual tokens ("conditional positional encoding").
 
@@ -311,16 +329,18 @@ class PerImageConv(nn.Module):
         self.weight = nn.Parameter(torch.zeros(channels, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, visual: torch.Tensor, image_ids: torch.Tensor, residual: bool = False) -> torch.Tensor:
-        """``conv(visual)``, or ``visual + conv(visual)`` with ``residual`` (the identity folded into the kernel)."""
+    def forward(self, visual: torch.Tensor, image_ids: torch.Tensor | ImageSlots, residual: bool = False) -> torch.Tensor:
+        """``conv(visual)``, or ``visual + conv(visual)`` with ``residual`` (the identity folded into the kernel).
+
+        ``image_ids``: the [B, Nv] tensor, or its ``ImageSlots`` (read once per forward by the caller)."""
         batch, num_tokens, channels = visual.shape
         if num_tokens == 0:
             return visual.clone()
+        slots = image_ids if isinstance(image_ids, ImageSlots) else ImageSlots.of(image_ids)
+        image_ids, all_valid, n_images = slots.ids, slots.all_valid, slots.num_images
         half = self.kernel_size // 2
         valid = image_ids >= 0
-        all_valid = bool(valid.all())
         x = visual if all_valid else visual * valid[..., None].to(visual.dtype)  # padding slots read as zeros
-        n_images = int(image_ids.max()) + 1
         if n_images <= 1:
             out = self._depthwise(x, residual)
         else:  # `half` zero slots between consecutive images, so one conv never mixes two images
@@ -335,8 +355,9 @@ class PerImageConv(nn.Module):
         channels = x.shape[-1]
         grid = x.transpose(1, 2).unsqueeze(2).contiguous(memory_format=torch.channels_last)  # [B, C, 1, N]
         weight = self.weight
-        if residual:  # + x: a one at the centre tap
-            weight = weight + F.one_hot(torch.tensor(self.kernel_size // 2), self.kernel_size).to(weight)
+        if residual:  # + x: a one at the centre tap (built on the weight's device: no host-to-device copy)
+            taps = torch.arange(self.kernel_size, device=weight.device)
+            weight = weight + (taps == self.kernel_size // 2).to(weight.dtype)
         weight = weight.to(x.dtype)[:, None, None, :]  # [C, 1, 1, K]
         out = F.conv2d(grid, weight, self.bias.to(x.dtype), padding=(0, self.kernel_size // 2), groups=channels)
         return out.squeeze(2).transpose(1, 2)
@@ -371,7 +392,7 @@ class CrossAttention(nn.Module):
             proj._visor_cross_attention = True  # initialised by reset_parameters, not the generic Linear rule
         self.reset_parameters()
 
-    def visual_keys_values(self, visual: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual_keys_values(self, visual: torch.Tensor, image_ids: torch.Tensor | ImageSlots) -> tuple[torch.Tensor, torch.Tensor]:
         """Project the visual states once: [B, kv_heads, Nv, head_dim] keys and values."""
         b, n, _ = visual.shape
         read = self.visual_norm(self.conv(visual, image_ids, residual=True))  # V + conv(V)
@@ -384,7 +405,7 @@ class CrossAttention(nn.Module):
         text: torch.Tensor,
         mask: AttentionMask,
         visual: torch.Tensor | None = None,
-        image_ids: torch.Tensor | None = None,
+        image_ids: torch.Tensor | ImageSlots | None = None,
         keys: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

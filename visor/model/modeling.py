@@ -33,7 +33,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from visor.model.cache import VisorCache
 from visor.model.config import VisorConfig
-from visor.model.layers import AttentionMask, DecoderLayer, RMSNorm, RotaryEmbedding, causal_mask
+from visor.model.layers import AttentionMask, DecoderLayer, ImageSlots, RMSNorm, RotaryEmbedding, causal_mask
 from visor.model.plan import ActiveConfig, LayerKind, LayerPlan
 from visor.model.vision import image_token_count, num_crops, pack_image
 
@@ -129,7 +129,7 @@ class VisorDecoder(nn.Module):
         dtype = streams.text.dtype
         text_rope = self.rotary_emb(streams.text_pos, dtype)
         text_mask = causal_mask(streams.text_valid, streams.text_valid.shape[1])
-        seq_rope = seq_mask = ca_mask = merged = None
+        seq_rope = seq_mask = ca_mask = merged = slots = None
         for index in range(start, stop):
             layer, kind = self.layers[index], kinds[index]
             own_kv = cache.self_kv[index] if cache is not None else None
@@ -146,7 +146,8 @@ class VisorDecoder(nn.Module):
             if kind is LayerKind.CROSS_ATTENTION and streams.has_visual:
                 if ca_mask is None:
                     ca_mask = self.cross_attention_mask(streams)
-                update, keys, values = layer.cross_attn(streams.text, ca_mask, streams.visual, streams.image_ids)
+                    slots = ImageSlots.of(streams.image_ids)  # read once for every CA layer
+                update, keys, values = layer.cross_attn(streams.text, ca_mask, streams.visual, slots)
                 if cache is not None:
                     cache.cross_kv[index].set(keys, values)
                 streams.text = streams.text + update
