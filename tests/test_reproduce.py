@@ -303,3 +303,32 @@ def test_row_from_predictions_uses_only_the_predictions():
     expected = (projected_flops(0, None, (1, 8, 3)) + projected_flops(2, None, (1, 8, 3))) / 2
     assert row["projected_flops"] == pytest.approx(expected)
     assert row["projected_reduction"] == pytest.approx(baseline_flops() / expected)
+
+
+def test_a_finished_run_is_not_trained_or_exported_again(tmp_path):
+    """A stage whose run finished but was stopped before the stage was marked complete (a kill at the very
+    end) resumes in process without training, evaluating or exporting again."""
+    from visor.reproduce.pipeline import train_all
+    from visor.reproduce.presets import quick_preset
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_base(name: str) -> None:
+        if name == "base":
+            raise Stop
+
+    cache = StageCache(tmp_path, log=lambda *_: None)
+    with pytest.raises(Stop):
+        train_all(quick_preset(), cache, progress=False, log=lambda *_: None, on_stage=stop_at_base)
+    record_file = tmp_path / "1-vision" / "stage.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "status": "running"}))  # as if killed before it was marked
+    run = tmp_path / "1-vision" / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    logs: list[str] = []
+    with pytest.raises(Stop):
+        train_all(quick_preset(), cache, progress=False, log=logs.append, on_stage=stop_at_base)
+    assert any("not evaluated or exported again" in line for line in logs)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    assert json.loads(record_file.read_text())["status"] == "complete"

@@ -63,6 +63,12 @@ def _load_visor(folder: Path):
     return model, AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config)
 
 
+def finished_run(out_dir: str | Path) -> Path | None:
+    """``OUT_DIR/final`` when that training run finished (its ``recipe.json`` is written last), else ``None``."""
+    final = Path(out_dir) / "final"
+    return final if (final / "recipe.json").exists() else None
+
+
 def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool = True) -> Path | None:
     """Run one training stage as ``torchrun --nproc_per_node NPROC -m visor train RECIPE --resume`` (DDP;
     gloo on CPU, NCCL on GPU): the recipe as run is written to ``FOLDER/recipe-ddp.yaml``. The sample
@@ -78,9 +84,8 @@ def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool
 
     import yaml
 
-    final = Path(data["out_dir"]) / "final"
-    if (final / "recipe.json").exists():  # written last by a finished run: nothing to launch
-        return final
+    if finished_run(data["out_dir"]) is not None:  # nothing to launch
+        return finished_run(data["out_dir"])
     threads = int(data.get("threads") or 1)
     per_rank, remainder = divmod(int(data["global_batch"]), nproc)
     if remainder:
@@ -114,8 +119,8 @@ def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool
                 stopped.append(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if (final / "recipe.json").exists():
-        return final
+    if finished_run(data["out_dir"]) is not None:
+        return finished_run(data["out_dir"])
     if code != 0 and not stopped and code not in (-signal.SIGTERM, -signal.SIGINT):
         raise RuntimeError(f"the distributed training stage failed (exit status {code}): {' '.join(command)}")
     return None
@@ -143,7 +148,10 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         def body(folder: Path) -> dict:
             data = {**raw, **paths, "out_dir": str(folder / "run")}
             recipe = build(Recipe, data, where=f"{preset.name} preset, stage {name}")
-            if nproc > 1:
+            final = finished_run(recipe.out_dir)  # finished, then stopped before the stage was marked complete
+            if final is not None:
+                log(f"stage {name}: its run had finished; not evaluated or exported again")
+            elif nproc > 1:
                 final = train_stage_distributed(recipe.to_dict(), folder, nproc, progress)
             else:
                 final = Trainer(recipe, resume=True, progress=progress).train()
