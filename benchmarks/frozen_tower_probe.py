@@ -1,0 +1,87 @@
+"""What the frozen vision tower's base-view features say about the easy questions: a linear probe.
+
+The base stage trains the LLM on top of a frozen tower (pre-trained on dense glyph/colour heads only). If an
+easy family stays at chance in the base stage's validation, is the answer missing from the features, or has
+the LLM not found it yet? This fits a logistic-regression probe per family on the tower's base-view tokens
+(one crop, flattened) of procedural-benchmark images, and on the same tower with random weights as the
+floor. Families whose answer depends only on the image: colour / kind / count of the large shapes, side.
+
+    python benchmarks/frozen_tower_probe.py --checkpoint runs/reproduce/2-base/run/checkpoints/step_00001250
+
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+FAMILIES = ("color", "shape", "count", "side")
+
+
+def base_view_features(model, processor, images) -> np.ndarray:
+    """[n, tokens * hidden] features of each image's base view (crop 0 of its anyres layout)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            pixels = processor(images=images[start:start + 64], return_tensors="pt")["pixel_values"][:, 0]
+            out.append(model.vision_features(pixels.to(model.dtype)).float().flatten(1).numpy())
+    return np.concatenate(out)
+
+
+def probe(train_x, train_y, test_x, test_y) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(max_iter=300, C=0.05).fit(scaler.transform(train_x), train_y)
+    return float((clf.predict(scaler.transform(test_x)) == np.asarray(test_y)).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="an LVLM checkpoint folder (its tower is probed)")
+    parser.add_argument("--n-train", type=int, default=1500)
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from visor.eval.harness import synth_items
+    from visor.model.modeling import VisorForConditionalGeneration
+    from visor.train.models import image_processor_for
+
+    model = VisorForConditionalGeneration.from_pretrained(args.checkpoint).eval()
+    processor = image_processor_for(model.config)
+    random_tower = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in random_tower.vision_tower.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    results = {}
+    for family in args.families.split(","):
+        started = time.time()
+        train = synth_items("train", args.n_train, families=[family])
+        test = synth_items("test", args.n_test, families=[family])
+        labels = ([it.answers[0] for it in train], [it.answers[0] for it in test])
+        majority = max(labels[1].count(a) for a in set(labels[1])) / len(labels[1])
+        row = {"majority": majority}
+        for name, tower in (("trained tower", model), ("random tower", random_tower)):
+            x_train = base_view_features(tower, processor, [it.images[0] for it in train])
+            x_test = base_view_features(tower, processor, [it.images[0] for it in test])
+            row[name] = probe(x_train, labels[0], x_test, labels[1])
+        results[family] = row
+        print(f"{family:<8} trained tower {100 * row['trained tower']:5.1f}%   random tower {100 * row['random tower']:5.1f}%   "
+              f"majority class {100 * majority:5.1f}%   ({time.time() - started:.0f}s)", flush=True)
+    print(json.dumps({"checkpoint": args.checkpoint, "n_train": args.n_train, "n_test": args.n_test, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
