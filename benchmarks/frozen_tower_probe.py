@@ -4,7 +4,7 @@ The base stage trains the LLM on top of a frozen tower (pre-trained on dense gly
 easy family stays at chance in the base stage's validation, is the answer missing from the features, or has
 the LLM not found it yet? This fits a logistic-regression probe per family on the tower's base-view tokens
 (one crop, flattened) of procedural-benchmark images, and on the same tower with random weights as the
-floor. Families whose answer depends only on the image: colour / kind / count of the large shapes, side.
+floor (``--classifier mlp``: one hidden layer instead, a stronger reader). Families whose answer depends only on the image: colour / kind / count of the large shapes, side.
 
     python benchmarks/frozen_tower_probe.py --checkpoint runs/reproduce/2-base/run/checkpoints/step_00001250
 
@@ -34,12 +34,17 @@ def base_view_features(model, processor, images) -> np.ndarray:
     return np.concatenate(out)
 
 
-def probe(train_x, train_y, test_x, test_y) -> float:
+def probe(train_x, train_y, test_x, test_y, classifier: str = "linear") -> float:
     from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(max_iter=300, C=0.05).fit(scaler.transform(train_x), train_y)
+    if classifier == "mlp":  # one hidden layer: can combine patches (a shape's outline), which a linear probe cannot
+        clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-2, max_iter=200, early_stopping=True, random_state=0)
+    else:
+        clf = LogisticRegression(max_iter=300, C=0.05)
+    clf.fit(scaler.transform(train_x), train_y)
     return float((clf.predict(scaler.transform(test_x)) == np.asarray(test_y)).mean())
 
 
@@ -49,6 +54,8 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1500)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--classifier", choices=("linear", "mlp"), default="linear",
+                        help="logistic regression, or an MLP with one hidden layer of 256")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,11 +83,12 @@ def main() -> None:
         for name, tower in (("trained tower", model), ("random tower", random_tower)):
             x_train = base_view_features(tower, processor, [it.images[0] for it in train])
             x_test = base_view_features(tower, processor, [it.images[0] for it in test])
-            row[name] = probe(x_train, labels[0], x_test, labels[1])
+            row[name] = probe(x_train, labels[0], x_test, labels[1], args.classifier)
         results[family] = row
         print(f"{family:<8} trained tower {100 * row['trained tower']:5.1f}%   random tower {100 * row['random tower']:5.1f}%   "
               f"majority class {100 * majority:5.1f}%   ({time.time() - started:.0f}s)", flush=True)
-    print(json.dumps({"checkpoint": args.checkpoint, "n_train": args.n_train, "n_test": args.n_test, "results": results}))
+    print(json.dumps({"checkpoint": args.checkpoint, "classifier": args.classifier, "n_train": args.n_train,
+                      "n_test": args.n_test, "results": results}))
 
 
 if __name__ == "__main__":
