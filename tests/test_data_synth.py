@@ -19,6 +19,7 @@ from visor.data.synth import (
     FAMILIES,
     FAMILY_GRADERS,
     GLYPH_CLASSES,
+    SHAPE_CLASSES,
     HARD_FAMILIES,
     SPLITS,
     SynthConfig,
@@ -208,6 +209,11 @@ def test_glyphs_and_dense_targets(items):
         # a view resized to the base size scales the grid with it
         small = dense_targets(it.scene, 8, image_size=(64, 64))
         assert small.grid == (8, 8)
+    for it in (i for i in items if i.family == "shape"):
+        d = dense_targets(it, 8)
+        kinds = {SHAPE_CLASSES[k] for k in np.unique(d.shape) if k}
+        assert it.answer in kinds and kinds <= {s["kind"] for s in it.scene["shapes"]}
+        assert ((d.shape > 0) <= (d.color > 0)).all()  # shapes are coloured; bars and text carry no kind
 
 
 def test_dense_half_patches_separate_adjacent_glyphs():

@@ -136,6 +136,41 @@ def test_lvlm_pixels_are_normalised_as_the_tower_was_pretrained(tmp_path):
     assert torch.allclose(pixels, expected, atol=1e-5)
 
 
+def test_vision_shape_head_is_opt_in_and_trains(tmp_path):
+    """`vision_shape_weight` > 0 adds a per-patch shape-kind head: its targets are in the batch, its loss is
+    part of the total and its accuracy is evaluated; without it the model and batches are as before."""
+    from visor.train.loop import Trainer
+
+    plain = load_recipe(tiny_recipe(tmp_path, "plain", kind="vision", model={**TINY_MODEL, "patch_size": 8}, max_steps=2))
+    trainer = Trainer(plain, progress=False)
+    trainer._build()
+    assert trainer.model.shape is None and "shape" not in trainer.task.batch([0, 1])
+    recipe = load_recipe(tiny_recipe(tmp_path, "shape", kind="vision", model={**TINY_MODEL, "patch_size": 8}, max_steps=2,
+                                     vision_shape_weight=0.5))
+    trainer = Trainer(recipe, progress=False)
+    trainer._build()
+    batch = trainer.task.batch([0, 1, 2, 3])
+    assert batch["shape"].shape == batch["color"].shape and (batch["shape"] > 0).any()
+    assert ((batch["shape"] > 0) <= (batch["color"] > 0)).all()  # a shape's patches are coloured
+    loss = torch.no_grad()(trainer.task.loss)
+    with_shape, _ = loss(trainer.model, batch, 0)
+    head = trainer.model.shape
+    head.weight.data.zero_(), head.bias.data.zero_()
+    uniform, _ = loss(trainer.model, batch, 0)
+    trainer.model.shape = None  # what the total is without the head's term
+    recipe.vision_shape_weight = 0.0
+    without, _ = loss(trainer.model, {k: v for k, v in batch.items() if k != "shape"}, 0)
+    # none + 4 kinds: a zeroed head predicts uniformly, cross-entropy log(5) per patch, weighted 0.5
+    assert head.out_features == 5
+    assert float(uniform - without) == pytest.approx(0.5 * batch["shape"].numel() * float(torch.log(torch.tensor(5.0))),
+                                                     rel=1e-4)
+    assert float(with_shape) != pytest.approx(float(uniform))
+    trainer.model.shape, recipe.vision_shape_weight = head, 0.5
+    assert "shape_acc" in trainer.task.evaluate(trainer.model, n=8)
+    with pytest.raises(ValueError, match="vision_shape_weight"):
+        load_recipe(tiny_recipe(tmp_path, "bad", kind="vision", vision_shape_weight=-1))
+
+
 def test_mid_run_checkpoint_evaluates_with_the_cli(base_run, tmp_path, capsys):
     """Every step checkpoint carries its tokenizer and image processor: `visor eval` runs on it mid-run."""
     from visor.cli.main import main

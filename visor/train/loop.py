@@ -163,6 +163,8 @@ class DenseVisionTask:
         mean, std = np.asarray(SIGLIP_MEAN, np.float32), np.asarray(SIGLIP_STD, np.float32)
 
         pixels, targets = [], {"left": [], "right": [], "color": [], "dots": []}
+        if self.recipe.vision_shape_weight > 0:
+            targets["shape"] = []
         for index in indices:
             item = self.source.item(index)
             rng = np.random.default_rng(index)
@@ -203,7 +205,8 @@ class DenseVisionTask:
 
     @torch.no_grad()
     def evaluate(self, model, n: int = 256) -> dict:
-        """Per-patch accuracy on validation crops: glyph halves that hold a glyph, empty halves, colour."""
+        """Per-patch accuracy on validation crops: glyph halves that hold a glyph, empty halves, colour, and
+        (with the shape head) the shape kind of patches inside a shape."""
         source, self.source = self.source, SampleSource(self.recipe, split="val")
         try:
             batch = self.batch(list(range(n)))
@@ -217,6 +220,9 @@ class DenseVisionTask:
                 hits[key][0] += int((pred == target)[where].sum())
                 hits[key][1] += int(where.sum())
         hits["color"] = [int((out["color"].argmax(-1) == batch["color"]).sum()), batch["color"].numel()]
+        if "shape" in out:
+            inside = batch["shape"] > 0
+            hits["shape"] = [int((out["shape"].argmax(-1) == batch["shape"])[inside].sum()), int(inside.sum())]
         return {f"{k}_acc": a / max(b, 1) for k, (a, b) in hits.items()}
 
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, int]:
@@ -227,6 +233,8 @@ class DenseVisionTask:
         dots = batch["dots"].clamp(max=unwrap(model).max_dots)
         total = ce(out["left"], batch["left"]) + ce(out["right"], batch["right"]) + ce(out["dots"], dots)
         total = total + self.recipe.vision_color_weight * ce(out["color"], batch["color"])
+        if self.recipe.vision_shape_weight > 0:
+            total = total + self.recipe.vision_shape_weight * ce(out["shape"], batch["shape"])
         return total, self.count(batch)
 
 
@@ -296,10 +304,11 @@ class Trainer:
         recipe = self.recipe
         torch.manual_seed(recipe.seed)
         if recipe.kind == "vision":
-            from visor.data.synth.dense import COLOR_CLASSES, GLYPH_CLASSES
+            from visor.data.synth.dense import COLOR_CLASSES, GLYPH_CLASSES, SHAPE_CLASSES
 
             self.tokenizer = self.image_processor = None
-            model = models.DenseVisionModel(recipe.model, len(GLYPH_CLASSES), len(COLOR_CLASSES))
+            model = models.DenseVisionModel(recipe.model, len(GLYPH_CLASSES), len(COLOR_CLASSES),
+                                            n_shapes=len(SHAPE_CLASSES) if recipe.vision_shape_weight > 0 else 0)
             self.task = DenseVisionTask(recipe)
         else:
             self.tokenizer = self._tokenizer()

@@ -57,7 +57,7 @@ def vision_config(spec: TinyModelSpec) -> dict:
 class DenseVisionModel(nn.Module):
     """SigLIP tower + per-patch heads for dense pre-training (``PROBES.md``)."""
 
-    def __init__(self, spec: TinyModelSpec, n_glyphs: int, n_colors: int, max_dots: int = 8) -> None:
+    def __init__(self, spec: TinyModelSpec, n_glyphs: int, n_colors: int, max_dots: int = 8, n_shapes: int = 0) -> None:
         super().__init__()
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -69,6 +69,8 @@ class DenseVisionModel(nn.Module):
         self.color = nn.Linear(hidden, n_colors)
         self.dots = nn.Linear(hidden, max_dots + 1)
         self.max_dots = max_dots
+        # opt-in (recipe vision_shape_weight > 0), so checkpoints made without it keep their keys
+        self.shape = nn.Linear(hidden, n_shapes) if n_shapes else None
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # the representation LLaVA-OV reads (vision_feature_layer=-1): last layer before post_layernorm
@@ -76,7 +78,10 @@ class DenseVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(pixel_values)
-        return {"left": self.left(h), "right": self.right(h), "color": self.color(h), "dots": self.dots(h)}
+        out = {"left": self.left(h), "right": self.right(h), "color": self.color(h), "dots": self.dots(h)}
+        if self.shape is not None:
+            out["shape"] = self.shape(h)
+        return out
 
 
 def build_llava_base(recipe: Recipe, tokenizer):

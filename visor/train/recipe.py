@@ -108,6 +108,7 @@ class Recipe:
     resolutions: list[str] | None = None
     # vision kind
     vision_color_weight: float = 0.3
+    vision_shape_weight: float = 0.0  # vision: > 0 adds a per-patch shape-kind head (visor.data.synth.dense)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -130,6 +131,8 @@ class Recipe:
             raise ValueError("data.source=llava needs data.path (a LLaVA JSON/JSONL file)")
         if self.save_every <= 0:
             raise ValueError("save_every must be positive")
+        if self.vision_color_weight < 0 or self.vision_shape_weight < 0:
+            raise ValueError("vision_color_weight and vision_shape_weight must be >= 0")
         if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source != "synth"):
             raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth data (a LLaVA "
                              f"file brings its own turns), got {self.data.questions_per_image}")

@@ -17,7 +17,7 @@ from visor.data.synth.config import (
     SynthConfig,
     difficulty_of,
 )
-from visor.data.synth.dense import GLYPH_CLASSES, DenseTargets, dense_targets
+from visor.data.synth.dense import GLYPH_CLASSES, SHAPE_CLASSES, DenseTargets, dense_targets
 from visor.data.synth.families import (
     ANSWER_WORDS,
     FAMILY_GRADERS,
@@ -46,6 +46,7 @@ __all__ = [
     "FAMILIES",
     "FAMILY_GRADERS",
     "GLYPH_CLASSES",
+    "SHAPE_CLASSES",
     "Glyph",
     "HARD_FAMILIES",
     "QUESTION_TEMPLATES",

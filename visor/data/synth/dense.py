@@ -9,7 +9,10 @@ glyph centres in one 8 px patch), while one label per *half* patch does not. So
 * ``color``: the most frequent colour class of the patch's pixels (0 = no coloured region, else
   ``1 + index`` into ``COLORS``), from shapes and chart bars;
 * ``dots``: how many dot centres lie in the patch (dots are packed closer than a half patch, so a
-  count is the lossless label for them; they also appear as the dot class in ``left``/``right``).
+  count is the lossless label for them; they also appear as the dot class in ``left``/``right``);
+* ``shape``: the most frequent shape kind of the patch's pixels (0 = none, else ``1 + index`` into
+  ``SHAPES``): a patch inside a large shape looks the same for every kind, so the label asks the tower to
+  use its context (the outline), which colour and glyph labels never do.
 
 Glyph classes are :data:`GLYPH_CLASSES` (index 0 = none): digits, capitals, lower case, ASCII
 punctuation and the dot mark; handwritten digits share the printed digits' classes (``Glyph.source``
@@ -26,14 +29,15 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from visor.data.synth.config import COLORS
-from visor.data.synth.render import DOT_CHAR, Glyph, render_color_map, render_scene
+from visor.data.synth.config import COLORS, SHAPES
+from visor.data.synth.render import DOT_CHAR, Glyph, render_color_map, render_kind_map, render_scene
 
 GLYPH_CLASSES: tuple[str, ...] = ("",) + tuple(
     string.digits + string.ascii_uppercase + string.ascii_lowercase + string.punctuation
 ) + (DOT_CHAR,)
 GLYPH_INDEX: dict[str, int] = {c: i for i, c in enumerate(GLYPH_CLASSES)}
 COLOR_CLASSES: tuple[str, ...] = ("",) + tuple(COLORS)
+SHAPE_CLASSES: tuple[str, ...] = ("",) + tuple(SHAPES)
 
 
 @dataclass
@@ -44,6 +48,7 @@ class DenseTargets:
     right: np.ndarray
     color: np.ndarray
     dots: np.ndarray
+    shape: np.ndarray
     patch_size: int
     glyphs: list[Glyph]
 
@@ -99,10 +104,13 @@ def dense_targets(item: Union["SynthItem", dict], patch_size: int,  # noqa: F821
             best[r, c, half] = d
             (left if half == 0 else right)[r, c] = glyph_class(g.char)
 
-    cmap = render_color_map(scene)
-    if (w, h) != (sw, sh):
-        cmap = np.asarray(Image.fromarray(cmap).resize((w, h), Image.Resampling.NEAREST))
-    blocks = cmap.reshape(rows, p, cols, p).transpose(0, 2, 1, 3).reshape(rows, cols, p * p)
-    counts = np.stack([(blocks == k).sum(-1) for k in range(len(COLOR_CLASSES))], axis=-1)
-    color = counts.argmax(-1).astype(np.int64)
-    return DenseTargets(left=left, right=right, color=color, dots=dots, patch_size=p, glyphs=list(glyphs))
+    def majority(class_map: np.ndarray, n_classes: int) -> np.ndarray:  # per patch, its most frequent class
+        if (w, h) != (sw, sh):
+            class_map = np.asarray(Image.fromarray(class_map).resize((w, h), Image.Resampling.NEAREST))
+        blocks = class_map.reshape(rows, p, cols, p).transpose(0, 2, 1, 3).reshape(rows, cols, p * p)
+        counts = np.stack([(blocks == k).sum(-1) for k in range(n_classes)], axis=-1)
+        return counts.argmax(-1).astype(np.int64)
+
+    color = majority(render_color_map(scene), len(COLOR_CLASSES))
+    shape = majority(render_kind_map(scene), len(SHAPE_CLASSES))
+    return DenseTargets(left=left, right=right, color=color, dots=dots, shape=shape, patch_size=p, glyphs=list(glyphs))

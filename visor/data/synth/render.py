@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from visor.data.synth.config import COLORS
+from visor.data.synth.config import COLORS, SHAPES
 from visor.data.synth.handwriting import scan_ink, scan_label
 
 #: the character recorded for a dot in glyph lists and dense targets
@@ -185,6 +185,17 @@ def _paste_scan(image: Image.Image, scan: dict) -> None:
         alpha = alpha.resize((size, size), Image.Resampling.BILINEAR)
     solid = Image.new("RGB", (size, size), _rgb(scan["color"]))
     image.paste(solid, (int(scan["x"]), int(scan["y"])), alpha)
+
+
+def render_kind_map(scene: dict) -> np.ndarray:
+    """Per-pixel shape kind of the scene's shapes: 0 = none (background, bars, text), else ``1 + index``
+    into :data:`visor.data.synth.config.SHAPES`; later shapes cover earlier ones, as drawn. ``(height, width)``."""
+    w, h = scene["size"]
+    mask = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(mask)
+    for shape in scene.get("shapes", ()):
+        _draw_shape(draw, shape, 1 + SHAPES.index(shape["kind"]))
+    return np.asarray(mask, dtype=np.uint8)
 
 
 def render_color_map(scene: dict) -> np.ndarray:
