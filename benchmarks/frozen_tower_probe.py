@@ -7,6 +7,7 @@ the LLM not found it yet? This fits a logistic-regression probe per family on th
 floor (``--classifier mlp``: one hidden layer instead, a stronger reader). Families whose answer depends only on the image: colour / kind / count of the large shapes, side.
 
     python benchmarks/frozen_tower_probe.py --checkpoint runs/reproduce/2-base/run/checkpoints/step_00001250
+    python benchmarks/frozen_tower_probe.py --tower runs/vision-shape/final   # a vision run's tower alone
 
 Prints a table and, last, one JSON line.
 """
@@ -34,6 +35,29 @@ def base_view_features(model, processor, images) -> np.ndarray:
     return np.concatenate(out)
 
 
+class TowerOnly(torch.nn.Module):
+    """A vision run's exported SigLIP tower, read as the LVLM reads it (last layer, before post_layernorm)."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        from transformers import SiglipVisionModel
+
+        self.tower = SiglipVisionModel.from_pretrained(folder).eval()
+        self.dtype = next(self.tower.parameters()).dtype
+        self.image_size = self.tower.config.image_size
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower.encoder(inputs_embeds=self.tower.embeddings(pixels)).last_hidden_state
+
+
+def base_view_processor(size: int):
+    """The base view of a square image as LLaVA-OV's processor gives it: resized to ``size``, SigLIP's 0.5/0.5."""
+    def process(images, return_tensors="pt"):
+        arrays = [(np.asarray(im.convert("RGB").resize((size, size)), np.float32) / 255.0 - 0.5) / 0.5 for im in images]
+        return {"pixel_values": torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)[:, None]}
+    return process
+
+
 def probe(train_x, train_y, test_x, test_y, classifier: str = "linear") -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
@@ -50,7 +74,9 @@ def probe(train_x, train_y, test_x, test_y, classifier: str = "linear") -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="an LVLM checkpoint folder (its tower is probed)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", help="an LVLM checkpoint folder (its tower is probed)")
+    where.add_argument("--tower", help="a vision run's exported tower (RUN/final)")
     parser.add_argument("--n-train", type=int, default=1500)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -64,12 +90,18 @@ def main() -> None:
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.train.models import image_processor_for
 
-    model = VisorForConditionalGeneration.from_pretrained(args.checkpoint).eval()
-    processor = image_processor_for(model.config)
+    if args.tower:
+        model = TowerOnly(args.tower)
+        processor = base_view_processor(model.image_size)
+        tower = model.tower
+    else:
+        model = VisorForConditionalGeneration.from_pretrained(args.checkpoint).eval()
+        processor = image_processor_for(model.config)
+        tower = None
     random_tower = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in random_tower.vision_tower.parameters():
+        for p in (random_tower.tower if tower is not None else random_tower.vision_tower).parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     results = {}
@@ -87,7 +119,7 @@ def main() -> None:
         results[family] = row
         print(f"{family:<8} trained tower {100 * row['trained tower']:5.1f}%   random tower {100 * row['random tower']:5.1f}%   "
               f"majority class {100 * majority:5.1f}%   ({time.time() - started:.0f}s)", flush=True)
-    print(json.dumps({"checkpoint": args.checkpoint, "classifier": args.classifier, "n_train": args.n_train,
+    print(json.dumps({"checkpoint": args.checkpoint or args.tower, "classifier": args.classifier, "n_train": args.n_train,
                       "n_test": args.n_test, "results": results}))
 
 
