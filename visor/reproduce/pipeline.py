@@ -84,8 +84,8 @@ def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool
 
     import yaml
 
-    if finished_run(data["out_dir"]) is not None:  # nothing to launch
-        return finished_run(data["out_dir"])
+    if (final := finished_run(data["out_dir"])) is not None:  # nothing to launch
+        return final
     threads = int(data.get("threads") or 1)
     per_rank, remainder = divmod(int(data["global_batch"]), nproc)
     if remainder:
@@ -119,8 +119,8 @@ def train_stage_distributed(data: dict, folder: Path, nproc: int, progress: bool
                 stopped.append(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if finished_run(data["out_dir"]) is not None:
-        return finished_run(data["out_dir"])
+    if (final := finished_run(data["out_dir"])) is not None:
+        return final
     if code != 0 and not stopped and code not in (-signal.SIGTERM, -signal.SIGINT):
         raise RuntimeError(f"the distributed training stage failed (exit status {code}): {' '.join(command)}")
     return None

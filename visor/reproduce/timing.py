@@ -176,8 +176,8 @@ def measure(models: dict, tokenizer, image_processor, items, methods, router_con
             if config == ROUTE:
                 item.route(layout)
             elif config == VISION:
-                if item.features is not None:
-                    item.encode_base() if layout == BASE else item.encode_full()
+                if item.features is not None:  # an item without an image has nothing to encode
+                    (item.encode_base if layout == BASE else item.encode_full)()
             elif config == TILES:
                 item.encode_tiles()
             else:
