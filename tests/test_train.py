@@ -185,6 +185,30 @@ def test_mid_run_checkpoint_evaluates_with_the_cli(base_run, tmp_path, capsys):
     assert summary["n_items"] == 4 and summary["n_skipped"] == 0
 
 
+def test_base_continues_from_its_own_step_checkpoint_or_the_export(base_run, tmp_path):
+    """A base recipe's ``init`` takes the exported LLaVA-OV folder or one of the run's own step checkpoints
+    (VISOR format, every layer SA): both start from the same weights; a model with CA layers is refused."""
+    from transformers import AutoTokenizer
+
+    from visor import VisorForConditionalGeneration
+    from visor.train.models import build_llava_base
+
+    run_dir, final = base_run
+    last_step = latest_checkpoint(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    from_step = build_llava_base(load_recipe(tiny_recipe(tmp_path, "c1", init=str(last_step))), tokenizer)
+    from_export = build_llava_base(load_recipe(tiny_recipe(tmp_path, "c2", init=str(final))), tokenizer)
+    step_state, export_state = from_step.state_dict(), from_export.state_dict()
+    assert set(step_state) == set(export_state)
+    for name, tensor in step_state.items():
+        assert torch.equal(tensor, export_state[name]), name
+    assert from_step.training and not from_step.plan.cross_attention_layers
+    visor = VisorForConditionalGeneration.from_llava_onevision(final)  # default plan: CA layers
+    visor.save_pretrained(tmp_path / "with-ca")
+    with pytest.raises(ValueError, match="cross-attention"):
+        build_llava_base(load_recipe(tiny_recipe(tmp_path, "c3", init=str(tmp_path / "with-ca"))), tokenizer)
+
+
 def test_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
     from visor.train.loop import Trainer
 

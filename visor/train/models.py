@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -91,6 +92,13 @@ def build_llava_base(recipe: Recipe, tokenizer):
     from visor.model.plan import LayerPlan
 
     if recipe.init:
+        if _model_type(recipe.init) == "visor":  # a base run's own step checkpoint (every layer SA)
+            model = VisorForConditionalGeneration.from_pretrained(recipe.init)
+            plan = model.plan
+            if plan.cross_attention_layers or len(plan.self_attention_layers) != plan.num_layers:
+                raise ValueError(f"base init {recipe.init} is a VISOR model with cross-attention layers; a base run "
+                                 "continues a LLaVA-OV checkpoint or a base run's own step checkpoint (every layer SA)")
+            return model.train()
         from transformers import LlavaOnevisionConfig
 
         layers = LlavaOnevisionConfig.from_pretrained(recipe.init).text_config.num_hidden_layers
@@ -111,6 +119,11 @@ def build_llava_base(recipe: Recipe, tokenizer):
 
 
 @torch.no_grad()
+def _model_type(folder: str) -> str | None:
+    config = Path(folder) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.exists() else None
+
+
 def init_from_scratch(model) -> None:
     """Small-normal init of the LLM and projector (GPT-2 style), so training from scratch is stable."""
     for name, module in model.named_modules():
