@@ -5,6 +5,9 @@ weights at the recipes' real geometry, alternating bf16 and fp32 within one proc
 same machine state, after a warm-up step. Prints a table and, last, one JSON line.
 
     python benchmarks/train_throughput.py [--steps 3] [--threads 2] [--kinds base vision]
+
+``--compare padding`` instead times bf16 steps on the training batches as built (right-padded, so the
+decoder's causal attention runs without a mask) against the same rows left-padded (masked attention).
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ def build_trainer(kind: str, precision: str, work: Path, base_dir: Path | None, 
     return trainer
 
 
-def time_steps(trainer, steps: int) -> list[float]:
+def left_padded(batch: dict) -> dict:
+    """The same rows with their padding moved to the front (labels follow their tokens)."""
+    mask = batch["attention_mask"].bool()
+    order = torch.argsort(mask.int(), dim=1, stable=True)  # padding first, real tokens in order
+    return {**batch, **{k: batch[k].gather(1, order) for k in ("input_ids", "attention_mask", "labels")}}
+
+
+def time_steps(trainer, steps: int, relayout=None) -> list[float]:
     """Seconds per optimiser step (data generation included), after one warm-up step."""
     from visor.train.loop import _autocast, micro_indices
 
@@ -50,6 +60,8 @@ def time_steps(trainer, steps: int) -> list[float]:
     for step in range(steps + 1):
         start = time.perf_counter()
         batches = [trainer.task.batch(micro_indices(recipe, step, a, env)) for a in range(accum)]
+        if relayout is not None:
+            batches = [relayout(b) for b in batches]
         tokens = sum(trainer.task.count(b) for b in batches)
         trainer.optimizer.zero_grad(set_to_none=True)
         for batch in batches:
@@ -62,11 +74,28 @@ def time_steps(trainer, steps: int) -> list[float]:
     return times
 
 
+def compare_padding(kind: str, work: Path, base_dir, stage1_dir, steps: int) -> dict:
+    trainer = build_trainer(kind, "bf16", work, base_dir, stage1_dir)
+    times = {"right": [], "left": []}
+    for layout in ("right", "left", "right", "left"):  # interleaved
+        times[layout].extend(time_steps(trainer, max(1, steps // 2), None if layout == "right" else left_padded))
+    batch = trainer.recipe.global_batch
+    row = {"kind": kind, "global_batch": batch, "precision": "bf16"}
+    for layout, values in times.items():
+        row[f"{layout}_padded_samples_per_s"] = batch / statistics.median(values)
+    row["right_over_left"] = row["right_padded_samples_per_s"] / row["left_padded_samples_per_s"]
+    print(f"{kind:<14} batch {batch:>3}  bf16  right-padded {row['right_padded_samples_per_s']:7.2f} samples/s  "
+          f"left-padded {row['left_padded_samples_per_s']:7.2f} samples/s  right/left {row['right_over_left']:.2f}x", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed optimiser steps per recipe and precision")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--kinds", nargs="+", default=["vision", "base", "visor-stage1", "visor-stage2"])
+    parser.add_argument("--compare", choices=["precision", "padding"], default="precision",
+                        help="bf16 vs fp32 (default), or right- vs left-padded batches in bf16")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     args = parser.parse_args()
     if args.threads:
@@ -89,6 +118,9 @@ def main() -> None:
             stage1.save_pretrained(str(stage1_dir))
             trainer.tokenizer.save_pretrained(str(stage1_dir))
         for kind in args.kinds:
+            if args.compare == "padding":
+                rows.append(compare_padding(kind, work, base_dir, stage1_dir, args.steps))
+                continue
             per_precision = {}
             trainers = {p: build_trainer(kind, p, work, base_dir, stage1_dir) for p in ("bf16", "fp32")}
             for p in ("bf16", "fp32", "bf16", "fp32"):  # interleaved
@@ -101,7 +133,7 @@ def main() -> None:
             rows.append(row)
             print(f"{kind:<14} batch {batch:>3}  bf16 {row['bf16_samples_per_s']:7.2f} samples/s  "
                   f"fp32 {row['fp32_samples_per_s']:7.2f} samples/s  bf16/fp32 {row['bf16_speedup']:.2f}x", flush=True)
-    result = {"rows": rows, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"rows": rows, "compare": args.compare, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cpu": platform.processor() or platform.machine(), "steps": args.steps}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -464,3 +464,65 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in visor.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def _right_pad(batch: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The same rows with their real tokens moved to the front (right padding)."""
+    mask = batch["attention_mask"].bool()
+    order = torch.argsort((~mask).int(), dim=1, stable=True)  # real tokens first, in order
+    moved = {**batch, "input_ids": batch["input_ids"].gather(1, order), "attention_mask": batch["attention_mask"].gather(1, order)}
+    return moved, labels.gather(1, order)
+
+
+@pytest.mark.parametrize("plan, active_sa", [("all_sa", None), ("visor", [0]), ("visor", []), ("visor", [[0], [0, 1]])])
+def test_right_padded_batch_equals_left_padded_and_skips_attention_masks(plan, active_sa, monkeypatch):
+    """Training batches are right-padded so causal attention runs as SDPA's ``is_causal`` (no mask); the
+    loss, its gradients and every real position's logits equal the left-padded batch's."""
+    import visor.model.modeling as modeling
+
+    hf = tiny_llava(num_layers=6)
+    visor = VisorForConditionalGeneration.from_llava_onevision(
+        hf, plan=LayerPlan.all_self_attention(6) if plan == "all_sa" else None)
+    if plan == "visor":
+        randomise_cross_attention(visor)
+    visor.train()
+    left = batch_inputs(visor)
+    assert not left["attention_mask"].bool().all()
+    labels = left["input_ids"].masked_fill(left["input_ids"] == IMAGE_TOKEN_ID, -100).masked_fill(left["attention_mask"] == 0, -100)
+    right, right_labels = _right_pad(left, labels)
+
+    causal = []  # is_causal of every causal mask the decoder builds (text stream, full sequence)
+    build = modeling.causal_mask
+
+    def recording(*args):
+        mask = build(*args)
+        causal.append(mask.is_causal)
+        return mask
+
+    monkeypatch.setattr(modeling, "causal_mask", recording)
+    outputs, grads, kinds = [], [], []
+    for inputs, lab in ((left, labels), (right, right_labels)):
+        causal.clear()
+        visor.zero_grad()
+        out = visor(**inputs, labels=lab, active_sa=active_sa, loss_reduction="sum")
+        out.loss.backward()
+        outputs.append((out, inputs["attention_mask"]))
+        grads.append({n: p.grad.clone() for n, p in visor.named_parameters() if p.grad is not None})
+        kinds.append(list(causal))
+    assert kinds[0] and not all(kinds[0])  # left padding: masks (a one-sample group without padding needs none)
+    assert kinds[1] and all(kinds[1])  # right padding: SDPA's is_causal everywhere
+    (l_out, _), (r_out, _) = outputs
+    assert l_out.num_loss_tokens == r_out.num_loss_tokens > 0
+    assert torch.allclose(l_out.loss, r_out.loss, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    # logits of every real input position, matched through text_index (positions moved with the padding)
+    for b in range(left["input_ids"].shape[0]):
+        real = left["attention_mask"][b].bool()
+        to_right = torch.cumsum(real.long(), 0) - 1  # left position -> right position of a real token
+        l_rows = {int(to_right[p]): l_out.logits[b, s] for s, p in enumerate(l_out.text_index[b].tolist()) if p >= 0 and real[p]}
+        r_rows = {p: r_out.logits[b, s] for s, p in enumerate(r_out.text_index[b].tolist()) if p >= 0 and right["attention_mask"][b, p]}
+        assert l_rows.keys() == r_rows.keys() and l_rows
+        for p in l_rows:
+            assert torch.allclose(l_rows[p], r_rows[p], atol=1e-5), (b, p)

@@ -112,10 +112,24 @@ class AttentionMask:
     rows_with_keys: torch.Tensor | None = None
 
 
+def padding_layout(valid: torch.Tensor) -> tuple[bool, bool]:
+    """(every entry valid, each row's valid entries come first) of a [B, T] mask, in one host read."""
+    flags = torch.stack([valid.all(), (valid.int().cummin(dim=1).values.bool() == valid).all()])
+    every_valid, valid_first = flags.tolist()
+    return bool(every_valid), bool(valid_first)
+
+
 def causal_mask(key_valid: torch.Tensor, num_queries: int) -> AttentionMask:
-    """Causal mask for the last ``num_queries`` tokens over ``key_valid`` ([B, Tk]) keys in order."""
+    """Causal mask for the last ``num_queries`` tokens over ``key_valid`` ([B, Tk]) keys in order.
+
+    No mask at all (SDPA's ``is_causal``, whose fused kernels skip the upper triangle) when every key is
+    valid, or when queries and keys are the same tokens and each row's valid keys come first (right
+    padding, as training batches are laid out): a valid query then sees only valid keys, and a padded
+    query, whose output nothing reads, sees the valid keys before it.
+    """
     batch, num_keys = key_valid.shape
-    if bool(key_valid.all()) and num_queries in (1, num_keys):  # one query sees every key: no mask at all
+    every_valid, valid_first = padding_layout(key_valid)
+    if (every_valid and num_queries in (1, num_keys)) or (valid_first and num_queries == num_keys):
         return AttentionMask(is_causal=num_queries > 1)
     offset = num_keys - num_queries
     q_idx = torch.arange(num_queries, device=key_valid.device)[:, None] + offset

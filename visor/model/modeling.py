@@ -4,7 +4,8 @@ Reading guide (top to bottom):
 
 1. ``encode_images``: SigLIP tower -> projector -> anyres packing, one token sequence per image.
 2. ``Streams``: the prompt split into a *text stream* (every non-image token, left-padded across the
-   batch) and a *visual stream* (every image token, right-padded), each with the position ids of the
+   batch; right-padded for a right-padded batch without a cache) and a *visual stream* (every image token,
+   right-padded), each with the position ids of the
    original interleaved sequence, so RoPE frames agree between layer kinds.
 3. ``VisorDecoder.run_layers``: per layer, by kind:
      SA   -> text and visual merged back into original order, the original layer, split again;
@@ -33,7 +34,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from visor.model.cache import VisorCache
 from visor.model.config import VisorConfig
-from visor.model.layers import AttentionMask, DecoderLayer, ImageSlots, RMSNorm, RotaryEmbedding, causal_mask
+from visor.model.layers import AttentionMask, DecoderLayer, ImageSlots, RMSNorm, RotaryEmbedding, causal_mask, padding_layout
 from visor.model.plan import ActiveConfig, LayerKind, LayerPlan
 from visor.model.vision import image_token_count, num_crops, pack_image
 
@@ -42,8 +43,9 @@ from visor.model.vision import image_token_count, num_crops, pack_image
 class VisorOutput(ModelOutput):
     """Output of ``VisorForConditionalGeneration.forward``.
 
-    ``logits`` cover the *text stream* ([B, Nt, vocab], left-padded; the last ``logits_to_keep`` slots
-    when that is set). ``text_index`` gives each slot's position in the input sequence (-1 = padding).
+    ``logits`` cover the *text stream* ([B, Nt, vocab], left-padded, or right-padded for a right-padded
+    batch without a cache; the last ``logits_to_keep`` slots when that is set). ``text_index`` gives each
+    slot's position in the input sequence (-1 = padding): read logits through it, not by slot.
     """
 
     loss: torch.Tensor | None = None
@@ -87,6 +89,12 @@ class Streams:
         self.text = sequence.gather(1, self.text_src[..., None].expand(-1, -1, dim))
         visual = sequence.gather(1, self.visual_src[..., None].expand(-1, -1, dim))
         self.visual = visual if bool(self.visual_valid.all()) else visual * self.visual_valid[..., None].to(visual.dtype)
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether some row is padded and every row's real tokens come first."""
+    every_valid, valid_first = padding_layout(attention_mask.bool())
+    return valid_first and not every_valid
 
 
 def _pad_stack(rows: list[torch.Tensor], length: int, left: bool, value=0) -> torch.Tensor:
@@ -374,8 +382,13 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         images_per_sample: list[list[torch.Tensor]],
+        text_left: bool = True,
     ) -> Streams:
-        """Split the batch into text and visual streams, checking image tokens per sample."""
+        """Split the batch into text and visual streams, checking image tokens per sample.
+
+        ``text_left=False`` pads the text stream on the right: with right-padded inputs its valid tokens
+        then come first in every row, so causal attention over it needs no mask (``causal_mask``). A cache
+        needs the left layout (decoded tokens are appended after the prompt's last text token)."""
         embeds = self.language_model.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
         batch, length = input_ids.shape
@@ -397,13 +410,14 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
             image_ids.append(torch.cat([torch.full((f.shape[0],), i, device=input_ids.device) for i, f in enumerate(feats)]) if feats else positions.new_zeros(0))
         n_text = max(t.numel() for t in text_src)
         n_visual = max(v.numel() for v in visual_src)
-        text_slot = _pad_stack([torch.ones_like(t, dtype=torch.bool) for t in text_src], n_text, left=True, value=False)
+        text_slot = _pad_stack([torch.ones_like(t, dtype=torch.bool) for t in text_src], n_text, left=text_left, value=False)
         visual_slot = _pad_stack([torch.ones_like(v, dtype=torch.bool) for v in visual_src], n_visual, left=False, value=False)
-        text_src_t = _pad_stack(text_src, n_text, left=True)
+        text_src_t = _pad_stack(text_src, n_text, left=text_left)
         visual_src_t = _pad_stack(visual_src, n_visual, left=False)
         seq_order = torch.empty_like(input_ids)
         for b in range(batch):
-            seq_order[b, text_src[b]] = torch.arange(n_text - text_src[b].numel(), n_text, device=input_ids.device)
+            first = n_text - text_src[b].numel() if text_left else 0
+            seq_order[b, text_src[b]] = torch.arange(first, first + text_src[b].numel(), device=input_ids.device)
             seq_order[b, visual_src[b]] = n_text + torch.arange(visual_src[b].numel(), device=input_ids.device)
         mask = attention_mask.bool()
         return Streams(
@@ -447,7 +461,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
 
         Args:
             input_ids: [B, N] token ids with each image's placeholder already expanded (the processor
-                does it); left padding for batches.
+                does it); left padding for generation; right padding (training, scoring) lets every
+                causal attention run without a mask.
             attention_mask: [B, N], 1 for real tokens.
             pixel_values / image_sizes / batch_num_images: as produced by ``VisorProcessor`` (HF's
                 LLaVA-OV layout: [num_images, crops, 3, H, W], [num_images, 2], images per sample).
@@ -546,7 +561,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
 
     def _prefill(self, input_ids, attention_mask, position_ids, images, labels, config, use_cache, logits_to_keep, return_visual_states,
                  in_llm=None, selection=None) -> VisorOutput:
-        streams = self.build_streams(input_ids, attention_mask, position_ids, images)
+        # a right-padded batch without a cache (training, teacher-forced scoring) keeps the text stream's
+        # valid tokens first too, so every causal attention runs without a mask
+        right_padded = not use_cache and in_llm is None and logits_to_keep <= 0 and _right_padded(attention_mask)
+        streams = self.build_streams(input_ids, attention_mask, position_ids, images, text_left=not right_padded)
         kinds = self.plan.layer_kinds(config)
         cache = None
         if use_cache:
