@@ -246,6 +246,27 @@ def test_family_round_robin_and_filter():
     assert only == ["dots", "side"] * 3
 
 
+def test_family_weights_spread_each_family_over_the_cycle():
+    from collections import Counter
+
+    from visor.data.synth.generate import family_cycle
+
+    cycle = family_cycle(None, {"code": 3, "dots": 2})
+    assert len(cycle) == len(FAMILIES) + 3
+    assert Counter(cycle) == Counter({**{f: 1 for f in FAMILIES}, "code": 3, "dots": 2})
+    code_at = [i for i, f in enumerate(cycle) if f == "code"]
+    assert min(b - a for a, b in zip(code_at, code_at[1:])) >= 3  # spread, not bunched
+    assert family_cycle(["dots", "side"], {"dots": 2}) == ("dots", "side", "dots")
+    assert family_cycle(["dots", "side"]) == ("dots", "side")
+    items = [generate_item("train", i, families=["dots", "side"], weights={"dots": 2}) for i in range(6)]
+    assert [it.family for it in items] == ["dots", "side", "dots"] * 2
+    # the same index draws the same scene whatever the mix: only the family choice changes
+    assert items[1].png_bytes() == generate_item("train", 1, families=["dots", "side"]).png_bytes()
+    for bad, match in (({"nope": 2}, "outside the mix"), ({"code": 0}, "positive integer"), ({"code": 1.5}, "positive integer")):
+        with pytest.raises(ValueError, match=match):
+            family_cycle(None, bad)
+
+
 def test_generation_is_fast():
     list(generate_items("train", len(FAMILIES)))  # warm caches (fonts, scans)
     n = 20 * len(FAMILIES)

@@ -114,7 +114,12 @@ def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
     manifest = shipped.manifest
     assert manifest["preset"] == "quick" and manifest["commit"] and "reproduce" in manifest["command"]
     assert {k: r.kind for k, r in shipped.recipes.items()} == {
-        "vision": "vision", "base": "base", "stage1": "visor-stage1", "stage2": "visor-stage2"}
+        "vision": "vision", "base": "base", "focus": "base", "stage1": "visor-stage1", "stage2": "visor-stage2"}
+    # the baseline is the focus run, which continued the base run; VISOR was built from it
+    assert manifest["checkpoints"]["base"]["recipe"] == "recipes/focus.yaml"
+    assert shipped.recipes["focus"].init.endswith("2-base/run/final")
+    assert shipped.recipes["focus"].data.family_weights == {"code": 2, "doc": 2}
+    assert shipped.recipes["stage1"].init.endswith("2b-focus/run/final")
     assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
     assert shipped.pipeline["eval_n"] == 20 and shipped.pipeline["label_threshold"] == 0.99
     assert manifest["checkpoints"]["visor"]["router"] is True
@@ -224,7 +229,7 @@ def test_status_reads_the_work_dir(quick, tmp_path):
     result = visor_cli(["reproduce", "--quick", "--status", "--work-dir", str(quick["root"] / "work")])
     assert result.returncode == 0, result.stderr[-2000:]
     stages = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["stages"]}
-    assert list(stages) == ["vision", "base", "stage1", "configs", "stage2", "labels", "router"]
+    assert list(stages) == ["vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router"]
     assert all(s["status"] == "complete" for s in stages.values())
     assert stages["base"]["step"] == stages["base"]["max_steps"] == 6 and stages["base"]["eta_s"] is None
 

@@ -76,6 +76,23 @@ def test_bad_recipes_are_rejected(tmp_path):
         build(Recipe, {"kind": "visor-stage1", "out_dir": "x"})
     recipe = load_recipe(tiny_recipe(tmp_path, "r"), ["optim.lr=3e-4", "max_steps=9"])
     assert recipe.optim.lr == 3e-4 and recipe.max_steps == 9
+    for weights, match in (("{code: 2}", "outside the mix"), ("{side: 0}", "positive integer"), ("[side]", "does not match"),
+                           ("{side: two}", "does not match")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            load_recipe(tiny_recipe(tmp_path, "w"), [f"data.family_weights={weights}"])
+    with pytest.raises(ValueError, match="synth"):
+        build(Recipe, {"kind": "base", "out_dir": "x", "data": {"source": "llava", "path": "a.jsonl", "family_weights": {"code": 2}}})
+
+
+def test_family_weights_shape_the_training_mix_not_validation(tmp_path):
+    from visor.train.loop import SampleSource
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "w"), ["data.family_weights={side: 3}"])
+    assert recipe.data.family_weights == {"side": 3}
+    train = [SampleSource(recipe).item(i).family for i in range(8)]
+    assert train.count("side") == 6 and train.count("color") == 2
+    val = [SampleSource(recipe, split="val").item(i).family for i in range(4)]
+    assert val == ["color", "side"] * 2
 
 
 # ---------------------------------------------------------------------- the loop

@@ -6,6 +6,7 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
 
     1-vision/run/final     dense pre-training of the tiny SigLIP tower           (recipe kind vision)
     2-base/run/final       the LLaVA-OV baseline, trained from scratch            (kind base)
+    2b-focus/run/final     optional: the baseline continued under its own recipe (kind base, init = 2-base)
     3-stage1/run/final     VISOR stage 1: new blocks only                         (kind visor-stage1)
     4-configs/out          viable configurations written into the stage-1 model   (``visor configs``)
     5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
@@ -33,7 +34,7 @@ from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
 from visor.reproduce.presets import TRAINING_STAGES, Preset, cache_spec
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult
 
-STAGE_NAMES = ("vision", "base", "stage1", "configs", "stage2", "labels", "router")
+STAGE_NAMES = ("vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router")
 
 
 @dataclass
@@ -140,7 +141,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     recipes: dict[str, dict] = {}
     on_stage = on_stage or (lambda name: None)
 
-    def training(name: str, number: int, paths: dict[str, str], inputs: dict[str, str]) -> StageResult:
+    def training(name: str, number: int | str, paths: dict[str, str], inputs: dict[str, str]) -> StageResult:
         on_stage(name)
         raw = dict(preset.recipes[name])
         raw["kind"] = TRAINING_STAGES[name]
@@ -170,7 +171,10 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
 
     vision = stages["vision"] = training("vision", 1, {}, {})
     base = stages["base"] = training("base", 2, {"vision_init": str(vision.path("final"))}, {"vision": vision.output_id})
-    stage1 = stages["stage1"] = training("stage1", 3, {"init": str(base.path("final"))}, {"base": base.output_id})
+    baseline = base
+    if "focus" in preset.recipes:  # the baseline continued (e.g. weighted towards the hard families)
+        baseline = stages["focus"] = training("focus", "2b", {"init": str(base.path("final"))}, {"base": base.output_id})
+    stage1 = stages["stage1"] = training("stage1", 3, {"init": str(baseline.path("final"))}, {"base": baseline.output_id})
 
     # ---- viable configurations
     on_stage("configs")
@@ -256,7 +260,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
 
     router = stages["router"] = cache.run("router", "7-router", router_spec, {"labels": labels.output_id}, router_body)
     _report(log, router)
-    return Trained(base=base.path("final"), visor=router.path("model"), stages=stages, recipes=recipes)
+    return Trained(base=baseline.path("final"), visor=router.path("model"), stages=stages, recipes=recipes)
 
 
 def _report(log, result: StageResult) -> None:

@@ -1,8 +1,10 @@
 """What ``visor reproduce`` runs: the ``full`` preset (``--train``: the repository's tiny recipes, hours on
 a CPU) and the ``quick`` preset (``--quick``: every stage on a minute-scale model, numbers meaningless).
 
-A preset is the recipes of the four training stages (``recipes/*.yaml`` for ``full``) plus the settings of
-the stages between and after them. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
+A preset is the recipes of the training stages (``recipes/*.yaml`` for ``full``) plus the settings of the
+stages between and after them. ``focus`` is optional: a second base run that continues the first one
+under its own recipe (e.g. a mix weighted towards the hard families); when a preset has it, its output is
+the baseline that VISOR is built from and compared with. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
 ``tokenizer``) are filled in by the pipeline, which owns the work directory.
 """
 
@@ -15,10 +17,11 @@ from pathlib import Path
 import yaml
 
 #: training stages, in order, with the recipe kind each one runs
-TRAINING_STAGES = {"vision": "vision", "base": "base", "stage1": "visor-stage1", "stage2": "visor-stage2"}
+TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "stage1": "visor-stage1",
+                   "stage2": "visor-stage2"}
 #: recipe files of the full preset (under ``recipes/``)
-FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "stage1": "visor-stage1-tiny.yaml",
-                "stage2": "visor-stage2-tiny.yaml"}
+FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
+                "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml"}
 #: recipe fields that are paths or logging knobs: not part of a stage's cache key
 PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
 NON_RESULT_FIELDS = ("log_every", "save_every", "keep_checkpoints", "eval_every", "threads")
@@ -83,6 +86,9 @@ def quick_preset() -> Preset:
                        max_steps=2, save_every=2, **common),
         "base": dict(kind="base", freeze_vision=True, optim={"lr": 3e-3, "warmup_steps": 2}, global_batch=4,
                      micro_batch=4, max_steps=6, save_every=3, **common),
+        "focus": dict(kind="base", freeze_vision=True, optim={"lr": 1e-3, "warmup_steps": 1}, global_batch=4,
+                      micro_batch=4, max_steps=2, save_every=2,
+                      **{**common, "data": {**common["data"], "family_weights": {"code": 2, "doc": 2}, "questions_per_image": 2}}),
         "stage1": dict(kind="visor-stage1", optim={"lr": 3e-3, "warmup_steps": 1}, global_batch=4, micro_batch=4,
                        max_steps=3, save_every=3, **common),
         "stage2": dict(kind="visor-stage2", freeze_vision=True, optim={"lr": 1e-3, "warmup_steps": 1}, global_batch=4,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from visor.reproduce.stages import RECORD
 
-STAGE_FOLDERS = ("1-vision", "2-base", "3-stage1", "4-configs", "5-stage2", "6-labels", "7-router")
+STAGE_FOLDERS = ("1-vision", "2-base", "2b-focus", "3-stage1", "4-configs", "5-stage2", "6-labels", "7-router")
 THROUGHPUT_WINDOWS = 5  # logged windows averaged for the estimate
 
 

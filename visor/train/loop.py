@@ -61,7 +61,10 @@ class SampleSource:
     def item(self, index: int):
         from visor.data.synth.generate import generate_item
 
-        return generate_item(self.split, index, seed=self.recipe.data.seed, config=self.config, families=self.recipe.data.families)
+        data = self.recipe.data
+        weights = data.family_weights if self.split == "train" else None  # validation: every family in turn
+        return generate_item(self.split, index, seed=data.seed, config=self.config, families=data.families,
+                             weights=weights)
 
     def sample(self, index: int):
         from visor.data.batch import Sample

@@ -54,6 +54,9 @@ class DataSpec:
     image_root: str | None = None
     val_path: str | None = None
     families: list[str] | None = None  # synth: subset of families (default all)
+    # synth training: family -> positive int, a family of weight w drawn w times per cycle of sum(weights) items
+    # (unnamed families weigh 1; validation stays one item per family in turn, so its means stay comparable)
+    family_weights: dict[str, int] | None = None
     synth_image_size: int | None = None  # synth: override SynthConfig.image_size
     seed: int = 0  # synth: dataset seed (splits derive disjoint seeds from it)
     val_n: int = 200  # validation items evaluated periodically
@@ -133,6 +136,12 @@ class Recipe:
             raise ValueError("save_every must be positive")
         if self.vision_color_weight < 0 or self.vision_shape_weight < 0:
             raise ValueError("vision_color_weight and vision_shape_weight must be >= 0")
+        if self.data.family_weights:
+            if self.data.source != "synth":
+                raise ValueError("data.family_weights weighs procedural families: only with data.source=synth")
+            from visor.data.synth.generate import family_cycle
+
+            family_cycle(self.data.families, self.data.family_weights)  # raises on unknown names, bad weights
         if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source != "synth"):
             raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth data (a LLaVA "
                              f"file brings its own turns), got {self.data.questions_per_image}")
@@ -175,6 +184,12 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise TypeError(f"{where}: expected a list, got {value!r}")
         return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping, got {value!r}")
+        if not args:
+            return value
+        return {_check(k, args[0], f"{where} key"): _check(v, args[1], f"{where}[{k!r}]") for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         return build(annotation, value, where)
     if annotation is float:

@@ -2,9 +2,11 @@
 
 Determinism: item ``i`` of a split is drawn from its own ``numpy`` generator seeded with
 ``item_seed(split, seed, i)`` (see :mod:`visor.data.synth.seeds`), and its family is
-``families[i % len(families)]`` (round robin, so families are balanced in every prefix). The same
-(split, seed, index, config, families) therefore gives the same item and byte-identical PNG on every
-run, on any worker, in any order.
+``families[i % len(families)]`` (round robin, so families are balanced in every prefix). With integer
+``weights`` a family of weight w appears w times per cycle of ``sum(weights)`` items, spread evenly
+(:func:`family_cycle`): a training mix that shows some families more often. The same
+(split, seed, index, config, families, weights) therefore gives the same item and byte-identical PNG on
+every run, on any worker, in any order.
 
 On disk (:func:`write_split`) a split is the standard LLaVA conversation format::
 
@@ -29,7 +31,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -101,17 +103,37 @@ def _check_families(families: Sequence[str] | None) -> tuple[str, ...]:
     return fams
 
 
+def family_cycle(families: Sequence[str] | None = None, weights: Mapping[str, int] | None = None) -> tuple[str, ...]:
+    """The order in which item indices visit the families: each family once (round robin), or, with
+    ``weights`` (family -> positive int; unnamed families weigh 1), a family of weight w w times per cycle,
+    its visits spread evenly over the cycle."""
+    fams = _check_families(families)
+    if not weights:
+        return fams
+    unknown = sorted(set(weights) - set(fams))
+    if unknown:
+        raise ValueError(f"family weights name families outside the mix: {unknown} (mix: {list(fams)})")
+    counts = {}
+    for f in fams:
+        w = weights.get(f, 1)
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"family weight of {f!r} must be a positive integer, got {w!r}")
+        counts[f] = w
+    visits = [((k + 0.5) / w, i, f) for i, (f, w) in enumerate(counts.items()) for k in range(w)]
+    return tuple(f for _, _, f in sorted(visits))
+
+
 def item_id(split: str, seed: int, index: int) -> str:
     """The id of item ``index`` of ``split`` under ``seed``."""
     return f"synth-{split}-{seed}-{index:07d}"
 
 
 def generate_item(split: str, index: int, seed: int = 0, config: SynthConfig = DEFAULT_CONFIG,
-                  families: Sequence[str] | None = None) -> SynthItem:
-    """Generate item ``index`` of ``split`` (module doc: determinism, family round robin)."""
+                  families: Sequence[str] | None = None, weights: Mapping[str, int] | None = None) -> SynthItem:
+    """Generate item ``index`` of ``split`` (module doc: determinism, family round robin or weighted cycle)."""
     check_split(split)
-    fams = _check_families(families)
-    family = fams[index % len(fams)]
+    cycle = family_cycle(families, weights)
+    family = cycle[index % len(cycle)]
     s = item_seed(split, seed, index)
     rng = np.random.default_rng(s)
     scene, answer = SAMPLERS[family](rng, config, split)
