@@ -337,3 +337,39 @@ def test_a_finished_run_is_not_trained_or_exported_again(tmp_path):
     assert any("not evaluated or exported again" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
     assert json.loads(record_file.read_text())["status"] == "complete"
+
+
+def test_reuse_from_links_complete_stages_and_a_variant_skips_them(quick, tmp_path):
+    """`--reuse-from`: the complete stages of another work dir are hard-linked (same inodes, no copies) and
+    skipped; a variant whose settings differ from the configuration search on redoes only those stages."""
+    from visor.reproduce.pipeline import train_all
+    from visor.reproduce.presets import quick_preset
+    from visor.reproduce.stages import link_completed_stages
+
+    source = quick["root"] / "work"
+    linked = link_completed_stages(source, tmp_path / "variant", log=lambda *_: None)
+    assert {"1-vision", "2-base", "2b-focus", "3-stage1", "4-configs"} <= set(linked)
+    weights = tmp_path / "variant" / "2b-focus" / "run" / "final" / "model.safetensors"
+    assert os.stat(weights).st_ino == os.stat(source / "2b-focus" / "run" / "final" / "model.safetensors").st_ino
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_configs(name: str) -> None:
+        if name == "stage2":
+            raise Stop
+
+    preset = quick_preset()
+    preset.configs_resolutions = ["full", "base"]
+    logs: list[str] = []
+    with pytest.raises(Stop):
+        train_all(preset, StageCache(tmp_path / "variant", log=logs.append), progress=False, log=logs.append,
+                  on_stage=stop_after_configs)
+    cached = {line.split("]")[0][1:] for line in logs if "] cached" in line}
+    assert cached == {"vision", "base", "focus", "stage1"}
+    assert any(line.startswith("[configs] settings or inputs changed") for line in logs)
+    # the source's own folders are untouched by the variant's redo
+    assert json.loads((source / "4-configs" / "stage.json").read_text())["status"] == "complete"
+    assert (source / "4-configs" / "out" / "config.json").exists()
+    with pytest.raises(ValueError, match="itself"):
+        link_completed_stages(source, source)

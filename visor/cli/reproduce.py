@@ -57,6 +57,10 @@ def register(subparsers) -> None:
                         help="--train/--quick: resolution on request, e.g. 'full,base': the configuration search, stage 2, "
                              "labels and router also cover the input resolution (visor.model.resolution; give it its own --work-dir); "
                              "default full only")
+    parser.add_argument("--reuse-from", default=None, metavar="DIR",
+                        help="--train/--quick: first hard-link the complete stages of another work dir that --work-dir "
+                             "lacks (no copies), so a variant such as --resolutions full,base starts from the same "
+                             "trained models; a linked stage whose settings differ here is redone as usual")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="--train/--quick: run each training stage under torchrun with N DDP processes "
@@ -82,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.nproc < 1 or (args.nproc > 1 and mode == "shipped"):
         print("visor reproduce: --nproc must be at least 1, and only trains (--train or --quick)", file=sys.stderr)
+        return 2
+    if args.reuse_from and mode == "shipped":
+        print("visor reproduce: --reuse-from links trained stages for --train or --quick", file=sys.stderr)
         return 2
     if args.n is not None and args.n < 1:
         print("visor reproduce: --n must be at least 1", file=sys.stderr)
@@ -154,6 +161,10 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     preset = quick_preset() if mode == "quick" else full_preset(args.recipes)
     if getattr(args, "resolutions", None):
         preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    if getattr(args, "reuse_from", None):
+        from visor.reproduce.stages import link_completed_stages
+
+        link_completed_stages(args.reuse_from, work_dir, log)
     cache = StageCache(work_dir, set(args.force), log)
     log(f"visor reproduce --{mode}: stages under {work_dir}")
     try:

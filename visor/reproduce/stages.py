@@ -138,3 +138,30 @@ class StageCache:
         _write_record(path, {**base, "status": "complete", "outputs": outputs, "output_id": output_id,
                              "finished": finished, "seconds": seconds})
         return StageResult(name, path, key, output_id, outputs, cached=False, seconds=seconds)
+
+
+def link_completed_stages(source: str | Path, target: str | Path, log: Callable[[str], None] = print) -> list[str]:
+    """Hard-link every *complete* stage folder of work directory ``source`` that ``target`` lacks.
+
+    A variant of a run (e.g. ``--resolutions full,base``, which changes the stages from the configuration
+    search on) then starts from the same trained models without copying or retraining them: a linked stage
+    whose key still matches is skipped, one whose key differs is moved aside and redone, as always. Only
+    complete stages are linked, because nothing writes into a complete stage's files (records are replaced
+    by rename), while a running stage appends to its metrics. Returns the linked folder names."""
+    import os
+
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        raise FileNotFoundError(f"--reuse-from: {source} is not a work directory")
+    if source.resolve() == target.resolve():
+        raise ValueError("--reuse-from names the work directory itself")
+    target.mkdir(parents=True, exist_ok=True)
+    linked = []
+    for folder in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.endswith(".stale")):
+        record = read_record(folder)
+        if not record or record.get("status") != "complete" or (target / folder.name).exists():
+            continue
+        shutil.copytree(folder, target / folder.name, copy_function=os.link)
+        linked.append(folder.name)
+    log(f"linked {len(linked)} complete stage(s) from {source}: {', '.join(linked) or 'none'}")
+    return linked
