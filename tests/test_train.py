@@ -442,3 +442,32 @@ def test_questions_per_image_adds_correct_turns_about_the_same_scene(tmp_path):
         position = targets.index(answer, position) + len(answer)
     with pytest.raises(ValueError, match="questions_per_image"):
         build(Recipe, {"kind": "base", "out_dir": "x", "data": {"questions_per_image": 0}})
+
+
+def test_unfrozen_vision_tower_trains_at_its_own_rate_and_resumes(tmp_path):
+    """``optim.vision_lr_scale``: the tower's parameter group follows the schedule at a fixed fraction of
+    the LLM's rate, through a resume; a frozen tower or a scale of 1 keeps one group."""
+    from visor.train.loop import Trainer
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "vlr", freeze_vision=False, max_steps=4, save_every=2),
+                         ["optim.vision_lr_scale=0.1"])
+    trainer = Trainer(recipe, progress=False)
+    trainer.train()
+    rest, tower = trainer.optimizer.param_groups
+    assert tower["lr"] == pytest.approx(0.1 * rest["lr"]) and rest["lr"] > 0
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(names[id(p)].startswith("vision_tower.") for p in tower["params"])
+    assert not any(names[id(p)].startswith("vision_tower.") for p in rest["params"])
+    more = load_recipe(tiny_recipe(tmp_path, "vlr", freeze_vision=False, max_steps=6, save_every=2),
+                       ["optim.vision_lr_scale=0.1"])
+    resumed = Trainer(more, resume=True, progress=False)
+    resumed.train()
+    assert resumed.start_step == 4
+    rest, tower = resumed.optimizer.param_groups
+    assert tower["lr"] == pytest.approx(0.1 * rest["lr"])
+    frozen = Trainer(load_recipe(tiny_recipe(tmp_path, "frozen", freeze_vision=True, max_steps=1),
+                                 ["optim.vision_lr_scale=0.1"]), progress=False)
+    frozen._build()
+    assert len(frozen.optimizer.param_groups) == 1
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        load_recipe(tiny_recipe(tmp_path, "bad"), ["optim.vision_lr_scale=0"])

@@ -242,6 +242,18 @@ class DenseVisionTask:
 
 
 # ---------------------------------------------------------------------- run
+def _param_groups(model, recipe: Recipe) -> list[dict]:
+    """Trainable parameters; an LVLM's vision tower in its own group at ``lr x optim.vision_lr_scale``."""
+    opt = recipe.optim
+    tower, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (tower if "vision_tower." in name and recipe.kind != "vision" else rest).append(param)
+    if opt.vision_lr_scale == 1.0 or not tower:  # one group, in the model's order (what checkpoints hold)
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return [{"params": rest}, {"params": tower, "lr": opt.lr * opt.vision_lr_scale}]
+
+
 def _lr_lambda(recipe: Recipe):
     opt = recipe.optim
 
@@ -326,7 +338,7 @@ class Trainer:
         model.to(self.env.device)
         self.model = wrap_model(model, recipe.distributed, self.env)
         opt = recipe.optim
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opt.lr,
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, recipe), lr=opt.lr,
                                            betas=tuple(opt.betas), weight_decay=opt.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(recipe))
         self.start_step = 0

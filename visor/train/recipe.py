@@ -73,6 +73,9 @@ class OptimSpec:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # an unfrozen vision tower of an LVLM trains at lr x this (LLaVA-OneVision trains its SigLIP at a fifth
+    # of the LLM's rate); the schedule applies to both
+    vision_lr_scale: float = 1.0
 
 
 @dataclass
@@ -132,6 +135,8 @@ class Recipe:
             raise ValueError(f"a {self.kind} recipe needs `init` (the checkpoint to start from)")
         if self.data.source == "llava" and not self.data.path:
             raise ValueError("data.source=llava needs data.path (a LLaVA JSON/JSONL file)")
+        if self.optim.vision_lr_scale <= 0:
+            raise ValueError(f"optim.vision_lr_scale must be positive (freeze_vision freezes), got {self.optim.vision_lr_scale}")
         if self.save_every <= 0:
             raise ValueError("save_every must be positive")
         if self.vision_color_weight < 0 or self.vision_shape_weight < 0:
