@@ -281,11 +281,12 @@ def test_universal_sampling_covers_viable_set(base_run, tmp_path):
 
 # ---------------------------------------------------------------------- distributed
 def test_torchrun_two_processes_match_one_and_fsdp_matches_ddp(tmp_path):
-    single = tiny_recipe(tmp_path, "single", max_steps=3, save_every=3)
+    optim = {"lr": 3e-3, "warmup_steps": 2, "vision_lr_scale": 0.5}  # the unfrozen tower in its own group
+    single = tiny_recipe(tmp_path, "single", max_steps=3, save_every=3, optim=optim)
     run_cli([PYTHON, "-m", "visor", "train", str(single), "--no-progress"])
     torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     for port, mode in ((29531, "ddp"), (29532, "fsdp")):
-        recipe = tiny_recipe(tmp_path, mode, max_steps=3, save_every=3, distributed=mode)
+        recipe = tiny_recipe(tmp_path, mode, max_steps=3, save_every=3, distributed=mode, optim=optim)
         run_cli(torchrun + [str(port), "-m", "visor", "train", str(recipe), "--no-progress", "--device", "cpu"])
     reference = final_weights(tmp_path / "single")
     for mode in ("ddp", "fsdp"):
