@@ -19,7 +19,7 @@ Design choices, in order of importance:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,23 @@ class AttentionMask:
     bool_mask: torch.Tensor | None = None
     is_causal: bool = False
     rows_with_keys: torch.Tensor | None = None
+    _additive: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def additive(self, dtype: torch.dtype, groups: int = 1) -> torch.Tensor | None:
+        """``bool_mask`` as SDPA's additive form (0 / -inf) in ``dtype``, its query rows repeated ``groups``
+        times (GQA folding), built once per mask: every layer of a forward shares its mask, and SDPA would
+        otherwise convert (and the folding copy) the boolean mask again in each of them."""
+        if self.bool_mask is None:
+            return None
+        key = (dtype, groups)
+        if key not in self._additive:
+            allowed = self.bool_mask
+            if groups > 1:  # [B, 1, Tq, S] -> [B, 1, groups * Tq, S]
+                b, _, tq, s = allowed.shape
+                allowed = allowed.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b, 1, groups * tq, s)
+            zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self._additive[key] = zeros.masked_fill(~allowed, float("-inf"))
+        return self._additive[key]
 
 
 def padding_layout(valid: torch.Tensor) -> tuple[bool, bool]:
@@ -164,11 +181,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     if groups > 1 and not mask.is_causal and tq * groups <= _FOLD_MAX_ROWS:
-        allowed = mask.bool_mask
-        if allowed is not None:  # [B, 1, Tq, S] -> [B, 1, groups * Tq, S]
-            allowed = allowed.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(allowed.shape[0], 1, groups * tq, -1)
         folded = q.reshape(b, kv_heads, groups * tq, dim)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=allowed).view(b, heads, tq, dim)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.additive(q.dtype, groups)).view(b, heads, tq, dim)
     else:
         native = groups > 1 and _SDPA_HAS_GQA and (mask.is_causal or q.device.type == "cpu")
         if groups > 1 and not native:
@@ -177,7 +191,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         if mask.is_causal:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, **extra)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool_mask, **extra)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(q.dtype), **extra)
     if mask.rows_with_keys is not None:
         out = out * mask.rows_with_keys[:, None, :, None].to(out.dtype)
     return out
