@@ -321,3 +321,20 @@ def test_stream_and_dataset_work_with_torch_dataloader():
     assert list(loader) == expected
     ds = SynthDataset("train", 6, seed=8, transform=lambda it: it.answer)
     assert list(torch_data.DataLoader(ds, batch_size=None)) == expected
+
+
+def test_with_image_size_scales_large_shapes_and_keeps_small_print():
+    """A smaller canvas shrinks large shapes with it (so every easy scene still fits: at 128 px the
+    unscaled 44 px half-extents could not always be placed) and keeps glyphs, dots and scans at their
+    pixel size; every family generates at 128 px."""
+    default = SynthConfig()
+    cfg = default.with_image_size(128)
+    assert (cfg.image_size, cfg.large_min, cfg.large_max) == (128, 15, 29)
+    assert (cfg.text_size, cfg.hand_size, cfg.dot_radius, cfg.small_max) == (
+        default.text_size, default.hand_size, default.dot_radius, default.small_max)
+    assert default.with_image_size(192) is default
+    assert default.with_image_size(288).large_max == 66
+    for it in generate_items("train", 300, config=cfg):  # 30 of each family, shape scenes included
+        assert it.image.size == (128, 128) and derive_answer(it.scene) == it.answer
+        for shape in it.scene.get("shapes", []):
+            assert shape["size"] <= cfg.large_max

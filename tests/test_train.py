@@ -297,6 +297,40 @@ def test_torchrun_two_processes_match_one_and_fsdp_matches_ddp(tmp_path):
 
 
 # ---------------------------------------------------------------------- faults
+CRASHING_RANK_SCRIPT = """
+import sys
+import visor.train.loop as loop
+from visor.train.recipe import load_recipe
+
+fetch = loop.micro_indices
+
+def failing(recipe, step, accum_index, env):  # rank 0's data fails at the start of step 4 (0-based)
+    if env.rank == 0 and step == 4:
+        raise RuntimeError("injected data failure")
+    return fetch(recipe, step, accum_index, env)
+
+loop.micro_indices = failing
+loop.Trainer(load_recipe(sys.argv[1]), progress=False).train()
+"""
+
+
+def test_an_error_on_one_rank_ends_a_distributed_run_instead_of_hanging(tmp_path):
+    """Rank 0 fails between checkpoints while rank 1 waits in the next step's all-reduce: rank 0 saves its
+    replicated DDP state alone (no barrier, which rank 1 would never reach) and exits with the error,
+    and torchrun stops the run. Before, the closing save's barrier deadlocked both ranks for good."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RANK_SCRIPT)
+    recipe = tiny_recipe(tmp_path, "crash", max_steps=8, save_every=3, distributed="ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                             str(script), str(recipe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "injected data failure" in result.stderr + result.stdout
+    steps = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert steps[-1] == "step_00000004"  # steps 1-4 done, the 4th saved on the way out
+    assert not (tmp_path / "crash" / "final").exists()
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     straight = tiny_recipe(tmp_path, "straight", max_steps=8, save_every=2)
     run_cli([PYTHON, "-m", "visor", "train", str(straight), "--no-progress"])

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--families", nargs="+", choices=FAMILIES, default=None, metavar="FAMILY",
                        help=f"families to generate, round robin (default all: {' '.join(FAMILIES)})")
     synth.add_argument("--image-size", type=int, default=None, metavar="PX",
-                       help="image side in pixels (default from SynthConfig: 192)")
+                       help="image side in pixels (default 192); large shapes scale with it, small print does not "
+                            "(SynthConfig.with_image_size)")
     synth.add_argument("--config", default=None, metavar="JSON",
                        help="JSON file of SynthConfig fields overriding the defaults (applied before --image-size)")
     synth.add_argument("--no-scene", action="store_true",
@@ -52,8 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from visor.data.synth.config import SynthConfig
     from visor.data.synth.generate import write_split
 
@@ -62,7 +61,7 @@ def run_synth(args: argparse.Namespace) -> int:
         with open(args.config, encoding="utf-8") as fh:
             config = SynthConfig.from_dict(json.load(fh))
     if args.image_size is not None:
-        config = dataclasses.replace(config, image_size=args.image_size)
+        config = config.with_image_size(args.image_size)
     if args.n < 0:
         raise SystemExit("--n must be >= 0")
     path = write_split(args.out, args.split, args.n, seed=args.seed, config=config, families=args.families,

@@ -57,7 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                         help=f"only these families (synth: {' '.join(FAMILIES)}; files: their 'family' field)")
     parser.add_argument("--image-size", type=int, default=None, metavar="PX",
-                        help="synth: image side in pixels (default: SynthConfig's)")
+                        help="synth: image side in pixels (default 192); large shapes scale with it, small print does not "
+                             "(SynthConfig.with_image_size)")
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="folder image paths are relative to (default: the data file's folder)")
     parser.add_argument("--grader", default="exact", choices=grader_names(),
@@ -130,8 +131,6 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
     if args.n is not None and args.n < 0:
         raise SystemExit("visor eval: --n must be >= 0")
     if args.data == "synth":
-        import dataclasses
-
         from visor.data.synth.config import FAMILIES, SynthConfig
 
         bad = sorted(set(args.families or ()) - set(FAMILIES))
@@ -139,7 +138,7 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
             raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(FAMILIES)}")
         config = SynthConfig()
         if args.image_size is not None:
-            config = dataclasses.replace(config, image_size=args.image_size)
+            config = config.with_image_size(args.image_size)
         n = 100 if args.n is None else args.n
         try:
             items = synth_items(args.split, n, seed=args.seed, config=config, families=args.families)

@@ -35,7 +35,7 @@ class EvalSpec:
     timing_items: int = 4
     timing_repeats: int = 5
     timing: bool = True
-    synth: dict = field(default_factory=dict)  # SynthConfig overrides (e.g. image_size) matching training
+    synth: dict = field(default_factory=dict)  # {"image_size": px} of the training data (SynthConfig.with_image_size)
 
     def key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("timing_items", "timing_repeats", "timing")}
@@ -67,12 +67,10 @@ def _autocast(precision: str):
 
 
 def test_items(spec: EvalSpec):
-    from dataclasses import replace
-
     from visor.data.synth.config import DEFAULT_CONFIG
     from visor.eval.harness import synth_items
 
-    config = replace(DEFAULT_CONFIG, **spec.synth) if spec.synth else DEFAULT_CONFIG
+    config = DEFAULT_CONFIG.with_image_size(spec.synth["image_size"]) if spec.synth else DEFAULT_CONFIG
     return synth_items("test", spec.n, seed=spec.seed, config=config)
 
 

@@ -46,12 +46,10 @@ class Trained:
 
 
 def _synth_config(recipe: dict):
-    from dataclasses import replace
-
     from visor.data.synth.config import DEFAULT_CONFIG
 
     size = (recipe.get("data") or {}).get("synth_image_size")
-    return replace(DEFAULT_CONFIG, image_size=size) if size else DEFAULT_CONFIG
+    return DEFAULT_CONFIG.with_image_size(size) if size else DEFAULT_CONFIG
 
 
 def _load_visor(folder: Path):

@@ -33,12 +33,10 @@ from visor.train.recipe import Recipe
 
 # ---------------------------------------------------------------------- samples
 def synth_config(recipe: Recipe):
-    from dataclasses import replace
-
     from visor.data.synth.config import DEFAULT_CONFIG
 
     if recipe.data.synth_image_size:
-        return replace(DEFAULT_CONFIG, image_size=recipe.data.synth_image_size)
+        return DEFAULT_CONFIG.with_image_size(recipe.data.synth_image_size)
     return DEFAULT_CONFIG
 
 
@@ -371,7 +369,17 @@ class Trainer:
                 handle.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------ checkpoints
-    def save(self, step: int) -> None:
+    def _may_save_after(self, crashed: bool) -> bool:
+        """Whether this rank may write a checkpoint on its way out. After an error only this rank is leaving:
+        the others wait in a collective of the next step, so a save that gathers (FSDP) or ends in a barrier
+        would hang. A DDP rank 0 holds the full replicated state and saves alone; other ranks save nothing,
+        and the run keeps its last periodic checkpoint (at most ``save_every`` steps lost)."""
+        if not crashed or not self.env.enabled:
+            return True
+        return self.recipe.distributed == "ddp" and self.env.is_main
+
+    def save(self, step: int, collective: bool = True) -> None:
+        """Write the step checkpoint (rank 0 writes; ``collective=False`` skips the closing barrier)."""
         from safetensors.torch import save_file
 
         weights, optim_state = _full_state(self.model, self.optimizer)
@@ -395,7 +403,8 @@ class Trainer:
 
             path = write_checkpoint(self.run_dir, step, save_weights, state, keep=self.recipe.keep_checkpoints)
             self._log(f"checkpoint {path}")
-        barrier(self.env)
+        if collective:
+            barrier(self.env)
 
     # ------------------------------------------------------------ loop
     def train(self) -> Path | None:
@@ -421,6 +430,7 @@ class Trainer:
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         step = self.start_step
         last_saved = self.start_step
+        crashed = False
         try:
             while step < recipe.max_steps:
                 batches = [self.task.batch(micro_indices(recipe, step, a, env)) for a in range(accum)]
@@ -473,10 +483,13 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             self._log(f"interrupted at step {step}")
+        except BaseException:
+            crashed = True
+            raise
         finally:
             bar.close()
-            if step > last_saved:
-                self.save(step)
+            if step > last_saved and self._may_save_after(crashed):
+                self.save(step, collective=not crashed)
             signal.signal(signal.SIGTERM, previous)
         final = None
         if step >= recipe.max_steps or (recipe.max_minutes is not None and stop["signal"] is None):

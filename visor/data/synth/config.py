@@ -120,6 +120,18 @@ class SynthConfig:
         if len(set(self.code_charset)) != len(self.code_charset) or not self.code_charset:
             raise ValueError("code_charset must be non-empty without repeats")
 
+    def with_image_size(self, image_size: int) -> "SynthConfig":
+        """This config on a canvas of ``image_size`` px: large shapes scale with the canvas, so their size
+        in the base view stays the same; everything small (glyphs, handwriting, dots, distractors) keeps its
+        pixel size, so what the tiles must resolve stays what it was. ``image_size=128`` gives half-extents
+        15-29 px for large shapes (a 2x downscale to a 64 px base view, against 3x at the default 192)."""
+        if image_size == self.image_size:
+            return self
+        scale = image_size / self.image_size
+        large_min = max(self.small_max + 1, round(self.large_min * scale))
+        return dataclasses.replace(self, image_size=image_size, large_min=large_min,
+                                   large_max=max(large_min, round(self.large_max * scale)))
+
     def to_dict(self) -> dict:
         """JSON-serialisable form (tuples become lists)."""
         return dataclasses.asdict(self)
