@@ -336,3 +336,26 @@ def test_llava_items_unknown_grader_policy(work):
     assert [it.reason for it in items] == [None, "unknown_grader"] and report["n_skipped"] == 1
     with pytest.raises(UnknownGraderError, match="typo"):
         llava_items(path, unknown_grader="error")
+
+
+def test_synth_canvas_defaults_to_the_one_the_model_was_trained_on(tmp_path, capsys):
+    """`visor eval --data synth` without --image-size generates the canvas of the model's recipe.json
+    (a finished training run writes it beside the weights); --image-size overrides; no recipe: 192."""
+    import argparse
+
+    from visor.cli.eval import load_items, trained_canvas
+
+    model = tmp_path / "final"
+    model.mkdir()
+    assert trained_canvas(model) is None
+    (model / "recipe.json").write_text(json.dumps({"kind": "base", "data": {"synth_image_size": 128}}))
+    assert trained_canvas(model) == 128
+    args = argparse.Namespace(data="synth", split="val", seed=0, n=3, families=None, image_size=None, model=str(model))
+    items, data = load_items(args)
+    assert data["synth_config"]["image_size"] == 128 and "trained on" in capsys.readouterr().err
+    assert all(item.images[0].size == (128, 128) for item in items)
+    args.image_size = 192
+    items, data = load_items(args)
+    assert data["synth_config"]["image_size"] == 192 and items[0].images[0].size == (192, 192)
+    (model / "recipe.json").write_text("{not json")
+    assert trained_canvas(model) is None

@@ -373,3 +373,20 @@ def test_reuse_from_links_complete_stages_and_a_variant_skips_them(quick, tmp_pa
     assert (source / "4-configs" / "out" / "config.json").exists()
     with pytest.raises(ValueError, match="itself"):
         link_completed_stages(source, source)
+
+
+def test_benchmark_canvas_is_the_baselines_and_visor_stages_must_match_it():
+    """Every method is evaluated on one canvas: the baseline's (focus, else base); an earlier stage may
+    pre-train on another, while a VISOR stage on a different canvas is refused."""
+    from visor.reproduce.pipeline import eval_spec_for
+    from visor.reproduce.presets import Preset, full_preset
+
+    full = full_preset()
+    size = (full.recipes["focus"].get("data") or {}).get("synth_image_size")
+    assert full.benchmark_image_size() == size
+    assert eval_spec_for(full, timing=False).synth == ({"image_size": size} if size else {})
+    recipes = {"base": {"data": {"synth_image_size": 192}}, "focus": {"data": {"synth_image_size": 128}},
+               "stage1": {"data": {"synth_image_size": 128}}, "stage2": {"data": {"synth_image_size": 128}}}
+    assert Preset(name="p", recipes=recipes).benchmark_image_size() == 128
+    with pytest.raises(ValueError, match="different benchmark canvases"):
+        Preset(name="p", recipes={k: v for k, v in recipes.items() if k != "focus"}).benchmark_image_size()

@@ -57,7 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                         help=f"only these families (synth: {' '.join(FAMILIES)}; files: their 'family' field)")
     parser.add_argument("--image-size", type=int, default=None, metavar="PX",
-                        help="synth: image side in pixels (default 192); large shapes scale with it, small print does not "
+                        help="synth: image side in pixels (default: the canvas the model was trained on, from its "
+                             "recipe.json, else 192); large shapes scale with it, small print does not "
                              "(SynthConfig.with_image_size)")
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="folder image paths are relative to (default: the data file's folder)")
@@ -124,6 +125,18 @@ def generate_options(args: argparse.Namespace, model) -> dict:
     return options
 
 
+def trained_canvas(model_dir: str | Path) -> int | None:
+    """The procedural benchmark canvas a model was trained on: ``data.synth_image_size`` of the
+    ``recipe.json`` that a finished training run writes beside its weights (None when absent or unset)."""
+    path = Path(model_dir) / "recipe.json"
+    if not path.is_file():
+        return None
+    try:
+        return (json.loads(path.read_text()).get("data") or {}).get("synth_image_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_items(args: argparse.Namespace) -> tuple[list, dict]:
     """(items, data description) for ``--data``."""
     from visor.eval.harness import UNREADABLE_FAMILY, llava_items, synth_items
@@ -137,8 +150,12 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
         if bad:
             raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(FAMILIES)}")
         config = SynthConfig()
-        if args.image_size is not None:
-            config = config.with_image_size(args.image_size)
+        size = args.image_size if args.image_size is not None else trained_canvas(args.model)
+        if size is not None:
+            if args.image_size is None:
+                print(f"visor eval: synth images of {size} px, the canvas {args.model} was trained on "
+                      f"(its recipe.json; --image-size overrides)", file=sys.stderr)
+            config = config.with_image_size(size)
         n = 100 if args.n is None else args.n
         try:
             items = synth_items(args.split, n, seed=args.seed, config=config, families=args.families)

@@ -45,10 +45,10 @@ class Trained:
     recipes: dict[str, dict]  # the recipes as run (paths filled in)
 
 
-def _synth_config(recipe: dict):
+def _synth_config(preset: Preset):
     from visor.data.synth.config import DEFAULT_CONFIG
 
-    size = (recipe.get("data") or {}).get("synth_image_size")
+    size = preset.benchmark_image_size()
     return DEFAULT_CONFIG.with_image_size(size) if size else DEFAULT_CONFIG
 
 
@@ -164,7 +164,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         _report(log, result)
         return result
 
-    synth = _synth_config(preset.recipes["base"])
+    synth = _synth_config(preset)
     settings = preset.stage_settings()
 
     vision = stages["vision"] = training("vision", 1, {}, {})
@@ -268,7 +268,7 @@ def _report(log, result: StageResult) -> None:
 
 def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None, timing: bool = True) -> EvalSpec:
     synth = {}
-    size = (preset.recipes.get("base", {}).get("data") or {}).get("synth_image_size")
+    size = preset.benchmark_image_size()
     if size:
         synth["image_size"] = size
     return EvalSpec(n=n or preset.eval_n, seed=preset.eval_seed if seed is None else seed, batch_size=preset.batch_size,

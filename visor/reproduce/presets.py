@@ -51,6 +51,19 @@ class Preset:
     data_seed: int = 0  # synth seed for the configs search / labels (training recipes carry their own)
     notes: list[str] = field(default_factory=list)
 
+    def benchmark_image_size(self) -> int | None:
+        """The procedural benchmark's canvas (``data.synth_image_size``; None = SynthConfig's 192 px) that the
+        baseline and VISOR train on and every method is evaluated at: the baseline's recipe (``focus`` when the
+        preset has one, else ``base``), which the VISOR stages must match; an earlier stage (``base`` before
+        ``focus``) may pre-train on another canvas."""
+        baseline = "focus" if "focus" in self.recipes else "base"
+        sizes = {stage: (self.recipes[stage].get("data") or {}).get("synth_image_size")
+                 for stage in (baseline, "stage1", "stage2") if stage in self.recipes}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"preset {self.name!r}: the baseline and VISOR stages train on different benchmark "
+                             f"canvases (data.synth_image_size {sizes}); they are evaluated on one")
+        return next(iter(sizes.values()), None)
+
     def stage_settings(self) -> dict:
         """Everything but the recipes (recorded beside shipped checkpoints)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("recipes", "notes")}
