@@ -343,7 +343,8 @@ def test_synth_canvas_defaults_to_the_one_the_model_was_trained_on(tmp_path, cap
     (a finished training run writes it beside the weights); --image-size overrides; no recipe: 192."""
     import argparse
 
-    from visor.cli.eval import load_items, trained_canvas
+    from visor.cli.common import trained_canvas
+    from visor.cli.eval import load_items
 
     model = tmp_path / "final"
     model.mkdir()
@@ -359,3 +360,11 @@ def test_synth_canvas_defaults_to_the_one_the_model_was_trained_on(tmp_path, cap
     assert data["synth_config"]["image_size"] == 192 and items[0].images[0].size == (192, 192)
     (model / "recipe.json").write_text("{not json")
     assert trained_canvas(model) is None
+    # a shipped checkpoint: no recipe.json, the recipe its MANIFEST.json names
+    shipped = tmp_path / "checkpoints"
+    (shipped / "visor").mkdir(parents=True)
+    (shipped / "recipes").mkdir()
+    (shipped / "recipes" / "stage2.yaml").write_text("kind: visor-stage2\ndata: {synth_image_size: 128}\n")
+    (shipped / "MANIFEST.json").write_text(json.dumps({"checkpoints": {
+        "visor": {"path": "visor", "recipe": "recipes/stage2.yaml"}, "base": {"path": "base", "recipe": None}}}))
+    assert trained_canvas(shipped / "visor") == 128 and trained_canvas(shipped / "base") is None

@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from visor.cli.common import print_json_line
+from visor.cli.common import add_image_size, print_json_line, synth_config_for
 
 
 def register(subparsers) -> None:
@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image-root", default=None, help="image folder for --data files")
     parser.add_argument("--n", type=int, default=200, help="validation items (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="procedural dataset seed (default 0)")
+    add_image_size(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--resolutions", default=None, metavar="LIST",
@@ -47,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     model = VisorForConditionalGeneration.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     image_processor = image_processor_for(model.config)
-    items = synth_items("val", args.n, seed=args.seed) if args.data == "synth" else llava_items(args.data, args.image_root)[0][: args.n]
+    if args.data == "synth":
+        items = synth_items("val", args.n, seed=args.seed,
+                            config=synth_config_for(args.model, args.image_size, "visor configs"))
+    else:
+        items = llava_items(args.data, args.image_root)[0][: args.n]
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()] if args.resolutions else None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         search = search_configs(model, tokenizer, image_processor, items, mode=args.mode, batch_size=args.batch_size,

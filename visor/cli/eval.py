@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from visor.cli.common import DTYPES, add_config_choice, add_dtype, print_json_line, resolve_config_choice
+from visor.cli.common import (DTYPES, add_config_choice, add_dtype, add_image_size, print_json_line,
+                              resolve_config_choice, synth_config_for)
 
 MAX_REPORTED_PROBLEMS = 20
 
@@ -56,10 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="synth: dataset seed (default 0)")
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                         help=f"only these families (synth: {' '.join(FAMILIES)}; files: their 'family' field)")
-    parser.add_argument("--image-size", type=int, default=None, metavar="PX",
-                        help="synth: image side in pixels (default: the canvas the model was trained on, from its "
-                             "recipe.json, else 192); large shapes scale with it, small print does not "
-                             "(SynthConfig.with_image_size)")
+    add_image_size(parser)
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="folder image paths are relative to (default: the data file's folder)")
     parser.add_argument("--grader", default="exact", choices=grader_names(),
@@ -125,18 +123,6 @@ def generate_options(args: argparse.Namespace, model) -> dict:
     return options
 
 
-def trained_canvas(model_dir: str | Path) -> int | None:
-    """The procedural benchmark canvas a model was trained on: ``data.synth_image_size`` of the
-    ``recipe.json`` that a finished training run writes beside its weights (None when absent or unset)."""
-    path = Path(model_dir) / "recipe.json"
-    if not path.is_file():
-        return None
-    try:
-        return (json.loads(path.read_text()).get("data") or {}).get("synth_image_size")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def load_items(args: argparse.Namespace) -> tuple[list, dict]:
     """(items, data description) for ``--data``."""
     from visor.eval.harness import UNREADABLE_FAMILY, llava_items, synth_items
@@ -144,18 +130,12 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
     if args.n is not None and args.n < 0:
         raise SystemExit("visor eval: --n must be >= 0")
     if args.data == "synth":
-        from visor.data.synth.config import FAMILIES, SynthConfig
+        from visor.data.synth.config import FAMILIES
 
         bad = sorted(set(args.families or ()) - set(FAMILIES))
         if bad:
             raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(FAMILIES)}")
-        config = SynthConfig()
-        size = args.image_size if args.image_size is not None else trained_canvas(args.model)
-        if size is not None:
-            if args.image_size is None:
-                print(f"visor eval: synth images of {size} px, the canvas {args.model} was trained on "
-                      f"(its recipe.json; --image-size overrides)", file=sys.stderr)
-            config = config.with_image_size(size)
+        config = synth_config_for(args.model, args.image_size, "visor eval")
         n = 100 if args.n is None else args.n
         try:
             items = synth_items(args.split, n, seed=args.seed, config=config, families=args.families)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
-from visor.cli.common import print_json_line
+from visor.cli.common import add_image_size, print_json_line, synth_config_for
 
 
 def _data_args(parser: argparse.ArgumentParser, split: str, n: int) -> None:
@@ -16,6 +17,7 @@ def _data_args(parser: argparse.ArgumentParser, split: str, n: int) -> None:
     parser.add_argument("--split", default=split, choices=["train", "val", "test"], help=f"procedural split (default {split})")
     parser.add_argument("--n", type=int, default=n, help=f"items (default {n})")
     parser.add_argument("--seed", type=int, default=0, help="procedural dataset seed (default 0)")
+    add_image_size(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
 
@@ -72,7 +74,8 @@ def _setup(args):
     model = VisorForConditionalGeneration.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.data == "synth":
-        items = synth_items(args.split, args.n, seed=args.seed)
+        items = synth_items(args.split, args.n, seed=args.seed,
+                            config=synth_config_for(args.model, args.image_size, f"visor route {args.route_verb}"))
     else:
         items = [it for it in llava_items(args.data, args.image_root)[0] if it.problem is None][: args.n]
     return model, tokenizer, image_processor_for(model.config), items
@@ -126,6 +129,8 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(str(out))
     image_processor.save_pretrained(str(out))
     (out / "router_training.json").write_text(json.dumps(result, indent=2))
+    if (Path(args.model) / "recipe.json").is_file():  # the training recipe, so the canvas it ran on stays known
+        shutil.copyfile(Path(args.model) / "recipe.json", out / "recipe.json")
     print_json_line({"out": str(out), "n": len(items), "label_distribution": dict(Counter(map(str, labels))),
                      "final": result["history"][-1]})
     return 0
