@@ -1,0 +1,76 @@
+"""Per-family answer loss of checkpoints on the procedural validation split: a smoother progress signal than
+exact match while a family is still near chance.
+
+For each checkpoint, the mean negative log-likelihood per answer token (reference answer and end token,
+teacher-forced, every SA slot active) of ``--n`` validation items, averaged per family. A two-digit answer
+guessed uniformly costs ~1.5 per token (ln 10 for each digit, ~0 for the end token), a code of 3-5 letters
+from 10 ~1.8 (the benchmark tokenizer spells digits and code letters one per token).
+
+    python benchmarks/answer_nll.py WORK_DIR/2-base/run/final:192 WORK_DIR/2b-focus/run/checkpoints/step_00000850:128
+
+Each argument is ``CHECKPOINT[:CANVAS_PX]`` (default canvas: the checkpoint's recipe.json, else 192). Runs in bf16
+autocast, one thread by default (beside a training run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def load(path: str):
+    from transformers import AutoTokenizer
+
+    from visor.data.batch import Batcher
+    from visor.model.modeling import VisorForConditionalGeneration
+    from visor.model.plan import LayerPlan
+    from visor.train.models import image_processor_for
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") == "visor":
+        model = VisorForConditionalGeneration.from_pretrained(path)
+    else:  # a Hugging Face LLaVA-OneVision folder: the original model
+        layers = config["text_config"]["num_hidden_layers"]
+        model = VisorForConditionalGeneration.from_llava_onevision(path, plan=LayerPlan.all_self_attention(layers))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), Batcher.for_model(model, tokenizer, image_processor_for(model.config))
+
+
+def family_nll(path: str, canvas: int | None, n: int, seed: int, batch_size: int) -> dict[str, float]:
+    from visor.cli.common import synth_config_for
+    from visor.eval.harness import synth_items
+    from visor.routing.labels import answer_probabilities
+
+    model, batcher = load(path)
+    items = synth_items("val", n, seed=seed, config=synth_config_for(path, canvas, "answer_nll"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = answer_probabilities(model, batcher, items, model.plan.all_slots, batch_size)
+    per_family = defaultdict(list)
+    for item, prob in zip(items, probs):
+        per_family[item.family].append(-math.log(max(prob, 1e-12)))
+    return {family: sum(v) / len(v) for family, v in sorted(per_family.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT[:CANVAS_PX]")
+    parser.add_argument("--n", type=int, default=200, help="validation items, families in turn (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for spec in args.checkpoints:
+        path, _, canvas = spec.partition(":")
+        nll = family_nll(path, int(canvas) if canvas else None, args.n, args.seed, args.batch_size)
+        print(json.dumps({"checkpoint": path, "canvas": canvas or None, "n": args.n,
+                          "answer_nll": {k: round(v, 3) for k, v in nll.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
