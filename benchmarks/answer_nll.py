@@ -41,13 +41,14 @@ def load(path: str):
     return model.eval(), Batcher.for_model(model, tokenizer, image_processor_for(model.config))
 
 
-def family_nll(path: str, canvas: int | None, n: int, seed: int, batch_size: int) -> dict[str, float]:
+def family_nll(path: str, canvas: int | None, n: int, seed: int, batch_size: int,
+               families: list[str] | None = None) -> dict[str, float]:
     from visor.cli.common import synth_config_for
     from visor.eval.harness import synth_items
     from visor.routing.labels import answer_probabilities
 
     model, batcher = load(path)
-    items = synth_items("val", n, seed=seed, config=synth_config_for(path, canvas, "answer_nll"))
+    items = synth_items("val", n, seed=seed, config=synth_config_for(path, canvas, "answer_nll"), families=families)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         probs = answer_probabilities(model, batcher, items, model.plan.all_slots, batch_size)
     per_family = defaultdict(list)
@@ -60,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT[:CANVAS_PX]")
     parser.add_argument("--n", type=int, default=200, help="validation items, families in turn (default 200)")
+    parser.add_argument("--families", nargs="+", default=None, help="only these families (default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
@@ -67,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for spec in args.checkpoints:
         path, _, canvas = spec.partition(":")
-        nll = family_nll(path, int(canvas) if canvas else None, args.n, args.seed, args.batch_size)
+        nll = family_nll(path, int(canvas) if canvas else None, args.n, args.seed, args.batch_size, args.families)
         print(json.dumps({"checkpoint": path, "canvas": canvas or None, "n": args.n,
                           "answer_nll": {k: round(v, 3) for k, v in nll.items()}}), flush=True)
 
