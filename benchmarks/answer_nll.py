@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
@@ -26,17 +25,11 @@ import torch
 def load(path: str):
     from transformers import AutoTokenizer
 
+    from visor.convert.llava_onevision import load_checkpoint
     from visor.data.batch import Batcher
-    from visor.model.modeling import VisorForConditionalGeneration
-    from visor.model.plan import LayerPlan
     from visor.train.models import image_processor_for
 
-    config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("model_type") == "visor":
-        model = VisorForConditionalGeneration.from_pretrained(path)
-    else:  # a Hugging Face LLaVA-OneVision folder: the original model
-        layers = config["text_config"]["num_hidden_layers"]
-        model = VisorForConditionalGeneration.from_llava_onevision(path, plan=LayerPlan.all_self_attention(layers))
+    model = load_checkpoint(path)[0]  # a LLaVA-OV folder as the original model, a VISOR folder as saved
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), Batcher.for_model(model, tokenizer, image_processor_for(model.config))
 

@@ -71,9 +71,7 @@ def synth_config_for(model_dir: str | Path, image_size: int | None, prog: str):
     from visor.data.synth.config import SynthConfig
 
     size = image_size if image_size is not None else trained_canvas(model_dir)
-    if size is None:
-        return SynthConfig()
-    if image_size is None:
+    if image_size is None and size is not None:
         print(f"{prog}: synth images of {size} px, the canvas {model_dir} was trained on (--image-size overrides)",
               file=sys.stderr)
     return SynthConfig().with_image_size(size)

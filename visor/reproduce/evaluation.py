@@ -70,7 +70,7 @@ def test_items(spec: EvalSpec):
     from visor.data.synth.config import DEFAULT_CONFIG
     from visor.eval.harness import synth_items
 
-    config = DEFAULT_CONFIG.with_image_size(spec.synth["image_size"]) if spec.synth else DEFAULT_CONFIG
+    config = DEFAULT_CONFIG.with_image_size(spec.synth.get("image_size"))
     return synth_items("test", spec.n, seed=spec.seed, config=config)
 
 

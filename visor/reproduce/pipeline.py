@@ -48,8 +48,7 @@ class Trained:
 def _synth_config(preset: Preset):
     from visor.data.synth.config import DEFAULT_CONFIG
 
-    size = preset.benchmark_image_size()
-    return DEFAULT_CONFIG.with_image_size(size) if size else DEFAULT_CONFIG
+    return DEFAULT_CONFIG.with_image_size(preset.benchmark_image_size())
 
 
 def _load_visor(folder: Path):

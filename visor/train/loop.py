@@ -35,9 +35,7 @@ from visor.train.recipe import Recipe
 def synth_config(recipe: Recipe):
     from visor.data.synth.config import DEFAULT_CONFIG
 
-    if recipe.data.synth_image_size:
-        return DEFAULT_CONFIG.with_image_size(recipe.data.synth_image_size)
-    return DEFAULT_CONFIG
+    return DEFAULT_CONFIG.with_image_size(recipe.data.synth_image_size)
 
 
 class SampleSource:

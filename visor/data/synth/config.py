@@ -120,12 +120,13 @@ class SynthConfig:
         if len(set(self.code_charset)) != len(self.code_charset) or not self.code_charset:
             raise ValueError("code_charset must be non-empty without repeats")
 
-    def with_image_size(self, image_size: int) -> "SynthConfig":
+    def with_image_size(self, image_size: int | None) -> "SynthConfig":
         """This config on a canvas of ``image_size`` px: large shapes scale with the canvas, so their size
         in the base view stays the same; everything small (glyphs, handwriting, dots, distractors) keeps its
         pixel size, so what the tiles must resolve stays what it was. ``image_size=128`` gives half-extents
-        15-29 px for large shapes (a 2x downscale to a 64 px base view, against 3x at the default 192)."""
-        if image_size == self.image_size:
+        15-29 px for large shapes (a 2x downscale to a 64 px base view, against 3x at the default 192).
+        ``None`` (no canvas named) returns this config unchanged."""
+        if image_size is None or image_size == self.image_size:
             return self
         scale = image_size / self.image_size
         large_min = max(self.small_max + 1, round(self.large_min * scale))
