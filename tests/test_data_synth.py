@@ -153,8 +153,12 @@ def test_answer_spaces(items):
             assert cfg.code_len[0] <= len(it.answer) <= cfg.code_len[1] and set(it.answer) <= set(cfg.code_charset)
         if it.family == "dots":
             assert cfg.dot_count[0] <= int(it.answer) <= cfg.dot_count[1]
-        if it.family in ("doc", "chart", "handwriting"):
-            assert it.answer.isdigit() and len(it.answer) == 2
+        if it.family == "doc":
+            assert it.answer.isdigit() and len(it.answer) == cfg.doc_value_digits and it.answer[0] != "0"
+        if it.family == "chart":
+            assert cfg.bar_value_range[0] <= int(it.answer) <= cfg.bar_value_range[1]
+        if it.family == "handwriting":
+            assert it.answer.isdigit() and cfg.hand_digits[0] <= len(it.answer) <= cfg.hand_digits[1]
     assert by_family["count"] <= {"1", "2", "3", "4"}
     assert by_family["presence"] == {"yes", "no"}
     assert by_family["side"] == {"left", "right"}

@@ -22,8 +22,13 @@ Design choices (defaults; every size is a field of :class:`SynthConfig`):
   view use ``image_size=288``. ``text_size`` is the knob: at 8 the ideal reader drops to ~30% at 3x
   (and stays at 100% at full resolution), at the price of 5 px glyphs for the model to learn.
 * Answer spaces of hard families are small on purpose (PROBES.md: from scratch, a tiny model stayed
-  at chance reading 3 digits): codes use a 10-letter alphabet, document values, chart values and
-  handwritten numbers have two digits, dot counts are 5..15.
+  at chance reading 3 digits): codes are 3-5 letters of a 10-letter alphabet and dot counts 5..15 (as
+  the data issue specifies them); document values, chart values and handwritten numbers are one digit,
+  documents have 2-4 rows and charts 2-4 bars. Version 1 of the benchmark had two-digit values and
+  numbers, 3-5 rows and 3-5 bars: after ~20k training items each, the tiny baseline still answered
+  those three families at a uniform guess (docs/training-log.md), so the fix went into the design, as
+  the training issue asks, rather than into the targets. A single digit still needs the tiles (its
+  glyph is as small as before); only the number of outcomes the model must tell apart shrank.
 """
 
 from __future__ import annotations
@@ -90,10 +95,10 @@ class SynthConfig:
     glyph_gap: int = 1
     code_charset: str = CODE_CHARSET
     code_len: tuple[int, int] = (3, 5)
-    doc_rows: tuple[int, int] = (3, 5)
-    doc_value_digits: int = 2
-    bars: tuple[int, int] = (3, 5)
-    bar_value_range: tuple[int, int] = (10, 99)
+    doc_rows: tuple[int, int] = (2, 4)
+    doc_value_digits: int = 1
+    bars: tuple[int, int] = (2, 4)
+    bar_value_range: tuple[int, int] = (1, 9)
     # dots
     dot_count: tuple[int, int] = (5, 15)
     dot_radius: tuple[float, float] = (1.0, 2.0)
@@ -101,7 +106,7 @@ class SynthConfig:
     dot_region_scale: float = 1.6
     # handwriting: side of one scaled 8x8 scan, number of digits, gap between digits
     hand_size: int = 8
-    hand_digits: tuple[int, int] = (2, 2)
+    hand_digits: tuple[int, int] = (1, 1)
     hand_gap: int = 1
 
     def __post_init__(self) -> None:

@@ -291,7 +291,8 @@ def sample_doc(rng, cfg, split):
 
 @_retrying
 def sample_chart(rng, cfg, split):
-    """A bar chart: small category letters under the bars, small values above; ask one bar's value."""
+    """A bar chart: small category letters under the bars, small values above; ask one bar's value. The
+    axis has no scale, and its top stands for a random value, so only the printed value answers."""
     n = _ints(rng, *cfg.bars)
     labels = [BAR_LABELS[i] for i in rng.permutation(len(BAR_LABELS))[:n]]
     vlo, vhi = cfg.bar_value_range
@@ -304,12 +305,15 @@ def sample_chart(rng, cfg, split):
     x0 = _ints(rng, 3, cfg.image_size - 3 - width)
     top_room = th + 4
     base = _ints(rng, 3 + top_room + chart_h, cfg.image_size - 4 - th - 3)
+    # the axis top stands for a random value in [vhi, 2 vhi], so a bar's height does not give its value away
+    # (at one-digit values a height read off the blurred base view would); its printed label does
+    scale = _ints(rng, vhi, 2 * vhi)
     color = COLOR_NAMES[_ints(rng, 0, len(COLOR_NAMES) - 1)]
     ink = _dark(rng)
     bars, texts = [], []
     for i, (label, value) in enumerate(zip(labels, values)):
         bx0 = x0 + gap + i * (bar_w + gap)
-        bh = max(1, int(round(value / max(vhi, 1) * chart_h)))
+        bh = max(1, int(round(value / max(scale, 1) * chart_h)))
         bars.append({"box": [bx0, base - bh, bx0 + bar_w - 1, base - 1], "color": color,
                      "label": label, "value": value})
         vs = str(value)
@@ -320,7 +324,7 @@ def sample_chart(rng, cfg, split):
     lines = [{"xy": [x0, base, x0 + width, base], "color": list(AXIS), "width": 1},
              {"xy": [x0, base - chart_h - 2, x0, base], "color": list(AXIS), "width": 1}]
     scene = _base_scene("chart", cfg) | {"bars": bars, "lines": lines, "texts": texts,
-                                         "chart": {"height": chart_h, "scale": vhi}}
+                                         "chart": {"height": chart_h, "scale": scale}}
     ask = _ints(rng, 0, n - 1)
     scene["query"] = {"template": _ints(rng, 0, 1), "label": labels[ask]}
     return scene, str(values[ask])
