@@ -2,9 +2,9 @@
 exact match while a family is still near chance.
 
 For each checkpoint, the mean negative log-likelihood per answer token (reference answer and end token,
-teacher-forced, every SA slot active) of ``--n`` validation items, averaged per family. A two-digit answer
-guessed uniformly costs ~1.5 per token (ln 10 for each digit, ~0 for the end token), a code of 3-5 letters
-from 10 ~1.8 (the benchmark tokenizer spells digits and code letters one per token).
+teacher-forced, every SA slot active) of ``--n`` validation items, averaged per family
+(``visor.eval.likelihood``). A one-digit answer guessed uniformly costs ~1.1 per token (ln 9 or ln 10 for the
+digit, ~0 for the end token), a two-digit one (benchmark version 1) ~1.5, a code of 3-5 letters from 10 ~1.8.
 
     python benchmarks/answer_nll.py WORK_DIR/2-base/run/final:192 WORK_DIR/2b-focus/run/checkpoints/step_00000850:128
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections import defaultdict
 
 import torch
 
@@ -38,16 +36,12 @@ def family_nll(path: str, canvas: int | None, n: int, seed: int, batch_size: int
                families: list[str] | None = None) -> dict[str, float]:
     from visor.cli.common import synth_config_for
     from visor.eval.harness import synth_items
-    from visor.routing.labels import answer_probabilities
+    from visor.eval.likelihood import answer_nll_by_family
 
     model, batcher = load(path)
     items = synth_items("val", n, seed=seed, config=synth_config_for(path, canvas, "answer_nll"), families=families)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        probs = answer_probabilities(model, batcher, items, model.plan.all_slots, batch_size)
-    per_family = defaultdict(list)
-    for item, prob in zip(items, probs):
-        per_family[item.family].append(-math.log(max(prob, 1e-12)))
-    return {family: sum(v) / len(v) for family, v in sorted(per_family.items())}
+        return answer_nll_by_family(model, batcher, items, batch_size=batch_size)["answer_nll"]
 
 
 def main() -> None:

@@ -117,6 +117,11 @@ def test_base_loss_goes_down_and_exports_llava_onevision(base_run):
     assert (run_dir / "loss.png").exists()
     evals = [r for r in rows if "eval" in r]
     assert evals and evals[-1]["eval"]["n_items"] == 4
+    # the answer loss is logged per family beside exact match, and averaged over the families present
+    last = evals[-1]["eval"]
+    assert set(last["answer_nll"]) == {"color", "side"} and all(0 < v < 20 for v in last["answer_nll"].values())
+    assert last["easy_answer_nll"] == pytest.approx(sum(last["answer_nll"].values()) / 2)
+    assert "hard_answer_nll" not in last
     hf = LlavaOnevisionForConditionalGeneration.from_pretrained(final)
     assert hf.config.text_config.num_hidden_layers == 6
     # the exported baseline and the training-time weights are the same model

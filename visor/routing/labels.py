@@ -27,8 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from visor.eval.likelihood import answer_probabilities  # noqa: F401  (re-exported: the loglik score)
 from visor.model.plan import format_slots
 
 EPSILON = 1e-9
@@ -57,33 +56,6 @@ def choose_label(scores: dict, costs: dict, threshold: float = 0.99):
         if scores[config] >= target - EPSILON:
             return config
     return by_cost[-1]
-
-
-@torch.no_grad()
-def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> list[float]:
-    """``exp(mean log-prob)`` of each item's reference answer (teacher forcing) under ``config``."""
-    from visor.data.batch import Sample
-    from visor.model.resolution import Configuration
-
-    resolution = {}
-    if isinstance(config, Configuration):
-        config, resolution = config.active_sa, ({} if config.tiled else {"resolution": config.resolution})
-    probs: list[float] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        samples = [Sample(item.images, list(item.turns) + [{"from": "gpt", "value": item.answers[0]}]) for item in chunk]
-        batch = batcher.train_batch(samples, **resolution)
-        out = model(**batch, active_sa=config)
-        labels = batch["labels"]
-        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        index = out.text_index.clamp(min=0)
-        targets = torch.where(out.text_index >= 0, shifted.gather(1, index), torch.full_like(index, -100))
-        logp = torch.log_softmax(out.logits.float(), -1)
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        valid = targets != -100
-        mean = (picked * valid).sum(1) / valid.sum(1).clamp(min=1)
-        probs.extend(torch.exp(mean).tolist())
-    return probs
 
 
 def label_items(model, tokenizer, image_processor, items: Sequence, configs: Sequence, *,

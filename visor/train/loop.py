@@ -525,12 +525,17 @@ class Trainer:
             else:
                 items = synth_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe),
                                     families=data.families)
+            from visor.eval.likelihood import answer_nll_by_family
+
             with _autocast(self.recipe, self.env):
                 result = evaluate(model, self.tokenizer, self.image_processor, items, progress=False)
+                # the answer loss moves long before exact match leaves chance (docs/training-log.md)
+                summary = {**result.summary, **answer_nll_by_family(model, self.task.batcher, items)}
             model.train()
-            summary = result.summary
             self._metric({"step": step, "eval": summary})
-            self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}")
+            nll = "".join(f", {kind} answer loss {summary[f'{kind}_answer_nll']:.3f}" for kind in ("easy", "hard")
+                          if f"{kind}_answer_nll" in summary)
+            self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}")
         if self.env.is_main and summary is not None:  # the curve so far, to look at while a long run goes on
             plot_metrics(self.metrics_path, self.run_dir / "loss.png")
         barrier(self.env)
@@ -581,13 +586,17 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from visor.data.synth.config import EASY_FAMILIES
+
     if not Path(metrics_path).exists():
         return
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     # a resumed run logs again the steps since its checkpoint: the later row of a step is the one that counts
     train = sorted({r["step"]: r for r in rows if "loss" in r}.values(), key=lambda r: r["step"])
     evals = sorted({r["step"]: r for r in rows if "eval" in r}.values(), key=lambda r: r["step"])
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5), squeeze=False)
+    nll_evals = [r for r in evals if r["eval"].get("answer_nll")]
+    panels = 1 + bool(evals) + bool(nll_evals)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train])
     ax.set_xlabel("step")
@@ -602,6 +611,16 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("validation accuracy (%)")
         ax.legend()
+        ax.grid(alpha=0.3)
+    if nll_evals:  # per family: which families are being learned while exact match still sits at chance
+        ax = axes[0][2]
+        families = sorted({f for r in nll_evals for f in r["eval"]["answer_nll"]})
+        for family in families:
+            points = [(r["step"], r["eval"]["answer_nll"][family]) for r in nll_evals if family in r["eval"]["answer_nll"]]
+            ax.plot(*zip(*points), marker=".", label=family, linestyle="--" if family in EASY_FAMILIES else "-")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation answer loss per token")
+        ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
