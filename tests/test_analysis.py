@@ -4,6 +4,7 @@ layer dropping, and the CLI writing its CSV/PNG files on tiny LLaVA-OV and VISOR
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -113,6 +114,8 @@ def test_analyze_writes_csv_and_png(tmp_path, capsys, visor):
 
     folder, out = tmp_path / "model", tmp_path / "out"
     _save_checkpoint(folder, visor)
+    # procedural items on the canvas the model was trained on (its recipe.json), as `visor eval` does
+    (folder / "recipe.json").write_text(json.dumps({"kind": "base", "data": {"synth_image_size": 128}}))
     assert main(["analyze", "--model", str(folder), "--n", "4", "--families", "color", "code", "--group-size", "3",
                  "--max-new-tokens", "2", "--out", str(out), "--no-progress"]) == 0
     for name in ("attention", "cka", "layer_drop"):
@@ -130,4 +133,6 @@ def test_analyze_writes_csv_and_png(tmp_path, capsys, visor):
     with open(out / "layer_drop.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["group"] for r in rows} == {"0-2", "3-5"}
-    assert "layer dropping" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "layer dropping" in captured.out and "128 px, the canvas" in captured.err
+    assert json.loads((out / "analyze.json").read_text())["synth_image_size"] == 128

@@ -30,12 +30,14 @@ def load(folder: str | Path):
     return model.eval(), AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config), kind
 
 
-def items_from(data: str, split: str = "test", n: int = 100, seed: int = 0, families=None, image_root=None):
-    """Evaluation items: ``synth`` (generated) or a LLaVA JSON/JSONL file (unreadable records left out)."""
+def items_from(data: str, split: str = "test", n: int = 100, seed: int = 0, families=None, image_root=None,
+               synth_config=None):
+    """Evaluation items: ``synth`` (generated with ``synth_config``, default SynthConfig's) or a LLaVA JSON/JSONL
+    file (unreadable records left out)."""
     from visor.eval.harness import llava_items, synth_items
 
     if data == "synth":
-        return synth_items(split, n, seed=seed, families=families)
+        return synth_items(split, n, seed=seed, config=synth_config, families=families)
     items = [it for it in llava_items(data, image_root)[0] if it.problem is None]
     if families:
         items = [it for it in items if it.family in families]

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from visor.cli.common import print_json_line
+from visor.cli.common import add_image_size, print_json_line, synth_config_for
 
 TOOLS = ("attention", "cka", "layer-drop")
 
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--n", type=int, default=100, metavar="N", help="items (default 100)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="synth seed (default 0)")
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="only these families")
+    add_image_size(parser)
     parser.add_argument("--what", nargs="+", choices=TOOLS, default=list(TOOLS), help="which tools (default all)")
     parser.add_argument("--active-sa", default=None, metavar="SLOTS", help="VISOR: active SA slots ('0+2', 'none'; default all)")
     parser.add_argument("--group-size", type=int, default=None, metavar="G",
@@ -59,14 +60,16 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise SystemExit(f"visor analyze: {err}") from err
     active = model.plan.resolve_active(args.active_sa) if args.active_sa is not None else None
-    items = items_from(args.data, args.split, args.n, args.seed, args.families, args.image_root)
+    synth = synth_config_for(args.model, args.image_size, "visor analyze") if args.data == "synth" else None
+    items = items_from(args.data, args.split, args.n, args.seed, args.families, args.image_root, synth)
     if not items:
         raise SystemExit("visor analyze: no usable item in --data")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     common = dict(active_sa=active, precision=args.precision, progress=progress)
-    summary: dict = {"model": args.model, "kind": kind, "plan": model.plan.describe(active), "n_items": len(items)}
+    summary: dict = {"model": args.model, "kind": kind, "plan": model.plan.describe(active), "n_items": len(items),
+                     "synth_image_size": synth.image_size if synth else None}
     if "attention" in args.what:
         from visor.analysis.attention import run_attention
 
