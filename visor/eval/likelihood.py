@@ -51,8 +51,10 @@ def answer_nll_by_family(model, batcher, items: Sequence, config=None, batch_siz
     """Mean answer loss per token (``-log`` of :func:`answer_probabilities`), per family and over the easy
     and hard families present: ``{"answer_nll": {family: nll}, "easy_answer_nll": .., "hard_answer_nll": ..}``
     (the two means are of the family means, as the accuracy means are; absent when no such family is there).
-    Items without a family count as ``"all"``. ``config=None``: every SA slot of the model's plan."""
+    Items without a family count as ``"all"``; items the harness would skip (a ``problem`` such as a missing
+    image) are left out. ``config=None``: every SA slot of the model's plan."""
     config = model.plan.all_slots if config is None else config
+    items = [item for item in items if getattr(item, "problem", None) is None]
     probs = answer_probabilities(model, batcher, items, config, batch_size)
     per_family: dict[str, list[float]] = defaultdict(list)
     for item, prob in zip(items, probs):

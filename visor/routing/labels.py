@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from visor.eval.likelihood import answer_probabilities  # noqa: F401  (re-exported: the loglik score)
+from visor.eval.likelihood import answer_probabilities  # the loglik score
 from visor.model.plan import format_slots
 
 EPSILON = 1e-9
