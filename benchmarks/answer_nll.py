@@ -20,27 +20,18 @@ import json
 import torch
 
 
-def load(path: str):
-    from transformers import AutoTokenizer
-
-    from visor.convert.llava_onevision import load_checkpoint
-    from visor.data.batch import Batcher
-    from visor.train.models import image_processor_for
-
-    model = load_checkpoint(path)[0]  # a LLaVA-OV folder as the original model, a VISOR folder as saved
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), Batcher.for_model(model, tokenizer, image_processor_for(model.config))
-
-
 def family_nll(path: str, canvas: int | None, n: int, seed: int, batch_size: int,
                families: list[str] | None = None) -> dict[str, float]:
+    from visor.analysis.common import load
     from visor.cli.common import synth_config_for
+    from visor.data.batch import Batcher
     from visor.eval.harness import synth_items
     from visor.eval.likelihood import answer_nll_by_family
 
-    model, batcher = load(path)
+    model, tokenizer, image_processor, _ = load(path)  # a LLaVA-OV folder as the original model, VISOR as saved
     items = synth_items("val", n, seed=seed, config=synth_config_for(path, canvas, "answer_nll"), families=families)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batcher = Batcher.for_model(model, tokenizer, image_processor)
         return answer_nll_by_family(model, batcher, items, batch_size=batch_size)["answer_nll"]
 
 

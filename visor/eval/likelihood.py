@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 import torch
 
-from visor.data.synth.config import EASY_FAMILIES, HARD_FAMILIES
-
 
 @torch.no_grad()
 def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> list[float]:
@@ -50,19 +48,23 @@ def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> 
 def answer_nll_by_family(model, batcher, items: Sequence, config=None, batch_size: int = 8) -> dict:
     """Mean answer loss per token (``-log`` of :func:`answer_probabilities`), per family and over the easy
     and hard families present: ``{"answer_nll": {family: nll}, "easy_answer_nll": .., "hard_answer_nll": ..}``
-    (the two means are of the family means, as the accuracy means are; absent when no such family is there).
+    (the two means are of the family means, by each item's ``difficulty`` as the accuracy means are; absent when
+    no such family is there).
     Items without a family count as ``"all"``; items the harness would skip (a ``problem`` such as a missing
     image) are left out. ``config=None``: every SA slot of the model's plan."""
     config = model.plan.all_slots if config is None else config
     items = [item for item in items if getattr(item, "problem", None) is None]
     probs = answer_probabilities(model, batcher, items, config, batch_size)
     per_family: dict[str, list[float]] = defaultdict(list)
+    difficulty: dict[str, str] = {}
     for item, prob in zip(items, probs):
-        per_family[getattr(item, "family", None) or "all"].append(-math.log(max(prob, 1e-12)))
+        family = getattr(item, "family", None) or "all"
+        per_family[family].append(-math.log(max(prob, 1e-12)))
+        difficulty.setdefault(family, getattr(item, "difficulty", "") or "")
     nll = {family: sum(v) / len(v) for family, v in sorted(per_family.items())}
     summary: dict = {"answer_nll": nll}
-    for kind, names in (("easy", EASY_FAMILIES), ("hard", HARD_FAMILIES)):
-        present = [nll[f] for f in names if f in nll]
+    for kind in ("easy", "hard"):
+        present = [value for family, value in nll.items() if difficulty[family] == kind]
         if present:
             summary[f"{kind}_answer_nll"] = sum(present) / len(present)
     return summary
