@@ -8,6 +8,8 @@
 #   PYTHON=.venv/bin/python OUT=... bash benchmarks/gpu_suite.sh
 #   PREFILL_BATCH=8 TRAIN=0 OUT=... bash benchmarks/gpu_suite.sh  # the compute-bound regime: 8 prompts per
 #       prefill, the image rows with the most visual tokens, no decode sweep and no training part
+#   RESOLUTION=1 BENCH=0 TRAIN=0 OUT=... bash benchmarks/gpu_suite.sh  # resolution on request end to end
+#       (benchmarks/resolution_e2e.py: vision tower + LLM, base-only vs full vs routed) at both geometries
 set -u
 OUT=${OUT:-runs/gpu-suite}
 PYTHON=${PYTHON:-python3}
@@ -15,6 +17,8 @@ QUICK=${QUICK:-0}            # 1: a smoke run of the script itself (used on CPU 
 DEVICE=${DEVICE:-cuda}
 PREFILL_BATCH=${PREFILL_BATCH:-1}
 TRAIN=${TRAIN:-1}
+BENCH=${BENCH:-1}
+RESOLUTION=${RESOLUTION:-0}
 BENCH_EXTRA=${BENCH_EXTRA:-}   # more `visor bench` arguments, e.g. "--rows base,1152x1152 --configs baseline,visor-ca"
 TAG=${TAG:-b$PREFILL_BATCH}    # names the bench folders
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
@@ -53,9 +57,19 @@ if [ "$PREFILL_BATCH" != 1 ]; then
 fi
 
 for geometry in "${GEOMETRIES[@]}"; do
+  [ "$BENCH" = 1 ] || continue
   # shellcheck disable=SC2086  # BENCH_EXTRA is a list of words
   part "bench-$geometry-$TAG" 180 "$PYTHON" -m visor bench --geometry "$geometry" --dtype bf16 \
     --device "$DEVICE" "${BENCH_ARGS[@]}" $BENCH_EXTRA --out "$WORK/bench-$geometry-$TAG"
+done
+
+# Resolution on request: per geometry, the e2e table (stdout, its last line JSON) in resolution-GEOMETRY-TAG.txt.
+for geometry in "${GEOMETRIES[@]}"; do
+  [ "$RESOLUTION" = 1 ] || continue
+  if [ "$QUICK" = 1 ]; then res_args=(--size 384 384 --repeats 1 --read-after 1); else res_args=(--repeats 10); fi
+  res_args+=(--batch "$PREFILL_BATCH")
+  part "resolution-$geometry-$TAG" 240 bash -c "\"$PYTHON\" benchmarks/resolution_e2e.py --geometry $geometry --device $DEVICE \
+    ${res_args[*]} > \"$WORK/resolution-$geometry-$TAG.txt\" 2>&1; rc=\$?; tail -12 \"$WORK/resolution-$geometry-$TAG.txt\"; exit \$rc"
 done
 
 # The tiny base recipe under torchrun (one process: NCCL on a GPU, gloo on CPU), random vision tower,

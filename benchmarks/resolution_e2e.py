@@ -19,6 +19,7 @@ Each row is split into vision (tower + projector) and LLM seconds; the analytic 
 beside them. Prints a table and, last, one JSON line.
 
     python benchmarks/resolution_e2e.py [--size 1152 1152] [--sa 2] [--repeats 3] [--threads 2] [--no-baseline]
+        [--device cuda] [--batch 8]
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ N_TEXT = 64  # prompt text tokens (14 before the image, the rest after it)
 BEFORE = 14
 
 
-def build(geometry: str, dtype: torch.dtype):
-    """A random-weight VISOR model (default plan) at ``geometry``; N(0, 0.02) matrices, unit norms."""
+def build(geometry: str, dtype: torch.dtype, device: str = "cpu"):
+    """A random-weight VISOR model (default plan) at ``geometry`` on ``device``; N(0, 0.02) matrices, unit norms."""
     from visor.convert.llava_onevision import convert_llava_onevision
 
     model = convert_llava_onevision(str(ROOT / "visor" / "configs" / CONFIGS[geometry] / "config.json"), device="meta", dtype=dtype)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     model.tie_weights()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -65,12 +66,12 @@ def image_processor(model):
                                            image_grid_pinpoints=[list(p) for p in model.config.image_grid_pinpoints])
 
 
-def prompt(model, n_visual: int) -> torch.Tensor:
+def prompt(model, n_visual: int, device: str = "cpu", batch: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 10_000, (1, N_TEXT + n_visual), generator=gen)
     ids[ids == model.config.image_token_id] = 0
     ids[:, BEFORE:BEFORE + n_visual] = model.config.image_token_id
-    return ids
+    return ids.expand(batch, -1).contiguous().to(device)
 
 
 def main() -> int:
@@ -79,8 +80,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, nargs=2, default=[1152, 1152], metavar=("H", "W"), help="image height width")
     parser.add_argument("--sa", type=int, default=2, help="active SA slots of the VISOR rows (first K of the plan)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="samples per pass (copies of the image and prompt): "
+                        "times are per batch, FLOPs per sample")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on a GPU every timed part ends with a synchronize")
     parser.add_argument("--no-baseline", action="store_true", help="skip the all-SA baseline row (its LLM prefill is slow)")
     parser.add_argument("--read-after", type=int, nargs="*", default=[1, 4, 7], metavar="L",
                         help="router placements timed (decoder layer the routing token is read after)")
@@ -100,7 +104,9 @@ def main() -> int:
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     started = time.perf_counter()
-    model = build(args.geometry, dtype)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = build(args.geometry, dtype, args.device)
     baseline = copy.copy(model)  # the same modules under the all-SA plan: the original LLaVA-OV computation
     baseline.config = copy.deepcopy(model.config)
     baseline.config.set_plan(LayerPlan.all_self_attention(model.config.text_config.num_hidden_layers))
@@ -110,24 +116,26 @@ def main() -> int:
     processor = image_processor(model)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (args.size[0], args.size[1], 3), dtype=np.uint8))
-    full_px = images_to_pixels(processor, [[image]])
-    base_px = images_to_pixels(processor, [[image]], [False])
+    full_px = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images_to_pixels(processor, [[image]] * args.batch).items()}
+    base_px = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images_to_pixels(processor, [[image]] * args.batch, [False] * args.batch).items()}
     sizes = full_px["image_sizes"]
     n_full, n_base = model.num_image_tokens(tuple(args.size)), model.num_image_tokens(tuple(args.size), tiled=False)
-    ids_full, ids_base = prompt(model, n_full), prompt(model, n_base)
+    ids_full, ids_base = prompt(model, n_full, args.device, args.batch), prompt(model, n_base, args.device, args.batch)
     configs = [Configuration((), BASE), Configuration(active, BASE), Configuration(active, FULL), Configuration(plan.all_slots, FULL)]
     routed = copy.copy(model)  # the same modules, plus a random router over both resolutions
     routed.config = copy.deepcopy(model.config)
     routed._modules = dict(model._modules)  # so that attaching the router leaves `model` as it is
     attach_router(routed, configs, read_after_layer=max(args.read_after))
-    routed.router.to(dtype)
+    routed.router.to(device=device, dtype=dtype)
     reuse = torch.equal(full_px["pixel_values"][0, 0], base_px["pixel_values"][0, 0])
 
+    ones = [1] * args.batch
+
     def encode(px, tiled):
-        return model.encode_images(px["pixel_values"].to(dtype), sizes, [1], [tiled])
+        return model.encode_images(px["pixel_values"].to(dtype), sizes, ones, [tiled] * args.batch)
 
     def prefill(m, ids, feats, sa):
-        m(ids, image_features=feats, batch_num_images=[1], active_sa=sa, logits_to_keep=1, use_cache=True)
+        m(ids, image_features=feats, batch_num_images=ones, active_sa=sa, logits_to_keep=1, use_cache=True)
 
     state = {}
 
@@ -138,12 +146,12 @@ def main() -> int:
         state["base"] = encode(base_px, False)
 
     def vision_tiles():
-        state["tiles"] = encode_tiles(model, full_px["pixel_values"].to(dtype), sizes, [state["base"][0] if reuse else None])
+        state["tiles"] = encode_tiles(model, full_px["pixel_values"].to(dtype), sizes, [f if reuse else None for f in state["base"]])
 
     def route(read):
         def run():
             routed.config.router["read_after_layer"] = read
-            routing_logits(routed, ids_base, torch.ones_like(ids_base), [[state["base"][0]]])
+            routing_logits(routed, ids_base, torch.ones_like(ids_base), [[f] for f in state["base"]])
         return run
 
     # (name, [(part, callable)]): every part timed on its own; rows compose them
@@ -167,8 +175,10 @@ def main() -> int:
             order = names[rep % len(names):] + names[: rep % len(names)]
             order = sorted(order, key=lambda n: 0 if n.startswith("vision base") else 1)  # the base features first
             for n in order:
+                sync()
                 start = time.perf_counter()
                 parts[n]()
+                sync()
                 times[n].append(time.perf_counter() - start)
     med = {n: statistics.median(v) for n, v in times.items()}
     read0 = args.read_after[0]
@@ -195,8 +205,9 @@ def main() -> int:
         crops = configuration_flops(model, Configuration(active, FULL), [tuple(args.size)], N_TEXT, geometry).n_crops
         flops["baseline (all SA), full"] = count_baseline_prefill(geometry, n_full, N_TEXT, n_crops=crops).total
     full_key = f"full, {args.sa} SA"
-    print(f"{args.geometry}, {args.dtype}, image {args.size[0]}x{args.size[1]} ({n_full} visual tokens full, {n_base} base only), "
-          f"{N_TEXT} text tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{args.geometry}, {args.dtype}, {where}, image {args.size[0]}x{args.size[1]} ({n_full} visual tokens full, {n_base} base only), "
+          f"{N_TEXT} text tokens, batch {args.batch} (seconds per batch, FLOPs per sample), median of {args.repeats}")
     print(f"{'row':<28} {'vision s':>9} {'LLM s':>8} {'total s':>8} {'vs full':>8} {'e2e TFLOPs':>11} {'vs full':>8}")
     for name, (v, l) in rows.items():
         total = v + l
@@ -208,8 +219,9 @@ def main() -> int:
         kinds = "".join({"sa": "S", "ca": "C", "text": "."}[k.value] for k in plan.layer_kinds(())[: read + 1])
         print(f"  read after layer {read:>2} ({kinds}): {med[f'route@{read}']:.3f} s, "
               f"{router_overhead_flops(_with_read(routed, read), n_base, N_TEXT) / 1e9:.2f} GFLOPs")
-    print(json.dumps({"geometry": args.geometry, "dtype": args.dtype, "size": args.size, "sa": args.sa,
+    print(json.dumps({"geometry": args.geometry, "dtype": args.dtype, "size": args.size, "sa": args.sa, "batch": args.batch,
                       "threads": torch.get_num_threads(), "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
+                      "device": where, "torch": torch.__version__,
                       "build_seconds": round(build_seconds, 1), "n_visual_full": n_full, "n_visual_base": n_base,
                       "base_view_reused": reuse, "parts_seconds": {k: round(v, 4) for k, v in med.items()},
                       "rows_seconds": {k: [round(v, 4), round(l, 4)] for k, (v, l) in rows.items()},
