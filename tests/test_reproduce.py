@@ -65,6 +65,12 @@ def test_quick_writes_every_output_with_the_issue_rows_and_columns(quick):
     assert "## Targets" in markdown and all(label in markdown for label in LABELS)
 
 
+def test_router_stage_keeps_the_recipe_so_the_clis_use_the_trained_canvas(quick):
+    work = quick["root"] / "work"
+    stage2 = work / "5-stage2" / "run" / "final"
+    assert (work / "7-router" / "model" / "recipe.json").read_text() == (stage2 / "recipe.json").read_text()
+
+
 def test_quick_numbers_follow_from_the_per_item_predictions(quick):
     out = quick["out"]
     data = json.loads((out / "reproduce.json").read_text())

@@ -253,6 +253,8 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         tokenizer.save_pretrained(str(out))
         processor.save_pretrained(str(out))
         (out / "router_training.json").write_text(json.dumps(result, indent=2))
+        if (stage2.path("final") / "recipe.json").is_file():  # so `visor eval/route` on it use the trained canvas
+            shutil.copyfile(stage2.path("final") / "recipe.json", out / "recipe.json")
         return {"model": "model"}
 
     router = stages["router"] = cache.run("router", "7-router", router_spec, {"labels": labels.output_id}, router_body)
