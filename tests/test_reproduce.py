@@ -65,6 +65,17 @@ def test_quick_writes_every_output_with_the_issue_rows_and_columns(quick):
     assert "## Targets" in markdown and all(label in markdown for label in LABELS)
 
 
+def test_routed_rows_run_at_the_presets_router_budget_and_it_keys_their_cache():
+    from visor.reproduce.pipeline import eval_spec_for
+    from visor.reproduce.presets import full_preset, quick_preset
+
+    full, quick = full_preset(), quick_preset()
+    assert full.label_score == "loglik" and full.route_budget == -1.0 and quick.route_budget == 0.0
+    assert eval_spec_for(full).route_budget == -1.0
+    # a changed budget is a different evaluation: its cached predictions are not reused
+    assert eval_spec_for(full).key() != eval_spec_for(full_preset().__class__(**{**vars(full), "route_budget": 0.0})).key()
+
+
 def test_router_stage_keeps_the_recipe_so_the_clis_use_the_trained_canvas(quick):
     work = quick["root"] / "work"
     stage2 = work / "5-stage2" / "run" / "final"

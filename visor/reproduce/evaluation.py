@@ -36,6 +36,7 @@ class EvalSpec:
     timing_repeats: int = 5
     timing: bool = True
     synth: dict = field(default_factory=dict)  # {"image_size": px} of the training data (SynthConfig.with_image_size)
+    route_budget: float = 0.0  # router budget of the routed rows
 
     def key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("timing_items", "timing_repeats", "timing")}
@@ -102,7 +103,7 @@ class MethodRunner:
         def body(folder: Path) -> dict:
             kwargs = {"generate_kwargs": {"reducer": method.reducer}} if method.reducer else {}
             if method.route:
-                kwargs.update(route=True)
+                kwargs.update(route=True, budget=self.spec.route_budget)
             else:
                 kwargs.update(active_sa=method.active_sa)
             with _autocast(self.spec.precision):
@@ -239,6 +240,8 @@ def build_rows(runner: MethodRunner, models: dict[str, Loaded], timing: dict | N
     base_visual = _mean([p.get("visual_tokens") for p in runner.results["baseline"]["predictions"]])
     for row in rows:
         row["token_reduction"] = token_reduction(row["reducer"], models[row["model"]].model.plan.num_layers, base_visual)
+        if row["route"] and runner.spec.route_budget:
+            row["budget"] += f" (budget {runner.spec.route_budget:g})"
     order = {k: i for i, k in enumerate(M.TABLE_ORDER)}
     rows.sort(key=lambda r: (order.get(r["key"], len(order)), r["key"]))
     return rows

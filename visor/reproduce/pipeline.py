@@ -274,7 +274,7 @@ def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None,
         synth["image_size"] = size
     return EvalSpec(n=n or preset.eval_n, seed=preset.eval_seed if seed is None else seed, batch_size=preset.batch_size,
                     max_new_tokens=preset.max_new_tokens, precision=preset.precision, timing_items=preset.timing_items,
-                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth)
+                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth, route_budget=preset.route_budget)
 
 
 def evaluate_checkpoints(cache: StageCache, base: Path, visor: Path, model_ids: dict[str, str], spec: EvalSpec, *,
