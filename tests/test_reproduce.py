@@ -144,6 +144,34 @@ def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
     assert json.loads((shipped.base / "config.json").read_text())["model_type"] == "llava_onevision"
 
 
+def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
+    """``checkpoints/`` (what plain ``visor reproduce`` evaluates): the manifest's hashes hold, the recipes parse,
+    both models load on the trained canvas and answer a benchmark item."""
+    import torch
+
+    from visor.cli.common import trained_canvas
+    from visor.data.synth.config import SynthConfig
+    from visor.eval.harness import evaluate, synth_items
+    from visor.reproduce.evaluation import load_model
+    from visor.reproduce.shipped import load_shipped
+    from visor.train.recipe import Recipe
+
+    shipped = load_shipped(ROOT / "checkpoints")  # verify=True: every file's sha256 against MANIFEST.json
+    assert shipped.manifest["preset"] == "full" and shipped.manifest["dtype"] == "bf16"
+    assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
+    assert shipped.pipeline["label_score"] == "loglik" and shipped.pipeline["route_budget"] == -1.0
+    canvas = trained_canvas(shipped.visor)
+    assert canvas == trained_canvas(shipped.base) == 128
+    items = synth_items("test", 10, seed=0, config=SynthConfig().with_image_size(canvas))
+    for name in ("base", "visor"):
+        loaded = load_model(getattr(shipped, name))
+        assert loaded.kind == ("visor" if name == "visor" else "llava_onevision")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = evaluate(loaded.model, loaded.tokenizer, loaded.image_processor, items, batch_size=10,
+                              max_new_tokens=4, progress=False, **({"route": True} if name == "visor" else {}))
+        assert result.summary["n_items"] == 10 and result.summary["overall_mean"] > 0  # trained, not random
+
+
 def test_plain_reproduce_evaluates_the_shipped_checkpoints(quick, tmp_path):
     root = quick["root"]
     result = visor_cli(["reproduce", "--checkpoints", str(root / "checkpoints"), "--work-dir", str(tmp_path / "work"),
