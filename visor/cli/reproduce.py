@@ -46,7 +46,7 @@ def register(subparsers) -> None:
                         help="run folders and caches (default runs/reproduce, runs/reproduce-quick with --quick)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="results folder (default results/reproduce, results/reproduce-quick with --quick)")
-    parser.add_argument("--n", type=int, default=None, metavar="N", help="test items (default: the preset's; full 200)")
+    parser.add_argument("--n", type=int, default=None, metavar="N", help="test items (default: the preset's; full 500)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="test split seed (default 0)")
     parser.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                         choices=list(STAGE_NAMES) + ["eval", "timing"],
