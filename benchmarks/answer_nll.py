@@ -30,8 +30,8 @@ def family_nll(path: str, canvas: int | None, n: int, seed: int, batch_size: int
 
     model, tokenizer, image_processor, _ = load(path)  # a LLaVA-OV folder as the original model, VISOR as saved
     items = synth_items("val", n, seed=seed, config=synth_config_for(path, canvas, "answer_nll"), families=families)
+    batcher = Batcher.for_model(model, tokenizer, image_processor)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        batcher = Batcher.for_model(model, tokenizer, image_processor)
         return answer_nll_by_family(model, batcher, items, batch_size=batch_size)["answer_nll"]
 
 

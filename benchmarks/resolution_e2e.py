@@ -116,8 +116,11 @@ def main() -> int:
     processor = image_processor(model)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (args.size[0], args.size[1], 3), dtype=np.uint8))
-    full_px = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images_to_pixels(processor, [[image]] * args.batch).items()}
-    base_px = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images_to_pixels(processor, [[image]] * args.batch, [False] * args.batch).items()}
+    def on_device(pixels: dict) -> dict:
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in pixels.items()}
+
+    full_px = on_device(images_to_pixels(processor, [[image]] * args.batch))
+    base_px = on_device(images_to_pixels(processor, [[image]] * args.batch, [False] * args.batch))
     sizes = full_px["image_sizes"]
     n_full, n_base = model.num_image_tokens(tuple(args.size)), model.num_image_tokens(tuple(args.size), tiled=False)
     ids_full, ids_base = prompt(model, n_full, args.device, args.batch), prompt(model, n_base, args.device, args.batch)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -110,7 +109,7 @@ def run_label(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from visor.routing.labels import read_labels
-    from visor.routing.train import train_router
+    from visor.routing.train import save_router_checkpoint, train_router
 
     model, tokenizer, image_processor, items = _setup(args)
     rows = {row["id"]: row for row in read_labels(args.labels)}
@@ -124,13 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
     labels = [parsed.index(parse_configuration(rows[it.id][args.label_field], model.plan)) for it in items]
     result = train_router(model, tokenizer, image_processor, items, labels, configs, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, read_after_layer=args.read_after_layer)
-    out = Path(args.out)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    image_processor.save_pretrained(str(out))
-    (out / "router_training.json").write_text(json.dumps(result, indent=2))
-    if (Path(args.model) / "recipe.json").is_file():  # the training recipe, so the canvas it ran on stays known
-        shutil.copyfile(Path(args.model) / "recipe.json", out / "recipe.json")
+    out = save_router_checkpoint(model, tokenizer, image_processor, result, args.out, args.model)
     print_json_line({"out": str(out), "n": len(items), "label_distribution": dict(Counter(map(str, labels))),
                      "final": result["history"][-1]})
     return 0

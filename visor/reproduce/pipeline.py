@@ -235,7 +235,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
 
     def router_body(folder: Path) -> dict:
         from visor.routing.labels import read_labels
-        from visor.routing.train import train_router
+        from visor.routing.train import save_router_checkpoint, train_router
 
         from visor.model.resolution import parse_configuration
 
@@ -248,13 +248,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         result = train_router(model, tokenizer, processor, items, targets, viable, epochs=preset.router_epochs,
                               lr=preset.router_lr, batch_size=preset.batch_size, seed=preset.data_seed,
                               progress=progress, autocast=preset.precision == "bf16")
-        out = folder / "model"
-        model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-        processor.save_pretrained(str(out))
-        (out / "router_training.json").write_text(json.dumps(result, indent=2))
-        if (stage2.path("final") / "recipe.json").is_file():  # so `visor eval/route` on it use the trained canvas
-            shutil.copyfile(stage2.path("final") / "recipe.json", out / "recipe.json")
+        save_router_checkpoint(model, tokenizer, processor, result, folder / "model", stage2.path("final"))
         return {"model": "model"}
 
     router = stages["router"] = cache.run("router", "7-router", router_spec, {"labels": labels.output_id}, router_body)

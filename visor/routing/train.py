@@ -8,8 +8,11 @@ kept, since the backbone does not change. A router over configurations with a re
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +78,20 @@ def train_router(model, tokenizer, image_processor, items: Sequence, label_indic
         param.requires_grad = True
     model.eval()
     return {"history": history, "configs": [c if isinstance(c, dict) else list(c) for c in model.config.router["configs"]]}
+
+
+def save_router_checkpoint(model, tokenizer, image_processor, history: dict, out: str | Path, source: str | Path) -> Path:
+    """Save the model with its trained router as a checkpoint folder: weights, tokenizer, image processor, the
+    training history (``router_training.json``) and ``source``'s ``recipe.json`` when it has one, so the canvas
+    the backbone was trained on stays known to ``visor eval`` / ``visor route``."""
+    out = Path(out)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    image_processor.save_pretrained(str(out))
+    (out / "router_training.json").write_text(json.dumps(history, indent=2))
+    if (Path(source) / "recipe.json").is_file():
+        shutil.copyfile(Path(source) / "recipe.json", out / "recipe.json")
+    return out
 
 
 def _pad(rows, pad_id: int):
