@@ -420,6 +420,48 @@ def test_reuse_from_links_complete_stages_and_a_variant_skips_them(quick, tmp_pa
         link_completed_stages(source, source)
 
 
+def test_a_second_continuation_of_the_baseline_becomes_the_baseline_and_visor_builds_on_it(quick, tmp_path):
+    """``focus2`` continues ``focus``: its init is the focus run's final model, stage 1 starts from its output,
+    the shipped manifest names its recipe as the baseline's, and `--status` lists it once started."""
+    from visor.reproduce.pipeline import train_all
+    from visor.reproduce.presets import quick_preset
+    from visor.reproduce.shipped import MANIFEST, ship
+    from visor.reproduce.stages import link_completed_stages
+    from visor.reproduce.status import work_dir_status
+
+    work = tmp_path / "work"
+    link_completed_stages(quick["root"] / "work", work, log=lambda *_: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_before_configs(name: str) -> None:
+        if name == "configs":
+            raise Stop
+
+    preset = quick_preset()
+    preset.recipes["focus2"] = {**preset.recipes["focus"], "max_steps": 1, "save_every": 1}
+    assert preset.baseline_stage() == "focus2"
+    cache = StageCache(work, log=lambda *_: None)
+    with pytest.raises(Stop):
+        train_all(preset, cache, progress=False, log=lambda *_: None, on_stage=stop_before_configs)
+    focus2 = json.loads((work / "2c-focus2" / "stage.json").read_text())
+    focus = json.loads((work / "2b-focus" / "stage.json").read_text())
+    assert focus2["status"] == "complete" and focus2["inputs"] == {"base": focus["output_id"]}
+    stage1 = json.loads((work / "3-stage1" / "stage.json").read_text())
+    assert stage1["inputs"] == {"base": focus2["output_id"]}  # redone on the new baseline
+    ddp_free = (work / "2c-focus2" / "run" / "final" / "recipe.json").read_text()
+    assert json.loads(ddp_free)["init"].endswith("2b-focus/run/final")
+    assert [s.name for s in work_dir_status(work)][:5] == ["vision", "base", "focus", "focus2", "stage1"]
+    assert "focus2" not in [s.name for s in work_dir_status(quick["root"] / "work")]  # not started there
+
+    recipes = {name: {"kind": "base", "init": "x"} for name in ("base", "focus", "focus2")}
+    ship(tmp_path / "ship", work / "2c-focus2" / "run" / "final", quick["root"] / "work" / "7-router" / "model",
+         recipes, {}, preset="quick", commit="test")
+    manifest = json.loads((tmp_path / "ship" / MANIFEST).read_text())
+    assert manifest["checkpoints"]["base"]["recipe"] == "recipes/focus2.yaml"
+
+
 def test_benchmark_canvas_is_the_baselines_and_visor_stages_must_match_it():
     """Every method is evaluated on one canvas: the baseline's (focus, else base); an earlier stage may
     pre-train on another, while a VISOR stage on a different canvas is refused."""

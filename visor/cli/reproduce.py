@@ -173,7 +173,7 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
         print(f"visor reproduce: interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
         return None
     spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing)
-    baseline = trained.stages.get("focus") or trained.stages["base"]  # the run whose output is the baseline
+    baseline = trained.stages[preset.baseline_stage()]  # the run whose output is the baseline
     ids = {"base": baseline.output_id, "visor": trained.stages["router"].output_id}
     data = evaluate_checkpoints(cache, trained.base, trained.visor, ids, spec, progress=progress, log=log)
     stages = {name: {"key": s.key, "output_id": s.output_id, "seconds": s.seconds, "cached": s.cached}

@@ -7,6 +7,7 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     1-vision/run/final     dense pre-training of the tiny SigLIP tower           (recipe kind vision)
     2-base/run/final       the LLaVA-OV baseline, trained from scratch            (kind base)
     2b-focus/run/final     optional: the baseline continued under its own recipe (kind base, init = 2-base)
+    2c-focus2/run/final    optional: continued once more (kind base, init = the previous base run)
     3-stage1/run/final     VISOR stage 1: new blocks only                         (kind visor-stage1)
     4-configs/out          viable configurations written into the stage-1 model   (``visor configs``)
     5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
@@ -34,7 +35,7 @@ from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
 from visor.reproduce.presets import TRAINING_STAGES, Preset, cache_spec
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult
 
-STAGE_NAMES = ("vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router")
+STAGE_NAMES = ("vision", "base", "focus", "focus2", "stage1", "configs", "stage2", "labels", "router")
 
 
 @dataclass
@@ -169,8 +170,10 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     vision = stages["vision"] = training("vision", 1, {}, {})
     base = stages["base"] = training("base", 2, {"vision_init": str(vision.path("final"))}, {"vision": vision.output_id})
     baseline = base
-    if "focus" in preset.recipes:  # the baseline continued (e.g. weighted towards the hard families)
-        baseline = stages["focus"] = training("focus", "2b", {"init": str(base.path("final"))}, {"base": base.output_id})
+    for name, number in (("focus", "2b"), ("focus2", "2c")):  # the baseline continued (e.g. towards the hard families)
+        if name in preset.recipes:
+            baseline = stages[name] = training(name, number, {"init": str(baseline.path("final"))},
+                                               {"base": baseline.output_id})
     stage1 = stages["stage1"] = training("stage1", 3, {"init": str(baseline.path("final"))}, {"base": baseline.output_id})
 
     # ---- viable configurations

@@ -2,8 +2,8 @@
 a CPU) and the ``quick`` preset (``--quick``: every stage on a minute-scale model, numbers meaningless).
 
 A preset is the recipes of the training stages (``recipes/*.yaml`` for ``full``) plus the settings of the
-stages between and after them. ``focus`` is optional: a second base run that continues the first one
-under its own recipe (e.g. a mix weighted towards the hard families); when a preset has it, its output is
+stages between and after them. ``focus`` and ``focus2`` are optional: base runs that continue the previous
+one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
 the baseline that VISOR is built from and compared with. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
 ``tokenizer``) are filled in by the pipeline, which owns the work directory.
 """
@@ -17,11 +17,13 @@ from pathlib import Path
 import yaml
 
 #: training stages, in order, with the recipe kind each one runs
-TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "stage1": "visor-stage1",
+TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "focus2": "base", "stage1": "visor-stage1",
                    "stage2": "visor-stage2"}
+#: the base runs in order: each optional one continues the previous one; the last a preset has is the baseline
+BASELINE_STAGES = ("base", "focus", "focus2")
 #: recipe files of the full preset (under ``recipes/``)
 FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
-                "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml"}
+                "focus2": "base-tiny-focus2.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml"}
 #: recipe fields that are paths or logging knobs: not part of a stage's cache key
 PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
 NON_RESULT_FIELDS = ("log_every", "save_every", "keep_checkpoints", "eval_every", "threads")
@@ -57,12 +59,16 @@ class Preset:
     data_seed: int = 0  # synth seed for the configs search / labels (training recipes carry their own)
     notes: list[str] = field(default_factory=list)
 
+    def baseline_stage(self) -> str:
+        """The training stage whose output is the baseline: the last of ``BASELINE_STAGES`` the preset has."""
+        return [name for name in BASELINE_STAGES if name in self.recipes][-1]
+
     def benchmark_image_size(self) -> int | None:
         """The procedural benchmark's canvas (``data.synth_image_size``; None = SynthConfig's 192 px) that the
-        baseline and VISOR train on and every method is evaluated at: the baseline's recipe (``focus`` when the
-        preset has one, else ``base``), which the VISOR stages must match; an earlier stage (``base`` before
+        baseline and VISOR train on and every method is evaluated at: the baseline's recipe
+        (:meth:`baseline_stage`), which the VISOR stages must match; an earlier stage (``base`` before
         ``focus``) may pre-train on another canvas."""
-        baseline = "focus" if "focus" in self.recipes else "base"
+        baseline = self.baseline_stage()
         sizes = {stage: (self.recipes[stage].get("data") or {}).get("synth_image_size")
                  for stage in (baseline, "stage1", "stage2") if stage in self.recipes}
         if len(set(sizes.values())) > 1:

@@ -7,15 +7,15 @@ Layout of the folder (``checkpoints/`` in the repository by default)::
       base/                    the LLaVA-OneVision baseline (Hugging Face format: config.json,
                                model.safetensors, tokenizer, preprocessor_config.json)
       visor/                   the universal VISOR model with its router (save_pretrained, safetensors)
-      recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, focus.yaml (when
-                               the preset continues the baseline), stage1.yaml, stage2.yaml, and
+      recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, focus.yaml and
+                               focus2.yaml (when the preset continues the baseline), stage1.yaml, stage2.yaml, and
                                pipeline.yaml (configs search, labels, router, evaluation)
 
 ``MANIFEST.json``::
 
     {"format": "visor-reproduce-checkpoints/1", "created": "...", "commit": "<git sha>[+dirty]",
      "command": "visor reproduce --train --ship", "preset": "full",
-     "checkpoints": {"base": {"path": "base", "kind": "llava_onevision", "recipe": "recipes/focus.yaml"},
+     "checkpoints": {"base": {"path": "base", "kind": "llava_onevision", "recipe": "recipes/focus2.yaml"},
                      "visor": {"path": "visor", "kind": "visor", "recipe": "recipes/stage2.yaml",
                                "router": true, "viable_configs": [[], [1], ...]}},
      "recipes": {"vision": "recipes/vision.yaml", ...}, "pipeline": "recipes/pipeline.yaml",
@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from visor.reproduce.presets import BASELINE_STAGES
 
 FORMAT = "visor-reproduce-checkpoints/1"
 MANIFEST = "MANIFEST.json"
@@ -166,7 +168,8 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
         "command": command or "visor " + " ".join(sys.argv[1:]), "preset": preset, "dtype": dtype,
         "checkpoints": {
             "base": {"path": "base", "kind": "llava_onevision",
-                     "recipe": recipe_paths.get("focus") or recipe_paths.get("base")},  # the run that made it
+                     "recipe": next(recipe_paths[name] for name in reversed(BASELINE_STAGES)  # the run that made it
+                                   if name in recipe_paths)},
             "visor": {"path": "visor", "kind": "visor", "recipe": recipe_paths.get("stage2"),
                       "router": bool(visor_config.get("router")), "viable_configs": visor_config.get("viable_configs")},
         },

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from visor.reproduce.stages import RECORD
 
-STAGE_FOLDERS = ("1-vision", "2-base", "2b-focus", "3-stage1", "4-configs", "5-stage2", "6-labels", "7-router")
+STAGE_FOLDERS = ("1-vision", "2-base", "2b-focus", "2c-focus2", "3-stage1", "4-configs", "5-stage2", "6-labels", "7-router")
+#: the baseline's optional continuations: listed once their folder exists (a preset may have none of them)
+OPTIONAL_FOLDERS = ("2b-focus", "2c-focus2")
 THROUGHPUT_WINDOWS = 5  # logged windows averaged for the estimate
 
 
@@ -79,11 +81,12 @@ def stage_status(folder: Path) -> StageStatus:
 
 
 def work_dir_status(work_dir: Path) -> list[StageStatus]:
-    """Every pipeline stage of ``work_dir`` in order."""
+    """Every pipeline stage of ``work_dir`` in order (an optional continuation of the baseline only when started)."""
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         raise FileNotFoundError(f"{work_dir} does not exist: no `visor reproduce --train` has run there")
-    return [stage_status(work_dir / name) for name in STAGE_FOLDERS]
+    return [stage_status(work_dir / name) for name in STAGE_FOLDERS
+            if name not in OPTIONAL_FOLDERS or (work_dir / name).exists()]
 
 
 def _duration(seconds: float | None) -> str:
