@@ -39,6 +39,26 @@ def quick(tmp_path_factory):
     return {"root": root, "out": root / "out", "stdout": result.stdout, "stderr": result.stderr}
 
 
+def test_replot_rewrites_the_reports_from_the_json_alone(quick, tmp_path):
+    """`visor reproduce --replot DIR` redraws the CSV, Markdown and plots from DIR/reproduce.json: the same CSV
+    as the run wrote, predictions untouched, and a clear error for a folder without results."""
+    folder = tmp_path / "results"
+    shutil.copytree(quick["out"], folder)
+    written = (folder / "reproduce.csv").read_text()
+    for name in ("reproduce.csv", "reproduce.md", "pareto_easy.png", "pareto_hard.png", "ablation_sa_layers.png"):
+        (folder / name).unlink()
+    predictions = sorted(p.name for p in (folder / "predictions").iterdir())
+    result = visor_cli(["reproduce", "--replot", str(folder)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (folder / "reproduce.csv").read_text() == written
+    assert all((folder / name).stat().st_size > 0 for name in ("reproduce.md", "pareto_easy.png", "pareto_hard.png",
+                                                                "ablation_sa_layers.png"))
+    assert sorted(p.name for p in (folder / "predictions").iterdir()) == predictions
+    assert all(label in result.stdout for label in LABELS)
+    missing = visor_cli(["reproduce", "--replot", str(tmp_path / "nothing")])
+    assert missing.returncode == 2 and "reproduce.json" in missing.stderr
+
+
 def _mean(values):
     return sum(values) / len(values)
 
@@ -477,3 +497,34 @@ def test_benchmark_canvas_is_the_baselines_and_visor_stages_must_match_it():
     assert Preset(name="p", recipes=recipes).benchmark_image_size() == 128
     with pytest.raises(ValueError, match="different benchmark canvases"):
         Preset(name="p", recipes={k: v for k, v in recipes.items() if k != "focus"}).benchmark_image_size()
+
+
+def test_pareto_labels_do_not_overlap_and_each_points_at_its_own_marker(tmp_path):
+    """Crowded points (several methods at the matched FLOPs) get labels that overlap neither each other nor
+    the legend, and every label's leader line starts at its own point."""
+    from visor.plotting import place_labels, pyplot
+
+    plt = pyplot()
+    points = [(1.9e9, 25.0 + 0.5 * i, f"method {i}") for i in range(6)] + [(6e9, 30.0, "baseline"), (6e8, 24.0, "CA-only")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x, y, _ in points:
+        ax.scatter(x, y, label=None)
+    ax.scatter([], [], label="group")
+    ax.set_xscale("log")
+    ax.set_ylim(-3, 103)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    notes = place_labels(ax, points)
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    for note in notes:
+        note.update_positions(renderer)
+    boxes = [Text.get_window_extent(n, renderer) for n in notes] + [ax.get_legend().get_window_extent(renderer)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)
+    assert [n.get_text() for n in notes] == [t for _, _, t in points]
+    assert [tuple(n.xy) for n in notes] == [(x, y) for x, y, _ in points]
+    fig.savefig(tmp_path / "labels.png")
+    plt.close(fig)

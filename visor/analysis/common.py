@@ -83,9 +83,6 @@ def save_csv(rows: list[dict], path: Path) -> None:
 
 
 def plt():
-    import matplotlib
+    from visor.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
+    return pyplot()

@@ -121,11 +121,9 @@ def format_table(rows: list[dict], meta: dict, header: bool = True) -> str:
 
 def plot_speedups(rows: list[dict], path: Path, meta: dict) -> None:
     """Speedup vs visual tokens: measured (solid) next to the analytic FLOPs ratio (dashed), per configuration."""
-    import matplotlib
+    from visor.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     configs = [c for c in dict.fromkeys(r["config"] for r in rows) if c != "baseline"]
     cmap = plt.get_cmap("tab10")

@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     parser.add_argument("--status", action="store_true",
                         help="print where the runs in --work-dir stand (stage, step, loss, samples/s, time left, "
                              "latest validation) and exit; loads no model, safe beside a running reproduce")
+    parser.add_argument("--replot", default=None, metavar="DIR",
+                        help="rewrite the table, CSV, Markdown report and plots of a results folder from its "
+                             "reproduce.json (no model is loaded or evaluated) and exit")
     parser.set_defaults(func=run)
 
 
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "train" if args.train else "shipped"
     if args.status:
         return _status(Path(args.work_dir or ("runs/reproduce-quick" if mode == "quick" else "runs/reproduce")))
+    if args.replot:
+        return _replot(Path(args.replot))
     if args.ship and mode == "shipped":
         print("visor reproduce: --ship copies what --train (or --quick) produced; add --train", file=sys.stderr)
         return 2
@@ -107,6 +112,23 @@ def run(args: argparse.Namespace) -> int:
         if data is None:
             return 130
     return _finish(data, out, mode)
+
+
+def _replot(folder: Path) -> int:
+    import json
+
+    from visor.reproduce.report import format_table, write_reports
+
+    source = folder / "reproduce.json"
+    if not source.is_file():
+        print(f"visor reproduce --replot: {source} not found (a results folder of `visor reproduce` has it)",
+              file=sys.stderr)
+        return 2
+    data = json.loads(source.read_text())
+    paths = write_reports(data, folder)
+    print(format_table(data["rows"]))
+    print(f"\nrewritten from {source}: {', '.join(str(p) for p in paths.values())}")
+    return 0
 
 
 def _status(work_dir: Path) -> int:

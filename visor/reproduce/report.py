@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from visor.data.synth.config import EASY_FAMILIES, HARD_FAMILIES
+from visor.plotting import place_labels, pyplot
 
 SHORT = {"presence": "presen", "handwriting": "handwr"}
 
@@ -132,27 +133,17 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 COLORS = {"baseline": "black", "compression": "tab:blue", "visor": "tab:red", "visor+reduction": "tab:orange",
           "ablation": "tab:pink"}
 
 
 def plot_pareto(rows: list[dict], key: str, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     points = [r for r in table_rows(rows) if r["mean_flops"] and r[key] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in points:
         ax.scatter(r["mean_flops"], 100 * r[key], color=COLORS.get(r["group"], "gray"), zorder=3,
                    marker="*" if r["key"] == "visor-routed" else "o", s=140 if r["key"] == "visor-routed" else 40)
-        ax.annotate(r["method"], (r["mean_flops"], 100 * r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front, best = [], -1.0
     for r in sorted(points, key=lambda r: (r["mean_flops"], -r[key])):
         if r[key] > best:
@@ -171,12 +162,13 @@ def plot_pareto(rows: list[dict], key: str, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    place_labels(ax, [(r["mean_flops"], 100 * r[key], r["method"]) for r in points])
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fixed = {}
     for r in rows:
         if r["model"] == "visor" and not r["route"] and not r["reducer"] and r["active_sa"] is not None:
@@ -214,6 +206,15 @@ PAPER = ("Paper (LLaVA-OV-0.5B, easy / hard / FLOPs reduction): baseline 61.5 / 
          "2 SA 63.5 / 56.2, L/3 SA 63.6 / 58.4.")
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies under it (a report committed from the repository
+    root then names ``checkpoints/base``, not the machine's absolute path), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def markdown(data: dict) -> str:
     rows, meta = data["rows"], data["meta"]
     families = families_of(rows)
@@ -223,7 +224,7 @@ def markdown(data: dict) -> str:
                  f"procedural items (seed {meta['eval']['seed']}); commit {prov.get('commit', '?')}.")
     for note in prov.get("notes", []):
         lines.append(f"> {note}")
-    lines += ["", "Checkpoints: " + ", ".join(f"{k} `{v}`" for k, v in meta["models"].items()),
+    lines += ["", "Checkpoints: " + ", ".join(f"{k} `{shown_path(v)}`" for k, v in meta["models"].items()),
               f"Plan of the universal model: `{meta['plan']}` (S = SA slot, C = CA, . = text-only); slot order "
               f"{meta['slot_order']}; viable configurations {meta['viable_configs']}.", ""]
     header = ["method", "easy", "hard"] + families + ["FLOPs red. (tiny)", "FLOPs red. (0.5B @ 7,290)",
@@ -286,9 +287,6 @@ def write_results(data: dict, out_dir: str | Path, runner=None) -> dict[str, Pat
     out.mkdir(parents=True, exist_ok=True)
     rows = data["rows"]
     data["targets"] = check_targets(rows)
-    paths = {"csv": out / "reproduce.csv", "json": out / "reproduce.json", "markdown": out / "reproduce.md",
-             "pareto_easy": out / "pareto_easy.png", "pareto_hard": out / "pareto_hard.png",
-             "ablation": out / "ablation_sa_layers.png"}
     pred_dir = out / "predictions"
     if pred_dir.exists():
         shutil.rmtree(pred_dir)
@@ -298,9 +296,21 @@ def write_results(data: dict, out_dir: str | Path, runner=None) -> dict[str, Pat
         if folder is not None:
             shutil.copyfile(Path(folder) / "predictions.jsonl", pred_dir / f"{row['key']}.jsonl")
             row["predictions"] = f"predictions/{row['key']}.jsonl"
-    write_csv(rows, paths["csv"])
+    paths = {"json": out / "reproduce.json"}
     payload = {k: v for k, v in data.items() if k != "runner"}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
+    return {**paths, **write_reports(data, out)}
+
+
+def write_reports(data: dict, out_dir: str | Path) -> dict[str, Path]:
+    """The files drawn from the rows alone (CSV, Markdown, plots): what ``visor reproduce --replot DIR`` rewrites
+    from ``DIR/reproduce.json`` without evaluating anything."""
+    out = Path(out_dir)
+    rows = data["rows"]
+    data["targets"] = check_targets(rows)
+    paths = {"csv": out / "reproduce.csv", "markdown": out / "reproduce.md", "pareto_easy": out / "pareto_easy.png",
+             "pareto_hard": out / "pareto_hard.png", "ablation": out / "ablation_sa_layers.png"}
+    write_csv(rows, paths["csv"])
     paths["markdown"].write_text(markdown(data))
     plot_pareto(rows, "easy_mean", paths["pareto_easy"], "Easy families: accuracy vs LLM FLOPs")
     plot_pareto(rows, "hard_mean", paths["pareto_hard"], "Hard families: accuracy vs LLM FLOPs")

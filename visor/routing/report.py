@@ -182,18 +182,14 @@ def format_report(report: dict) -> str:
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from visor.plotting import place_labels, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "easy_mean", "easy families"), (axes[1], "hard_mean", "hard families")):
         fixed = [r for r in rows if r["method"].startswith("fixed")]
         routed = [r for r in rows if r["method"].startswith("routed")]
         ax.plot([r["mean_flops"] for r in fixed], [100 * (r[key] or 0) for r in fixed], "o-", label="fixed configurations")
-        for r in fixed:
-            ax.annotate(r["method"].split(" ", 1)[1], (r["mean_flops"], 100 * (r[key] or 0)), fontsize=7)
         ax.plot([r["mean_flops"] for r in routed], [100 * (r[key] or 0) for r in routed], "r*", markersize=12, label="router")
         ax.set_xlabel("mean LLM prefill FLOPs per sample")
         ax.set_ylabel("accuracy (%)")
@@ -201,5 +197,8 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    for ax, key in ((axes[0], "easy_mean"), (axes[1], "hard_mean")):  # labels last: placed on the final layout
+        place_labels(ax, [(r["mean_flops"], 100 * (r[key] or 0), r["method"].split(" ", 1)[1])
+                          for r in rows if r["method"].startswith(("fixed", "routed"))])
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -581,12 +581,10 @@ class Trainer:
 
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     """Loss curve (and validation easy/hard means where present) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from visor.data.synth.config import EASY_FAMILIES
+    from visor.plotting import pyplot
+
+    plt = pyplot()
 
     if not Path(metrics_path).exists():
         return
