@@ -94,6 +94,12 @@ def test_routed_rows_run_at_the_presets_router_budget_and_it_keys_their_cache():
     assert eval_spec_for(full).route_budget == -1.0
     # a changed budget is a different evaluation: its cached predictions are not reused
     assert eval_spec_for(full).key() != eval_spec_for(full_preset().__class__(**{**vars(full), "route_budget": 0.0})).key()
+    # the table says which budget the routed rows ran at; the budget text is not part of a method's cache key
+    from visor.reproduce.methods import routed_methods
+
+    assert [m.budget for m in routed_methods(-1.0)][:2] == ["router (budget -1)", "router + pooling 2x (budget -1)"]
+    assert routed_methods(0.0)[0].budget == "router"
+    assert [m.spec() for m in routed_methods(-1.0)] == [m.spec() for m in routed_methods(0.0)]
 
 
 def test_router_stage_keeps_the_recipe_so_the_clis_use_the_trained_canvas(quick):

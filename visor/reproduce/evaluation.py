@@ -153,7 +153,7 @@ def run_all(cache: StageCache, base_dir: Path, visor_dir: Path, model_ids: dict[
     items = test_items(spec)
     log(f"test split: {len(items)} items (seed {spec.seed}), evaluating every method")
     runner = MethodRunner(cache, models, model_ids, items, spec, progress, log)
-    fixed, routed, pooled = M.visor_fixed_methods(visor.plan), M.routed_methods(), M.fixed_compression_methods()
+    fixed, routed, pooled = M.visor_fixed_methods(visor.plan), M.routed_methods(spec.route_budget), M.fixed_compression_methods()
     bar = tqdm(total=len(fixed) + len(routed) + len(pooled) + len(M.MATCHED_REDUCERS), desc="methods", unit="method",
                disable=not progress)
 
@@ -240,8 +240,6 @@ def build_rows(runner: MethodRunner, models: dict[str, Loaded], timing: dict | N
     base_visual = _mean([p.get("visual_tokens") for p in runner.results["baseline"]["predictions"]])
     for row in rows:
         row["token_reduction"] = token_reduction(row["reducer"], models[row["model"]].model.plan.num_layers, base_visual)
-        if row["route"] and runner.spec.route_budget:
-            row["budget"] += f" (budget {runner.spec.route_budget:g})"
     order = {k: i for i, k in enumerate(M.TABLE_ORDER)}
     rows.sort(key=lambda r: (order.get(r["key"], len(order)), r["key"]))
     return rows

@@ -77,15 +77,18 @@ def _sa_budget(k: int, k_max: int) -> str:
     return f"{k} SA layer{'' if k == 1 else 's'}" + (" (all)" if k == k_max else "")
 
 
-def routed_methods() -> list[Method]:
+def routed_methods(route_budget: float = 0.0) -> list[Method]:
+    """VISOR routed and VISOR with the router on reduced tokens; a non-zero router ``route_budget`` (``--budget``,
+    which the evaluation spec passes to the router) is named in their budget column."""
+    suffix = f" (budget {route_budget:g})" if route_budget else ""
     return [
-        Method("visor-routed", "VISOR routed", "visor", "visor", route=True, budget="router"),
+        Method("visor-routed", "VISOR routed", "visor", "visor", route=True, budget="router" + suffix),
         Method("visor-tr-2x", "VISOR-TR 2x", "visor", "visor+reduction", route=True, reducer="pooling:2x",
-               budget="router + pooling 2x"),
+               budget="router + pooling 2x" + suffix),
         Method("visor-tr-4x", "VISOR-TR 4x", "visor", "visor+reduction", route=True, reducer="pooling:4x",
-               budget="router + pooling 4x"),
+               budget="router + pooling 4x" + suffix),
         Method("visor-visionzip", "VISOR + VisionZip", "visor", "visor+reduction", route=True, reducer=VISOR_VISIONZIP,
-               budget="router + VisionZip 4x"),
+               budget="router + VisionZip 4x" + suffix),
     ]
 
 
