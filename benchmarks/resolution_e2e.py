@@ -157,9 +157,12 @@ def main() -> int:
             routing_logits(routed, ids_base, torch.ones_like(ids_base), [[f] for f in state["base"]])
         return run
 
+    geometry = get_geometry(args.geometry)
+    n_crops = configuration_flops(model, Configuration(active, FULL), [tuple(args.size)], N_TEXT, geometry).n_crops
+    full_part = f"vision full ({n_crops} crops)"  # base view + tiles of a --size image (10 at the default 1152x1152)
     # (name, [(part, callable)]): every part timed on its own; rows compose them
     parts = {
-        "vision full (10 crops)": vision_full,
+        full_part: vision_full,
         "vision base (1 crop)": vision_base,
         "vision tiles (base reused)": vision_tiles,
         "LLM full": lambda: prefill(model, ids_full, state["full"], active),
@@ -186,15 +189,14 @@ def main() -> int:
     med = {n: statistics.median(v) for n, v in times.items()}
     read0 = args.read_after[0]
     rows = {
-        f"full, {args.sa} SA": (med["vision full (10 crops)"], med["LLM full"]),
+        f"full, {args.sa} SA": (med[full_part], med["LLM full"]),
         f"base only, {args.sa} SA": (med["vision base (1 crop)"], med["LLM base"]),
         f"routed->base (read@{read0})": (med["vision base (1 crop)"], med[f"route@{read0}"] + med["LLM base"]),
         f"routed->full (read@{read0})": (med["vision base (1 crop)"] + med["vision tiles (base reused)"],
                                           med[f"route@{read0}"] + med["LLM full"]),
     }
     if not args.no_baseline:
-        rows["baseline (all SA), full"] = (med["vision full (10 crops)"], med["LLM baseline full"])
-    geometry = get_geometry(args.geometry)
+        rows["baseline (all SA), full"] = (med[full_part], med["LLM baseline full"])
     routed.config.router["read_after_layer"] = read0
     flops = {
         f"full, {args.sa} SA": configuration_flops(model, Configuration(active, FULL), [tuple(args.size)], N_TEXT, geometry).total,
@@ -205,8 +207,7 @@ def main() -> int:
                                 geometry=geometry)
         flops[key] = cost["llm"] + cost["vision"]
     if not args.no_baseline:
-        crops = configuration_flops(model, Configuration(active, FULL), [tuple(args.size)], N_TEXT, geometry).n_crops
-        flops["baseline (all SA), full"] = count_baseline_prefill(geometry, n_full, N_TEXT, n_crops=crops).total
+        flops["baseline (all SA), full"] = count_baseline_prefill(geometry, n_full, N_TEXT, n_crops=n_crops).total
     full_key = f"full, {args.sa} SA"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{args.geometry}, {args.dtype}, {where}, image {args.size[0]}x{args.size[1]} ({n_full} visual tokens full, {n_base} base only), "
