@@ -90,10 +90,14 @@ def test_routed_rows_run_at_the_presets_router_budget_and_it_keys_their_cache():
     from visor.reproduce.presets import full_preset, quick_preset
 
     full, quick = full_preset(), quick_preset()
-    assert full.label_score == "loglik" and full.route_budget == -1.0 and quick.route_budget == 0.0
-    assert eval_spec_for(full).route_budget == -1.0
+    assert full.label_score == "loglik" and full.route_budget == quick.route_budget == "auto"
+    with pytest.raises(ValueError, match="budget stage"):  # the choice must come from the validation stage
+        eval_spec_for(full)
+    assert eval_spec_for(full, route_budget=-1.0).route_budget == -1.0
+    fixed = full_preset().__class__(**{**vars(full), "route_budget": 0.5})
+    assert eval_spec_for(fixed).route_budget == 0.5
     # a changed budget is a different evaluation: its cached predictions are not reused
-    assert eval_spec_for(full).key() != eval_spec_for(full_preset().__class__(**{**vars(full), "route_budget": 0.0})).key()
+    assert eval_spec_for(full, route_budget=-1.0).key() != eval_spec_for(full, route_budget=0.0).key()
     # the table says which budget the routed rows ran at; the budget text is not part of a method's cache key
     from visor.reproduce.methods import routed_methods
 
@@ -165,6 +169,13 @@ def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
     assert shipped.recipes["stage1"].init.endswith("2b-focus/run/final")
     assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
     assert shipped.pipeline["eval_n"] == 20 and shipped.pipeline["label_threshold"] == 0.99
+    # the router budget was chosen on validation items (the budget stage) and shipped as the number it chose
+    choice = json.loads((quick["root"] / "work" / "8-budget" / "budget.json").read_text())
+    assert choice["budget"] in (0.0, -1.0) and [c["budget"] for c in choice["candidates"]] == [0.0, -1.0]
+    assert shipped.pipeline["route_budget"] == choice["budget"] and shipped.pipeline["route_budget_choice"] == choice
+    report = json.loads((quick["out"] / "reproduce.json").read_text())
+    assert report["meta"]["budget_choice"] == choice and report["meta"]["eval"]["route_budget"] == choice["budget"]
+    assert "chosen on the validation split" in (quick["out"] / "reproduce.md").read_text()
     assert manifest["checkpoints"]["visor"]["router"] is True
     assert (shipped.base / "model.safetensors").exists() and (shipped.visor / "model.safetensors").exists()
     assert json.loads((shipped.base / "config.json").read_text())["model_type"] == "llava_onevision"
@@ -185,7 +196,8 @@ def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
     shipped = load_shipped(ROOT / "checkpoints")  # verify=True: every file's sha256 against MANIFEST.json
     assert shipped.manifest["preset"] == "full" and shipped.manifest["dtype"] == "bf16"
     assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
-    assert shipped.pipeline["label_score"] == "loglik" and shipped.pipeline["route_budget"] == -1.0
+    assert shipped.pipeline["label_score"] == "loglik"
+    assert isinstance(shipped.pipeline["route_budget"], float)  # a number: plain `visor reproduce` has no validation stage
     canvas = trained_canvas(shipped.visor)
     assert canvas == trained_canvas(shipped.base) == 128
     items = synth_items("test", 10, seed=0, config=SynthConfig().with_image_size(canvas))
@@ -300,7 +312,7 @@ def test_status_reads_the_work_dir(quick, tmp_path):
     result = visor_cli(["reproduce", "--quick", "--status", "--work-dir", str(quick["root"] / "work")])
     assert result.returncode == 0, result.stderr[-2000:]
     stages = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["stages"]}
-    assert list(stages) == ["vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router"]
+    assert list(stages) == ["vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router", "budget"]
     assert all(s["status"] == "complete" for s in stages.values())
     assert stages["base"]["step"] == stages["base"]["max_steps"] == 6 and stages["base"]["eta_s"] is None
 
@@ -489,15 +501,15 @@ def test_a_second_continuation_of_the_baseline_becomes_the_baseline_and_visor_bu
 
 
 def test_benchmark_canvas_is_the_baselines_and_visor_stages_must_match_it():
-    """Every method is evaluated on one canvas: the baseline's (focus, else base); an earlier stage may
+    """Every method is evaluated on one canvas: the baseline's (its last base run: focus2, focus, else base); an earlier stage may
     pre-train on another, while a VISOR stage on a different canvas is refused."""
     from visor.reproduce.pipeline import eval_spec_for
     from visor.reproduce.presets import Preset, full_preset
 
     full = full_preset()
-    size = (full.recipes["focus"].get("data") or {}).get("synth_image_size")
+    size = (full.recipes[full.baseline_stage()].get("data") or {}).get("synth_image_size")
     assert full.benchmark_image_size() == size
-    assert eval_spec_for(full, timing=False).synth == ({"image_size": size} if size else {})
+    assert eval_spec_for(full, timing=False, route_budget=0.0).synth == ({"image_size": size} if size else {})
     recipes = {"base": {"data": {"synth_image_size": 192}}, "focus": {"data": {"synth_image_size": 128}},
                "stage1": {"data": {"synth_image_size": 128}}, "stage2": {"data": {"synth_image_size": 128}}}
     assert Preset(name="p", recipes=recipes).benchmark_image_size() == 128

@@ -185,3 +185,37 @@ def test_generate_cli_routes_and_matches_the_chosen_fixed_configuration(routed, 
     assert {p for e, p in picks if e == ("--budget=-1e6",)} == {"0+1"}
     with pytest.raises(SystemExit, match="drop --active-sa"):
         main(args + ["--route", "--active-sa", "0"])
+
+
+def test_budget_rule_picks_the_cheapest_budget_within_tolerance_else_the_least_shortfall():
+    """``visor.routing.budget.choose_budget`` on constructed validation rows: the reference is the dearest fixed
+    configuration; the cheapest budget within 1 point on both means wins; with none within, the smallest
+    shortfall of the worse mean (ties: cheaper)."""
+    from visor.routing.budget import choose_budget
+
+    def fixed(name, easy, hard, flops):
+        return {"method": f"fixed {name}", "easy_mean": easy, "hard_mean": hard, "mean_flops": flops}
+
+    def routed(budget, easy, hard, flops):
+        return {"method": f"routed (budget {budget:g})", "budget": budget, "easy_mean": easy, "hard_mean": hard,
+                "mean_flops": flops}
+
+    table = [fixed("none", 0.60, 0.20, 1.0), fixed("0+1+2", 0.70, 0.30, 4.0)]
+    within = table + [routed(0.0, 0.695, 0.29, 2.0), routed(-1.0, 0.71, 0.31, 3.0), routed(0.5, 0.65, 0.25, 1.5)]
+    choice = choose_budget(within)
+    assert choice["budget"] == 0.0 and choice["within_tolerance"]  # -1 is also within, but dearer
+    assert choice["reference"]["method"] == "fixed 0+1+2"
+    assert [c["budget"] for c in choice["candidates"]] == [0.0, -1.0, 0.5]
+    assert choice["candidates"][0]["shortfall"] == pytest.approx(-0.01)  # exactly 1 point: within
+    # none within: the one whose worse mean falls least (-1: -0.02 hard beats 0: -0.05 easy)
+    missed = table + [routed(0.0, 0.65, 0.29, 2.0), routed(-1.0, 0.69, 0.28, 3.0)]
+    choice = choose_budget(missed)
+    assert choice["budget"] == -1.0 and not choice["within_tolerance"]
+    # equal shortfalls: the cheaper; equal cost within tolerance: the larger (cheaper-leaning) budget
+    tie = table + [routed(0.0, 0.68, 0.30, 2.0), routed(-1.0, 0.70, 0.28, 3.0)]
+    assert choose_budget(tie)["budget"] == 0.0
+    same_cost = table + [routed(-1.0, 0.70, 0.30, 2.0), routed(0.0, 0.70, 0.30, 2.0)]
+    assert choose_budget(same_cost)["budget"] == 0.0
+    assert choose_budget(missed, tolerance=0.02)["within_tolerance"]  # the tolerance is a parameter
+    with pytest.raises(ValueError, match="routed rows"):
+        choose_budget(table)

@@ -171,6 +171,8 @@ def _shipped(args, work_dir: Path, progress: bool, log):
     data["meta"]["provenance"] = {"mode": "shipped", "preset": shipped.manifest.get("preset"), "commit": git_commit(),
                                   "checkpoints": str(shipped.folder), "checkpoints_commit": shipped.manifest["commit"],
                                   "checkpoints_command": shipped.manifest.get("command"), "notes": notes}
+    if shipped.pipeline.get("route_budget_choice"):
+        data["meta"]["budget_choice"] = shipped.pipeline["route_budget_choice"]
     return data
 
 
@@ -194,7 +196,7 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     except (StageInterrupted, KeyboardInterrupt) as err:
         print(f"visor reproduce: interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
         return None
-    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing)
+    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing, route_budget=trained.route_budget)
     baseline = trained.stages[preset.baseline_stage()]  # the run whose output is the baseline
     ids = {"base": baseline.output_id, "visor": trained.stages["router"].output_id}
     data = evaluate_checkpoints(cache, trained.base, trained.visor, ids, spec, progress=progress, log=log)
@@ -202,9 +204,16 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
               for name, s in trained.stages.items()}
     data["meta"]["provenance"] = {"mode": mode, "preset": preset.name, "commit": cache.commit, "work_dir": str(work_dir),
                                   "stages": stages, "notes": list(preset.notes)}
+    if trained.budget_choice is not None:
+        data["meta"]["budget_choice"] = trained.budget_choice
     if args.ship:
         folder = Path(args.checkpoints) if args.checkpoints else default_folder()
-        pipeline = {**preset.stage_settings(), "stage_seconds": {k: v["seconds"] for k, v in stages.items()}}
+        # the shipped settings carry the budget the routed rows ran at (a number: plain `visor reproduce` has no
+        # validation stage), and how it was chosen
+        pipeline = {**preset.stage_settings(), "route_budget": trained.route_budget,
+                    "stage_seconds": {k: v["seconds"] for k, v in stages.items()}}
+        if trained.budget_choice is not None:
+            pipeline["route_budget_choice"] = trained.budget_choice
         ship(folder, trained.base, trained.visor, trained.recipes, pipeline, preset=preset.name, commit=cache.commit,
              stages=stages, dtype=args.ship_dtype)
         data["meta"]["provenance"]["shipped_to"] = str(folder)

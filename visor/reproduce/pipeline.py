@@ -13,6 +13,8 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
     6-labels/labels.jsonl  router pseudo-labels on training items                 (``visor route label``)
     7-router/model         the universal model with its router                    (``visor route train``)
+    8-budget/budget.json   optional (``route_budget: auto``): the router budget chosen on validation items
+                           (``visor route report`` + ``visor.routing.budget``)
     eval/<method>/         per-method predictions on the test split               (``visor eval``)
     timing/timing.json     measured prefill times
 
@@ -35,7 +37,7 @@ from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
 from visor.reproduce.presets import TRAINING_STAGES, Preset, cache_spec
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult
 
-STAGE_NAMES = ("vision", "base", "focus", "focus2", "stage1", "configs", "stage2", "labels", "router")
+STAGE_NAMES = ("vision", "base", "focus", "focus2", "stage1", "configs", "stage2", "labels", "router", "budget")
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Trained:
     visor: Path
     stages: dict[str, StageResult]
     recipes: dict[str, dict]  # the recipes as run (paths filled in)
+    route_budget: float = 0.0  # the routed rows' router budget: the preset's number, or the budget stage's choice
+    budget_choice: dict | None = None  # the budget stage's record (visor.routing.budget.choose_budget)
 
 
 def _synth_config(preset: Preset):
@@ -256,7 +260,39 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
 
     router = stages["router"] = cache.run("router", "7-router", router_spec, {"labels": labels.output_id}, router_body)
     _report(log, router)
-    return Trained(base=baseline.path("final"), visor=router.path("model"), stages=stages, recipes=recipes)
+    trained = Trained(base=baseline.path("final"), visor=router.path("model"), stages=stages, recipes=recipes)
+    if preset.route_budget != "auto":
+        trained.route_budget = float(preset.route_budget)
+        return trained
+
+    # ---- the router budget, chosen on the validation split
+    on_stage("budget")
+    budget_spec = {k: settings[k] for k in ("budget_n", "budget_candidates", "budget_tolerance", "batch_size",
+                                            "precision", "data_seed")}
+
+    def budget_body(folder: Path) -> dict:
+        from visor.eval.harness import synth_items
+        from visor.routing.budget import choose_budget
+        from visor.routing.report import format_report, route_report
+
+        model, tokenizer, processor = _load_visor(router.path("model"))
+        items = synth_items("val", preset.budget_n, seed=preset.data_seed, config=synth)
+        with _autocast(preset.precision):
+            report = route_report(model, tokenizer, processor, items, folder / "report",
+                                  budgets=tuple(preset.budget_candidates), batch_size=preset.batch_size, progress=progress)
+        choice = choose_budget(report["rows"], tolerance=preset.budget_tolerance)
+        (folder / "budget.json").write_text(json.dumps(choice, indent=2))
+        (folder / "report" / "route_report.txt").write_text(format_report(report) + "\n")
+        return {"budget": "budget.json", "report": "report"}
+
+    budget = stages["budget"] = cache.run("budget", "8-budget", budget_spec, {"router": router.output_id}, budget_body)
+    _report(log, budget)
+    trained.budget_choice = json.loads(budget.path("budget").read_text())
+    trained.route_budget = float(trained.budget_choice["budget"])
+    log(f"[budget] router budget {trained.route_budget:g} (validation, {preset.budget_n} items; "
+        f"{'within' if trained.budget_choice['within_tolerance'] else 'none within'} "
+        f"{100 * preset.budget_tolerance:g} point(s) of the maximal configuration on both means)")
+    return trained
 
 
 def _report(log, result: StageResult) -> None:
@@ -264,14 +300,22 @@ def _report(log, result: StageResult) -> None:
     log(f"[{result.name}] {state}: {result.folder}")
 
 
-def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None, timing: bool = True) -> EvalSpec:
+def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None, timing: bool = True,
+                  route_budget: float | None = None) -> EvalSpec:
+    """The evaluation settings of a preset; ``route_budget`` overrides the preset's (needed when it is ``auto``:
+    the budget stage's choice)."""
+    if route_budget is None:
+        if preset.route_budget == "auto":
+            raise ValueError("the preset's router budget is chosen by the budget stage (route_budget: auto): "
+                             "pass the chosen route_budget")
+        route_budget = float(preset.route_budget)
     synth = {}
     size = preset.benchmark_image_size()
     if size:
         synth["image_size"] = size
     return EvalSpec(n=n or preset.eval_n, seed=preset.eval_seed if seed is None else seed, batch_size=preset.batch_size,
                     max_new_tokens=preset.max_new_tokens, precision=preset.precision, timing_items=preset.timing_items,
-                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth, route_budget=preset.route_budget)
+                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth, route_budget=route_budget)
 
 
 def evaluate_checkpoints(cache: StageCache, base: Path, visor: Path, model_ids: dict[str, str], spec: EvalSpec, *,

@@ -46,9 +46,14 @@ class Preset:
     label_score: str = "loglik"
     router_epochs: int = 20
     router_lr: float = 2e-3
-    # the router budget (``--budget``) of the routed rows: logits minus budget x cost / max cost; chosen on the
-    # validation split (docs/training-log.md), never on the test split
-    route_budget: float = 0.0
+    # the router budget (``--budget``) of the routed rows: logits minus budget x cost / max cost; a number, or
+    # "auto": the ``budget`` stage picks one of ``budget_candidates`` on ``budget_n`` validation items by the rule of
+    # visor.routing.budget (cheapest within ``budget_tolerance`` of the maximal configuration on both means); never
+    # chosen on the test split
+    route_budget: float | str = 0.0
+    budget_candidates: list[float] = field(default_factory=lambda: [0.5, 0.0, -0.5, -1.0, -2.0])
+    budget_n: int = 500
+    budget_tolerance: float = 0.01
     batch_size: int = 16  # evaluation / labelling batch
     eval_n: int = 500  # test items per method (50 per family)
     eval_seed: int = 0
@@ -94,7 +99,7 @@ def full_preset(folder: Path | None = None) -> Preset:
         if not path.exists():
             raise FileNotFoundError(f"recipe {path} not found: `visor reproduce --train` reads the repository's recipes/")
         recipes[stage] = yaml.safe_load(path.read_text())
-    return Preset(name="full", recipes=recipes, route_budget=-1.0)
+    return Preset(name="full", recipes=recipes, route_budget="auto")
 
 
 # a model that trains in seconds: 192 px procedural images, 64 px base view, patch 16 (172 visual tokens),
@@ -120,6 +125,7 @@ def quick_preset() -> Preset:
                        micro_batch=4, max_steps=4, save_every=2, **common),
     }
     return Preset(name="quick", recipes=recipes, configs_n=10, label_n=10, router_epochs=3, batch_size=10, eval_n=20,
+                  route_budget="auto", budget_candidates=[0.0, -1.0], budget_n=10,
                   max_new_tokens=4, timing_items=1, timing_repeats=2, precision="fp32",
                   notes=["--quick: minute-scale models trained for a few steps; the numbers are meaningless, the flow is real"])
 

@@ -260,6 +260,17 @@ def markdown(data: dict) -> str:
         lines.append("Router choices on the test split: " + ", ".join(f"{k}: {v}" for k, v in routed["chosen"].items())
                      + f" (mean {routed['n_sa_mean']:.2f} SA layers).")
         lines.append("")
+    choice = meta.get("budget_choice")
+    if choice:
+        ref = choice["reference"]
+        lines.append(f"Router budget {choice['budget']:g}, chosen on the validation split (`visor.routing.budget`: "
+                     f"{choice['rule']}; tolerance {100 * choice['tolerance']:g} point(s); "
+                     f"{'met' if choice['within_tolerance'] else 'no candidate met it'}). Validation: {ref['method']} "
+                     f"{_pct(ref['easy_mean'])} / {_pct(ref['hard_mean'])} (easy / hard); router at budget "
+                     + ", ".join(f"{c['budget']:g}: {_pct(c['easy_mean'])} / {_pct(c['hard_mean'])}"
+                                 + (f" at {_x(c['projected_reduction'])} (0.5B)" if c.get("projected_reduction") else "")
+                                 for c in choice["candidates"]) + ".")
+        lines.append("")
     lines += ["## Targets (issue 8)", "", "| target | value | holds |", "|---|---|---|"]
     for t in data.get("targets", []):
         lines.append(f"| {t['target']} | {t['value']} | {'yes' if t['holds'] else 'no'} |")

@@ -120,6 +120,7 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
     for budget in budgets:
         result = evaluate(model, tokenizer, image_processor, items, route=True, budget=budget, batch_size=batch_size, progress=progress)
         row = _row(f"routed (budget {budget:g})", result.summary, result.items)
+        row["budget"] = float(budget)
         per_family: dict[str, Counter] = defaultdict(Counter)
         for item in result.items:
             if item.active_sa is not None:
