@@ -83,7 +83,7 @@ def stage_status(folder: Path) -> StageStatus:
 
 
 def work_dir_status(work_dir: Path) -> list[StageStatus]:
-    """Every pipeline stage of ``work_dir`` in order (an optional continuation of the baseline only when started)."""
+    """Every pipeline stage of ``work_dir`` in order (an optional stage only once its folder exists)."""
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         raise FileNotFoundError(f"{work_dir} does not exist: no `visor reproduce --train` has run there")
