@@ -63,6 +63,18 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+class StopAtStage(Exception):
+    """Ends a ``train_all`` run where a test wants it (raised by :func:`stop_at`)."""
+
+
+def stop_at(stage: str):
+    """An ``on_stage`` callback that stops ``train_all`` as it reaches ``stage`` (before running it)."""
+    def on_stage(name: str) -> None:
+        if name == stage:
+            raise StopAtStage(name)
+    return on_stage
+
+
 def test_quick_writes_every_output_with_the_issue_rows_and_columns(quick):
     out = quick["out"]
     for name in ("reproduce.csv", "reproduce.json", "reproduce.md", "pareto_easy.png", "pareto_hard.png",
@@ -399,24 +411,17 @@ def test_a_finished_run_is_not_trained_or_exported_again(tmp_path):
     from visor.reproduce.pipeline import train_all
     from visor.reproduce.presets import quick_preset
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_base(name: str) -> None:
-        if name == "base":
-            raise Stop
-
     cache = StageCache(tmp_path, log=lambda *_: None)
-    with pytest.raises(Stop):
-        train_all(quick_preset(), cache, progress=False, log=lambda *_: None, on_stage=stop_at_base)
+    with pytest.raises(StopAtStage):
+        train_all(quick_preset(), cache, progress=False, log=lambda *_: None, on_stage=stop_at("base"))
     record_file = tmp_path / "1-vision" / "stage.json"
     record = json.loads(record_file.read_text())
     record_file.write_text(json.dumps({**record, "status": "running"}))  # as if killed before it was marked
     run = tmp_path / "1-vision" / "run"
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     logs: list[str] = []
-    with pytest.raises(Stop):
-        train_all(quick_preset(), cache, progress=False, log=logs.append, on_stage=stop_at_base)
+    with pytest.raises(StopAtStage):
+        train_all(quick_preset(), cache, progress=False, log=logs.append, on_stage=stop_at("base"))
     assert any("not evaluated or exported again" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
     assert json.loads(record_file.read_text())["status"] == "complete"
@@ -435,19 +440,12 @@ def test_reuse_from_links_complete_stages_and_a_variant_skips_them(quick, tmp_pa
     weights = tmp_path / "variant" / "2b-focus" / "run" / "final" / "model.safetensors"
     assert os.stat(weights).st_ino == os.stat(source / "2b-focus" / "run" / "final" / "model.safetensors").st_ino
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_configs(name: str) -> None:
-        if name == "stage2":
-            raise Stop
-
     preset = quick_preset()
     preset.configs_resolutions = ["full", "base"]
     logs: list[str] = []
-    with pytest.raises(Stop):
+    with pytest.raises(StopAtStage):
         train_all(preset, StageCache(tmp_path / "variant", log=logs.append), progress=False, log=logs.append,
-                  on_stage=stop_after_configs)
+                  on_stage=stop_at("stage2"))
     cached = {line.split("]")[0][1:] for line in logs if "] cached" in line}
     assert cached == {"vision", "base", "focus", "stage1"}
     assert any(line.startswith("[configs] settings or inputs changed") for line in logs)
@@ -470,19 +468,12 @@ def test_a_second_continuation_of_the_baseline_becomes_the_baseline_and_visor_bu
     work = tmp_path / "work"
     link_completed_stages(quick["root"] / "work", work, log=lambda *_: None)
 
-    class Stop(Exception):
-        pass
-
-    def stop_before_configs(name: str) -> None:
-        if name == "configs":
-            raise Stop
-
     preset = quick_preset()
     preset.recipes["focus2"] = {**preset.recipes["focus"], "max_steps": 1, "save_every": 1}
     assert preset.baseline_stage() == "focus2"
     cache = StageCache(work, log=lambda *_: None)
-    with pytest.raises(Stop):
-        train_all(preset, cache, progress=False, log=lambda *_: None, on_stage=stop_before_configs)
+    with pytest.raises(StopAtStage):
+        train_all(preset, cache, progress=False, log=lambda *_: None, on_stage=stop_at("configs"))
     focus2 = json.loads((work / "2c-focus2" / "stage.json").read_text())
     focus = json.loads((work / "2b-focus" / "stage.json").read_text())
     assert focus2["status"] == "complete" and focus2["inputs"] == {"base": focus["output_id"]}

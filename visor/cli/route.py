@@ -132,7 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import torch
 
-    from visor.routing.budget import choose_budget
+    from visor.routing.budget import choose_budget, describe
     from visor.routing.report import format_report, route_report
 
     model, tokenizer, image_processor, items = _setup(args)
@@ -142,8 +142,7 @@ def run_report(args: argparse.Namespace) -> int:
     print(format_report(report))
     routed = [r for r in report["rows"] if r["method"].startswith("routed")]
     choice = choose_budget(report["rows"])
-    print(f"budget the selection rule picks on these items (visor.routing.budget; choose it on validation, not test): "
-          f"{choice['budget']:g} ({'within' if choice['within_tolerance'] else 'none within'} 1 point of "
-          f"{choice['reference']['method']} on both means)")
+    print(f"the selection rule's pick on these items (visor.routing.budget; choose on validation, not test): "
+          f"{describe(choice)}")
     print_json_line({"out": args.out, "routed": routed, "n_items": len(items), "budget_choice": choice})
     return 0

@@ -287,11 +287,11 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
 
     budget = stages["budget"] = cache.run("budget", "8-budget", budget_spec, {"router": router.output_id}, budget_body)
     _report(log, budget)
+    from visor.routing.budget import describe
+
     trained.budget_choice = json.loads(budget.path("budget").read_text())
     trained.route_budget = float(trained.budget_choice["budget"])
-    log(f"[budget] router budget {trained.route_budget:g} (validation, {preset.budget_n} items; "
-        f"{'within' if trained.budget_choice['within_tolerance'] else 'none within'} "
-        f"{100 * preset.budget_tolerance:g} point(s) of the maximal configuration on both means)")
+    log(f"[budget] on {preset.budget_n} validation items: {describe(trained.budget_choice)}")
     return trained
 
 

@@ -47,3 +47,9 @@ def choose_budget(rows: list[dict], tolerance: float = 0.01) -> dict:
         "reference": {"method": reference["method"], **figures(reference)},
         "candidates": [{"budget": float(r["budget"]), **figures(r)} for r in routed],
     }
+
+
+def describe(choice: dict) -> str:
+    """One line: the chosen budget and whether it met the tolerance (for logs and the CLI)."""
+    return (f"router budget {choice['budget']:g} ({'within' if choice['within_tolerance'] else 'none within'} "
+            f"{100 * choice['tolerance']:g} point(s) of {choice['reference']['method']} on both means)")
