@@ -334,7 +334,8 @@ def end_token(tokenizer) -> int | None:
     return tokenizer.eos_token_id
 
 
-def _to(batch: dict, device) -> dict:
+def to_device(batch: dict, device) -> dict:
+    """The batch with its tensors on ``device`` (other values as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -443,11 +444,11 @@ def evaluate(
                     c = parse_configuration(config_for_item(items[i]) if config_for_item else active_sa, plan)
                     chosen.append(Configuration(c.active_sa, resolution) if resolution else c)
             if on_request is not None:
-                batch = _to(on_request.batch, device)
+                batch = to_device(on_request.batch, device)
             elif chosen is not None and any(c.resolution != "full" for c in chosen):
-                batch = _to(batcher.prompt_batch(samples, resolution=[c.resolution for c in chosen]), device)
+                batch = to_device(batcher.prompt_batch(samples, resolution=[c.resolution for c in chosen]), device)
             else:
-                batch = _to(batcher.prompt_batch(samples), device)
+                batch = to_device(batcher.prompt_batch(samples), device)
             if on_request is not None:
                 configs = [c.active_sa for c in chosen]
             elif route or budget:

@@ -22,16 +22,18 @@ def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> 
     """``exp(mean log-prob)`` of each item's reference answer (teacher forcing) under ``config`` (SA slots,
     or a ``visor.model.resolution.Configuration``)."""
     from visor.data.batch import Sample
+    from visor.eval.harness import to_device
     from visor.model.resolution import Configuration
 
     resolution = {}
     if isinstance(config, Configuration):
         config, resolution = config.active_sa, ({} if config.tiled else {"resolution": config.resolution})
+    device = next(model.parameters()).device  # the batcher builds on the CPU
     probs: list[float] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         samples = [Sample(item.images, list(item.turns) + [{"from": "gpt", "value": item.answers[0]}]) for item in chunk]
-        batch = batcher.train_batch(samples, **resolution)
+        batch = to_device(batcher.train_batch(samples, **resolution), device)
         out = model(**batch, active_sa=config)
         labels = batch["labels"]
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
