@@ -87,3 +87,32 @@ def test_build_is_deterministic(tmp_path):
     build_tokenizer().save_pretrained(str(a))
     build_tokenizer().save_pretrained(str(b))
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_load_tokenizer_reads_a_visor_checkpoint_without_the_unknown_model_type_warning(tmp_path):
+    # AutoTokenizer resolves config.json through AutoConfig; before "visor" was registered on a config-only
+    # import, every training run that loaded its init checkpoint's tokenizer logged a misleading warning
+    import subprocess
+    import sys
+
+    from tests.tiny import tiny_llava_config
+    from visor import LayerPlan
+    from visor.convert.llava_onevision import visor_config_from_llava
+
+    config = tiny_llava_config()
+    visor_config_from_llava(config, LayerPlan.all_self_attention(config.text_config.num_hidden_layers)).save_pretrained(
+        str(tmp_path))
+    build_tokenizer().save_pretrained(str(tmp_path))
+    root = Path(__file__).resolve().parents[1]
+
+    def load(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                              timeout=120)
+
+    warning = "to instantiate a model of type"
+    plain = load("import sys; from transformers import AutoTokenizer; AutoTokenizer.from_pretrained(sys.argv[1])")
+    assert plain.returncode == 0 and warning in plain.stderr  # what the helper exists to avoid
+    ours = load("import sys; from visor.data.tokenizer import load_tokenizer; "
+                "t = load_tokenizer(sys.argv[1]); print(t.image_token)")
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.strip() == IMAGE_TOKEN and warning not in ours.stderr

@@ -21,13 +21,13 @@ def autocast(precision: str):
 
 def load(folder: str | Path):
     """``(model, tokenizer, image_processor, kind)`` for any LLaVA-OV or VISOR checkpoint folder."""
-    from transformers import AutoTokenizer
+    from visor.data.tokenizer import load_tokenizer
 
     from visor.convert.llava_onevision import load_checkpoint
     from visor.train.models import image_processor_for
 
     model, kind = load_checkpoint(folder)
-    return model.eval(), AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config), kind
+    return model.eval(), load_tokenizer(folder), image_processor_for(model.config), kind
 
 
 def items_from(data: str, split: str = "test", n: int = 100, seed: int = 0, families=None, image_root=None,

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer
+    from visor.data.tokenizer import load_tokenizer
 
     from visor.eval.harness import llava_items, synth_items
     from visor.model.modeling import VisorForConditionalGeneration
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = VisorForConditionalGeneration.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     image_processor = image_processor_for(model.config)
     if args.data == "synth":
         items = synth_items("val", args.n, seed=args.seed,

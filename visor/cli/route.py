@@ -62,7 +62,7 @@ def register(subparsers) -> None:
 
 def _setup(args):
     import torch
-    from transformers import AutoTokenizer
+    from visor.data.tokenizer import load_tokenizer
 
     from visor.eval.harness import llava_items, synth_items
     from visor.model.modeling import VisorForConditionalGeneration
@@ -71,7 +71,7 @@ def _setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = VisorForConditionalGeneration.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     if args.data == "synth":
         items = synth_items(args.split, args.n, seed=args.seed,
                             config=synth_config_for(args.model, args.image_size, f"visor route {args.route_verb}"))

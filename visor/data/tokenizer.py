@@ -141,3 +141,15 @@ def save_tokenizer(out_dir: str | Path, words: Iterable[str] | None = None) -> P
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(words).save_pretrained(str(out))
     return out
+
+
+def load_tokenizer(folder: str | Path):
+    """``AutoTokenizer.from_pretrained(folder)`` for a LLaVA-OV or VISOR checkpoint (or a tokenizer folder).
+
+    The VISOR config class is registered first: AutoTokenizer reads the folder's ``config.json`` through
+    AutoConfig, and an unknown ``model_type: visor`` makes transformers fall back with a misleading warning.
+    """
+    import visor.model.config  # noqa: F401  (registers model_type "visor" with AutoConfig)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

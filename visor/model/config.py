@@ -8,7 +8,7 @@ grid pinpoints, feature layer, image token id, ...) keeps its meaning and defaul
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlavaOnevisionConfig
+from transformers import AutoConfig, LlavaOnevisionConfig
 
 from visor.model.plan import LayerPlan
 
@@ -73,3 +73,8 @@ class VisorConfig(LlavaOnevisionConfig):
         self.cross_attention_layers = list(plan.cross_attention_layers)
         self.self_attention_layers = list(plan.self_attention_layers)
         self.slot_order = list(plan.slot_order)
+
+
+# Here rather than beside the model: loading a checkpoint's tokenizer resolves its config.json through AutoConfig,
+# and a config-only import must be enough for that (visor.data.tokenizer.load_tokenizer).
+AutoConfig.register("visor", VisorConfig, exist_ok=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 
@@ -654,6 +654,5 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
         return generate(self, *args, **kwargs)
 
 
-AutoConfig.register("visor", VisorConfig, exist_ok=True)
 AutoModel.register(VisorConfig, VisorForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VisorConfig, VisorForConditionalGeneration, exist_ok=True)

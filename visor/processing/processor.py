@@ -103,16 +103,16 @@ class VisorProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "VisorProcessor":
         """Load tokenizer, PIL image processor and geometry from a checkpoint folder (ours or HF LLaVA-OV)."""
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil,
         )
 
-        import visor.model.modeling  # noqa: F401  (registers the "visor" config type)
+        from visor.data.tokenizer import load_tokenizer  # registers the "visor" config type too
 
         folder = Path(folder)
         config = AutoConfig.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = load_tokenizer(folder)
         image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(str(folder))
         template_file = folder / "chat_template.json"
         if getattr(tokenizer, "chat_template", None) is None and template_file.exists():

@@ -52,14 +52,14 @@ class Loaded:
 
 
 def load_model(folder: str | Path) -> Loaded:
-    from transformers import AutoTokenizer
+    from visor.data.tokenizer import load_tokenizer
 
     from visor.convert.llava_onevision import load_checkpoint
     from visor.train.models import image_processor_for
 
     model, kind = load_checkpoint(folder)
     model = model.float()  # weights may be shipped in bf16; evaluation precision is the autocast's
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder)
     return Loaded(model, tokenizer, image_processor_for(model.config), kind, Path(folder))
 
 

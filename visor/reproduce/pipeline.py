@@ -57,13 +57,13 @@ def _synth_config(preset: Preset):
 
 
 def _load_visor(folder: Path):
-    from transformers import AutoTokenizer
+    from visor.data.tokenizer import load_tokenizer
 
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.train.models import image_processor_for
 
     model = VisorForConditionalGeneration.from_pretrained(str(folder))
-    return model, AutoTokenizer.from_pretrained(str(folder)), image_processor_for(model.config)
+    return model, load_tokenizer(folder), image_processor_for(model.config)
 
 
 def finished_run(out_dir: str | Path) -> Path | None:

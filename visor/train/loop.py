@@ -300,11 +300,11 @@ class Trainer:
 
     # ------------------------------------------------------------ set-up
     def _tokenizer(self):
-        from transformers import AutoTokenizer
+        from visor.data.tokenizer import load_tokenizer
 
         source = self.recipe.tokenizer or self.recipe.init
         if source:
-            return AutoTokenizer.from_pretrained(source)
+            return load_tokenizer(source)
         from visor.data.tokenizer import build_tokenizer
 
         return build_tokenizer()
