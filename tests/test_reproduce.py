@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from visor.reproduce.methods import TABLE_ORDER
-from visor.reproduce.stages import StageCache, StageInterrupted
+from visor.reproduce.stages import StageCache, StageInterrupted, digest
 
 ROOT = Path(__file__).resolve().parents[1]
 EASY = ("color", "shape", "count", "presence", "side")
@@ -383,6 +383,42 @@ def test_stage_cache_skips_resumes_and_invalidates(tmp_path):
     assert calls[-1] == ["stage.json"]
 
 
+
+def test_reuse_from_takes_a_complete_stage_with_the_same_key_instead_of_redoing_a_stale_or_running_copy(tmp_path):
+    """A variant's work dir that already holds an old copy of a stage (another key) or an interrupted one takes
+    the source's complete stage as hard links instead of training it again; other keys still run."""
+    source, variant = tmp_path / "source", tmp_path / "variant"
+    runs: list[str] = []
+
+    def body(folder: Path):
+        runs.append(folder.parent.name)
+        (folder / "weights").write_text(folder.parent.name)
+        return {"final": "weights"}
+
+    done = StageCache(source, log=lambda *_: None).run("stage1", "3-stage1", {"lr": 1}, {}, body, resumable=True)
+    old = StageCache(variant, log=lambda *_: None).run("stage1", "3-stage1", {"lr": 0.5}, {}, body, resumable=True)
+    assert runs == ["source", "variant"] and old.output_id != done.output_id
+    logs: list[str] = []
+    cache = StageCache(variant, log=logs.append, reuse_from=source)
+    reused = cache.run("stage1", "3-stage1", {"lr": 1}, {}, body, resumable=True)
+    assert reused.cached and reused.output_id == done.output_id and runs == ["source", "variant"]
+    assert os.stat(reused.path("final")).st_ino == os.stat(done.path("final")).st_ino  # linked, not copied
+    assert (variant / "3-stage1.stale" / "weights").exists() and any("reused (hard-linked)" in m for m in logs)
+    assert cache.run("stage1", "3-stage1", {"lr": 1}, {}, body).cached  # and from now on it is simply here
+    # an interrupted copy with the very key the source finished: the finished one wins over resuming
+    (variant / "4-configs").mkdir()
+    record = {"stage": "configs", "key": digest({"stage": "configs", "spec": {}, "inputs": {}}), "status": "running"}
+    (variant / "4-configs" / "stage.json").write_text(json.dumps(record))
+    finished = StageCache(source, log=lambda *_: None).run("configs", "4-configs", {}, {}, body)
+    assert cache.run("configs", "4-configs", {}, {}, body, resumable=True).output_id == finished.output_id
+    # settings the source never ran: run here
+    assert not cache.run("stage2", "5-stage2", {"steps": 3}, {}, body).cached and runs[-1] == "variant"
+    with pytest.raises(FileNotFoundError, match="not a work directory"):
+        StageCache(variant, reuse_from=tmp_path / "missing")
+    with pytest.raises(ValueError, match="itself"):
+        StageCache(variant, reuse_from=variant)
+
+
 # ---------------------------------------------------------------------- rows from predictions
 def test_row_from_predictions_uses_only_the_predictions():
     from visor.reproduce.evaluation import row_from_predictions
@@ -435,23 +471,23 @@ def test_reuse_from_links_complete_stages_and_a_variant_skips_them(quick, tmp_pa
     from visor.reproduce.stages import link_completed_stages
 
     source = quick["root"] / "work"
-    linked = link_completed_stages(source, tmp_path / "variant", log=lambda *_: None)
-    assert {"1-vision", "2-base", "2b-focus", "3-stage1", "4-configs"} <= set(linked)
-    weights = tmp_path / "variant" / "2b-focus" / "run" / "final" / "model.safetensors"
-    assert os.stat(weights).st_ino == os.stat(source / "2b-focus" / "run" / "final" / "model.safetensors").st_ino
-
     preset = quick_preset()
     preset.configs_resolutions = ["full", "base"]
     logs: list[str] = []
+    cache = StageCache(tmp_path / "variant", log=logs.append, reuse_from=source)
     with pytest.raises(StopAtStage):
-        train_all(preset, StageCache(tmp_path / "variant", log=logs.append), progress=False, log=logs.append,
-                  on_stage=stop_at("stage2"))
-    cached = {line.split("]")[0][1:] for line in logs if "] cached" in line}
-    assert cached == {"vision", "base", "focus", "stage1"}
-    assert any(line.startswith("[configs] settings or inputs changed") for line in logs)
+        train_all(preset, cache, progress=False, log=logs.append, on_stage=stop_at("stage2"))
+    reused = {line.split("]")[0][1:] for line in logs if "] reused (hard-linked)" in line}
+    assert reused == {"vision", "base", "focus", "stage1"}
+    weights = tmp_path / "variant" / "2b-focus" / "run" / "final" / "model.safetensors"
+    assert os.stat(weights).st_ino == os.stat(source / "2b-focus" / "run" / "final" / "model.safetensors").st_ino
+    assert any(line.startswith("[configs] ") for line in logs) and "configs" not in reused
     # the source's own folders are untouched by the variant's redo
     assert json.loads((source / "4-configs" / "stage.json").read_text())["status"] == "complete"
     assert (source / "4-configs" / "out" / "config.json").exists()
+    # linking every complete stage up front (a work dir seeded from another) does the same in one go
+    linked = link_completed_stages(source, tmp_path / "seeded", log=lambda *_: None)
+    assert {"1-vision", "2-base", "2b-focus", "3-stage1", "4-configs"} <= set(linked)
     with pytest.raises(ValueError, match="itself"):
         link_completed_stages(source, source)
 

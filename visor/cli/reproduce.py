@@ -58,9 +58,10 @@ def register(subparsers) -> None:
                              "labels and router also cover the input resolution (visor.model.resolution; give it its own --work-dir); "
                              "default full only")
     parser.add_argument("--reuse-from", default=None, metavar="DIR",
-                        help="--train/--quick: first hard-link the complete stages of another work dir that --work-dir "
-                             "lacks (no copies), so a variant such as --resolutions full,base starts from the same "
-                             "trained models; a linked stage whose settings differ here is redone as usual")
+                        help="--train/--quick: take every stage that another work dir holds complete with the same "
+                             "settings and inputs from there, as hard links (no copies; a stale copy in --work-dir is "
+                             "moved aside), so a variant such as --resolutions full,base starts from the same trained "
+                             "models; stages whose settings differ run here as usual")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="--train/--quick: run each training stage under torchrun with N DDP processes "
@@ -185,11 +186,7 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     preset = quick_preset() if mode == "quick" else full_preset(args.recipes)
     if getattr(args, "resolutions", None):
         preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
-    if getattr(args, "reuse_from", None):
-        from visor.reproduce.stages import link_completed_stages
-
-        link_completed_stages(args.reuse_from, work_dir, log)
-    cache = StageCache(work_dir, set(args.force), log)
+    cache = StageCache(work_dir, set(args.force), log, reuse_from=getattr(args, "reuse_from", None))
     log(f"visor reproduce --{mode}: stages under {work_dir}")
     try:
         trained = train_all(preset, cache, progress=progress, log=log, nproc=args.nproc)

@@ -15,6 +15,8 @@ method's evaluation, the timing) owns one folder under the work directory holdin
   are short and simply run again.
 * A record with a different key (a recipe changed, or an upstream stage was redone) is stale: its folder
   is moved aside to ``<folder>.stale`` (the previous stale copy is dropped) and the stage runs afresh.
+* With ``reuse_from`` (another work directory), a stage that would run is instead hard-linked from there when
+  that directory holds it complete under the same key (a stale copy here is moved aside first).
 * ``output_id`` is new every time a stage completes, and downstream keys include it, so redoing a stage
   (``--force NAME``) invalidates everything after it, while a skipped stage keeps its descendants valid.
 
@@ -93,11 +95,20 @@ def _write_record(folder: Path, record: dict) -> None:
 class StageCache:
     """Runs stages under ``work_dir`` with the rules of the module docstring."""
 
-    def __init__(self, work_dir: str | Path, force: set[str] | None = None, log: Callable[[str], None] = print) -> None:
+    def __init__(self, work_dir: str | Path, force: set[str] | None = None, log: Callable[[str], None] = print,
+                 reuse_from: str | Path | None = None) -> None:
+        """``reuse_from``: another work directory; a stage that would run here is hard-linked from there instead
+        when that directory holds it complete under the same key (``visor reproduce --reuse-from``)."""
         self.work_dir = Path(work_dir)
         self.force = set(force or ())
         self.log = log
         self.commit = git_commit()
+        self.reuse_from = Path(reuse_from) if reuse_from is not None else None
+        if self.reuse_from is not None:
+            if not self.reuse_from.is_dir():
+                raise FileNotFoundError(f"--reuse-from: {self.reuse_from} is not a work directory")
+            if self.work_dir.exists() and self.reuse_from.resolve() == self.work_dir.resolve():
+                raise ValueError("--reuse-from names the work directory itself")
 
     def run(self, name: str, folder: str, spec: dict, inputs: dict[str, str],
             body: Callable[[Path], dict], resumable: bool = False) -> StageResult:
@@ -113,7 +124,8 @@ class StageCache:
                                    seconds=float(record.get("seconds") or 0.0))
             self.log(f"[{name}] outputs missing from {path}: running it again")
         same = record is not None and record.get("key") == key
-        resume = same and record.get("status") == "running" and resumable and not forced
+        reusable = None if forced else self._reusable(folder, key)  # a finished copy beats resuming one here
+        resume = same and record.get("status") == "running" and resumable and not forced and reusable is None
         if resume:
             self.log(f"[{name}] resuming the interrupted run in {path}")
         elif path.exists() and any(path.iterdir()):
@@ -122,6 +134,13 @@ class StageCache:
             shutil.rmtree(stale, ignore_errors=True)
             path.rename(stale)
             self.log(f"[{name}] {reason}: previous folder moved to {stale}")
+        if reusable is not None:
+            shutil.rmtree(path, ignore_errors=True)  # an empty folder left by an earlier attempt
+            _link_folder(reusable[0], path)
+            source_record = reusable[1]
+            self.log(f"[{name}] reused (hard-linked) from {reusable[0]}")
+            return StageResult(name, path, key, source_record["output_id"], source_record.get("outputs", {}),
+                               cached=True, seconds=float(source_record.get("seconds") or 0.0))
         started = time.time()
         previous = float(record.get("seconds") or 0.0) if resume else 0.0
         base = {"stage": name, "key": key, "spec": spec, "inputs": inputs, "commit": self.commit,
@@ -140,6 +159,26 @@ class StageCache:
         return StageResult(name, path, key, output_id, outputs, cached=False, seconds=seconds)
 
 
+    def _reusable(self, folder: str, key: str) -> tuple[Path, dict] | None:
+        """The ``reuse_from`` copy of ``folder`` and its record, if it is complete under ``key`` with its outputs."""
+        if self.reuse_from is None:
+            return None
+        source = self.reuse_from / folder
+        record = read_record(source)
+        if not record or record.get("key") != key or record.get("status") != "complete":
+            return None
+        if not all((source / rel).exists() for rel in record.get("outputs", {}).values()):
+            return None
+        return source, record
+
+
+def _link_folder(source: Path, target: Path) -> None:
+    """Copy a complete stage folder as hard links (no data copied; nothing writes into a complete stage)."""
+    import os
+
+    shutil.copytree(source, target, copy_function=os.link)
+
+
 def link_completed_stages(source: str | Path, target: str | Path, log: Callable[[str], None] = print) -> list[str]:
     """Hard-link every *complete* stage folder of work directory ``source`` that ``target`` lacks.
 
@@ -147,9 +186,9 @@ def link_completed_stages(source: str | Path, target: str | Path, log: Callable[
     search on) then starts from the same trained models without copying or retraining them: a linked stage
     whose key still matches is skipped, one whose key differs is moved aside and redone, as always. Only
     complete stages are linked, because nothing writes into a complete stage's files (records are replaced
-    by rename), while a running stage appends to its metrics. Returns the linked folder names."""
-    import os
-
+    by rename), while a running stage appends to its metrics. Returns the linked folder names.
+    (``StageCache(reuse_from=...)`` does the same per stage as the pipeline reaches it, also where ``target``
+    holds a stale copy.)"""
     source, target = Path(source), Path(target)
     if not source.is_dir():
         raise FileNotFoundError(f"--reuse-from: {source} is not a work directory")
@@ -161,7 +200,7 @@ def link_completed_stages(source: str | Path, target: str | Path, log: Callable[
         record = read_record(folder)
         if not record or record.get("status") != "complete" or (target / folder.name).exists():
             continue
-        shutil.copytree(folder, target / folder.name, copy_function=os.link)
+        _link_folder(folder, target / folder.name)
         linked.append(folder.name)
     log(f"linked {len(linked)} complete stage(s) from {source}: {', '.join(linked) or 'none'}")
     return linked
