@@ -573,3 +573,20 @@ def test_pareto_labels_do_not_overlap_and_each_points_at_its_own_marker(tmp_path
     assert [tuple(n.xy) for n in notes] == [(x, y) for x, y, _ in points]
     fig.savefig(tmp_path / "labels.png")
     plt.close(fig)
+
+
+def test_targets_compare_points_without_float_error():
+    """A margin of exactly 10 points (35.2% vs 25.2%, which differ by 9.999999999999998 in floats) meets
+    ">= 10 points"; one item less does not."""
+    from visor.reproduce.report import check_targets
+
+    def row(key, easy, hard, **extra):
+        return {"key": key, "method": key, "group": extra.pop("group", "visor"), "easy_mean": easy,
+                "hard_mean": hard, **extra}
+
+    rows = [row("baseline", 0.752, 0.32), row("visor-routed", 0.76, 0.352, projected_reduction=8.5),
+            row("fastv", 0.524, 0.252, group="compression", matched=True, budget="keep 0.183"),
+            row("hired", 0.556, 0.256, group="compression", matched=True, budget="keep 0.358")]
+    holds = {t["target"].split(" (")[0]: t["holds"] for t in check_targets(rows)}
+    assert holds["VISOR routed beats fastv"] is True
+    assert holds["VISOR routed beats hired"] is False
