@@ -21,9 +21,8 @@ def autocast(precision: str):
 
 def load(folder: str | Path):
     """``(model, tokenizer, image_processor, kind)`` for any LLaVA-OV or VISOR checkpoint folder."""
-    from visor.data.tokenizer import load_tokenizer
-
     from visor.convert.llava_onevision import load_checkpoint
+    from visor.data.tokenizer import load_tokenizer
     from visor.train.models import image_processor_for
 
     model, kind = load_checkpoint(folder)

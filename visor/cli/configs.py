@@ -36,8 +36,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from visor.data.tokenizer import load_tokenizer
 
+    from visor.data.tokenizer import load_tokenizer
     from visor.eval.harness import llava_items, synth_items
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.train.configs import search_configs, write_viable

@@ -62,8 +62,8 @@ def register(subparsers) -> None:
 
 def _setup(args):
     import torch
-    from visor.data.tokenizer import load_tokenizer
 
+    from visor.data.tokenizer import load_tokenizer
     from visor.eval.harness import llava_items, synth_items
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.train.models import image_processor_for

@@ -52,9 +52,8 @@ class Loaded:
 
 
 def load_model(folder: str | Path) -> Loaded:
-    from visor.data.tokenizer import load_tokenizer
-
     from visor.convert.llava_onevision import load_checkpoint
+    from visor.data.tokenizer import load_tokenizer
     from visor.train.models import image_processor_for
 
     model, kind = load_checkpoint(folder)

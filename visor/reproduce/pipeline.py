@@ -58,7 +58,6 @@ def _synth_config(preset: Preset):
 
 def _load_visor(folder: Path):
     from visor.data.tokenizer import load_tokenizer
-
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.train.models import image_processor_for
 
