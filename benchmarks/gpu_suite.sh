@@ -73,7 +73,8 @@ for geometry in "${GEOMETRIES[@]}"; do
 done
 
 # The tiny base recipe under torchrun (one process: NCCL on a GPU, gloo on CPU), random vision tower,
-# no evaluation: checks the GPU training path end to end and gives its samples/s (metrics.jsonl).
+# evaluated once, at its last step, on 16 items (as every training run is): checks the GPU training and
+# evaluation paths end to end and gives its samples/s (metrics.jsonl).
 [ "$TRAIN" = 1 ] && part train-base-tiny 120 "$PYTHON" -m torch.distributed.run --nproc_per_node 1 --master_port 29533 \
   -m visor train --device "$DEVICE" --no-progress recipes/base-tiny.yaml \
   out_dir="$WORK/train-base-tiny" vision_init=null max_steps=$TRAIN_STEPS eval_every=100000 \
