@@ -118,9 +118,8 @@ class StageCache:
         record = read_record(path)
         forced = any(name == f or name.startswith(f + " ") for f in self.force)
         if record and record.get("key") == key and record.get("status") == "complete" and not forced:
-            outputs = record.get("outputs", {})
-            if all((path / rel).exists() for rel in outputs.values()):
-                return StageResult(name, path, key, record["output_id"], outputs, cached=True,
+            if _outputs_exist(path, record):
+                return StageResult(name, path, key, record["output_id"], record.get("outputs", {}), cached=True,
                                    seconds=float(record.get("seconds") or 0.0))
             self.log(f"[{name}] outputs missing from {path}: running it again")
         same = record is not None and record.get("key") == key
@@ -158,7 +157,6 @@ class StageCache:
                              "finished": finished, "seconds": seconds})
         return StageResult(name, path, key, output_id, outputs, cached=False, seconds=seconds)
 
-
     def _reusable(self, folder: str, key: str) -> tuple[Path, dict] | None:
         """The ``reuse_from`` copy of ``folder`` and its record, if it is complete under ``key`` with its outputs."""
         if self.reuse_from is None:
@@ -167,9 +165,11 @@ class StageCache:
         record = read_record(source)
         if not record or record.get("key") != key or record.get("status") != "complete":
             return None
-        if not all((source / rel).exists() for rel in record.get("outputs", {}).values()):
-            return None
-        return source, record
+        return (source, record) if _outputs_exist(source, record) else None
+
+
+def _outputs_exist(folder: Path, record: dict) -> bool:
+    return all((folder / rel).exists() for rel in record.get("outputs", {}).values())
 
 
 def _link_folder(source: Path, target: Path) -> None:
