@@ -527,6 +527,65 @@ def test_a_second_continuation_of_the_baseline_becomes_the_baseline_and_visor_bu
     assert manifest["checkpoints"]["base"]["recipe"] == "recipes/focus2.yaml"
 
 
+def test_a_given_baseline_replaces_the_base_stages_and_its_provenance_is_shipped(quick, tmp_path):
+    """``--baseline DIR``: no vision or base stage runs; stage 1 starts from DIR, keyed on its contents (not its
+    path); the shipped manifest names the given baseline's recipe, with its ancestors' (each run's init) beside it,
+    and the shipped preset takes it as the baseline."""
+    from visor.reproduce.pipeline import given_baseline_stage, train_all
+    from visor.reproduce.presets import baseline_provenance, preset_from_settings, quick_preset
+    from visor.reproduce.shipped import MANIFEST, load_shipped, ship
+
+    given = (quick["root"] / "work" / "2b-focus" / "run" / "final").resolve()
+    preset = quick_preset().with_baseline(given)
+    assert preset.baseline_stage() == "baseline"
+    assert not {"vision", "base", "focus"} & set(preset.recipes)
+    assert preset.benchmark_image_size() == quick_preset().benchmark_image_size()
+    work = tmp_path / "work"
+    with pytest.raises(StopAtStage):
+        train_all(preset, StageCache(work, log=lambda *_: None), progress=False, log=lambda *_: None,
+                  on_stage=stop_at("configs"))
+    assert [p.name for p in work.iterdir()] == ["3-stage1"]
+    stage1 = json.loads((work / "3-stage1" / "stage.json").read_text())
+    assert stage1["inputs"] == {"base": given_baseline_stage(given).output_id}
+    assert json.loads((work / "3-stage1" / "run" / "final" / "recipe.json").read_text())["init"] == str(given)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(given, moved)
+    assert given_baseline_stage(moved).output_id == given_baseline_stage(given).output_id
+    (moved / "generation_config.json").write_text("{}")
+    assert given_baseline_stage(moved).output_id != given_baseline_stage(given).output_id
+
+    chain = baseline_provenance(given)  # focus <- base (whose own init is empty)
+    assert list(chain) == ["baseline", "baseline-init-1"]
+    assert chain["baseline"]["init"].endswith("2-base/run/final") and chain["baseline-init-1"]["init"] is None
+    stages = {k: {**v, "kind": k.replace("stage", "visor-stage"), "out_dir": "x", "init": "y"}
+              for k, v in quick_preset().recipes.items() if k in ("stage1", "stage2")}
+    ship(tmp_path / "ship", given, quick["root"] / "work" / "7-router" / "model", {**chain, **stages}, {},
+         preset="quick", commit="test")
+    manifest = json.loads((tmp_path / "ship" / MANIFEST).read_text())
+    assert manifest["checkpoints"]["base"]["recipe"] == "recipes/baseline.yaml"
+    shipped = load_shipped(tmp_path / "ship")
+    assert set(shipped.recipes) == {"baseline", "baseline-init-1", "stage1", "stage2"}
+    assert preset_from_settings(shipped.pipeline, shipped.recipes).baseline_stage() == "baseline"
+
+
+def test_a_given_baseline_must_be_a_llava_onevision_run_with_its_recipe(quick, tmp_path, capsys):
+    from visor.cli.main import main
+
+    assert main(["reproduce", "--baseline", str(tmp_path)]) == 2  # plain reproduce evaluates what is shipped
+    assert "--train or --quick" in capsys.readouterr().err
+    visor = quick["root"] / "work" / "7-router" / "model"
+    for folder, message in ((tmp_path, "no config.json"), (visor, "'visor' checkpoint")):
+        assert main(["reproduce", "--quick", "--baseline", str(folder), "--work-dir", str(tmp_path / "w")]) == 2
+        assert message in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(quick["root"] / "work" / "2-base" / "run" / "final", bare)
+    (bare / "recipe.json").unlink()
+    assert main(["reproduce", "--quick", "--baseline", str(bare), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "no recipe.json" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_benchmark_canvas_is_the_baselines_and_visor_stages_must_match_it():
     """Every method is evaluated on one canvas: the baseline's (its last base run: focus2, focus, else base); an earlier stage may
     pre-train on another, while a VISOR stage on a different canvas is refused."""

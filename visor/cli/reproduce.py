@@ -62,6 +62,10 @@ def register(subparsers) -> None:
                              "settings and inputs from there, as hard links (no copies; a stale copy in --work-dir is "
                              "moved aside), so a variant such as --resolutions full,base starts from the same trained "
                              "models; stages whose settings differ run here as usual")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="--train/--quick: build VISOR on this LLaVA-OneVision checkpoint (a folder that `visor train` "
+                             "wrote, with its recipe.json) instead of training the vision and base stages; it is the "
+                             "baseline row, and --ship records its recipe and its ancestors' (each run's init)")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="--train/--quick: run each training stage under torchrun with N DDP processes "
@@ -96,6 +100,17 @@ def run(args: argparse.Namespace) -> int:
     if args.reuse_from and mode == "shipped":
         print("visor reproduce: --reuse-from links trained stages for --train or --quick", file=sys.stderr)
         return 2
+    if args.baseline and mode == "shipped":
+        print("visor reproduce: --baseline gives --train or --quick the baseline to build VISOR on", file=sys.stderr)
+        return 2
+    if args.baseline:
+        from visor.reproduce.presets import read_baseline_recipe
+
+        try:
+            read_baseline_recipe(Path(args.baseline))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"visor reproduce: {err}", file=sys.stderr)
+            return 2
     if args.n is not None and args.n < 1:
         print("visor reproduce: --n must be at least 1", file=sys.stderr)
         return 2
@@ -184,6 +199,8 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     from visor.reproduce.stages import StageCache, StageInterrupted
 
     preset = quick_preset() if mode == "quick" else full_preset(args.recipes)
+    if getattr(args, "baseline", None):
+        preset = preset.with_baseline(args.baseline)
     if getattr(args, "resolutions", None):
         preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     cache = StageCache(work_dir, set(args.force), log, reuse_from=getattr(args, "reuse_from", None))

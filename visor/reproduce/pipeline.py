@@ -8,6 +8,7 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     2-base/run/final       the LLaVA-OV baseline, trained from scratch            (kind base)
     2b-focus/run/final     optional: the baseline continued under its own recipe (kind base, init = 2-base)
     2c-focus2/run/final    optional: continued once more (kind base, init = the previous base run)
+    2d-focus3/run/final    optional: and once more
     3-stage1/run/final     VISOR stage 1: new blocks only                         (kind visor-stage1)
     4-configs/out          viable configurations written into the stage-1 model   (``visor configs``)
     5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
@@ -34,10 +35,10 @@ from pathlib import Path
 import torch
 
 from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
-from visor.reproduce.presets import TRAINING_STAGES, Preset, cache_spec
-from visor.reproduce.stages import StageCache, StageInterrupted, StageResult
+from visor.reproduce.presets import GIVEN_BASELINE, TRAINING_STAGES, Preset, baseline_provenance, cache_spec
+from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest
 
-STAGE_NAMES = ("vision", "base", "focus", "focus2", "stage1", "configs", "stage2", "labels", "router", "budget")
+STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "stage1", "configs", "stage2", "labels", "router", "budget")
 
 
 @dataclass
@@ -170,13 +171,19 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     synth = _synth_config(preset)
     settings = preset.stage_settings()
 
-    vision = stages["vision"] = training("vision", 1, {}, {})
-    base = stages["base"] = training("base", 2, {"vision_init": str(vision.path("final"))}, {"vision": vision.output_id})
-    baseline = base
-    for name, number in (("focus", "2b"), ("focus2", "2c")):  # the baseline continued (e.g. towards the hard families)
-        if name in preset.recipes:
-            baseline = stages[name] = training(name, number, {"init": str(baseline.path("final"))},
-                                               {"base": baseline.output_id})
+    if preset.given_baseline is not None:  # visor reproduce --baseline: no base stage runs
+        baseline = stages[GIVEN_BASELINE] = given_baseline_stage(Path(preset.given_baseline))
+        recipes.update(baseline_provenance(Path(preset.given_baseline)))
+        log(f"[baseline] given: {preset.given_baseline} (id {baseline.output_id[:12]})")
+    else:
+        vision = stages["vision"] = training("vision", 1, {}, {})
+        baseline = stages["base"] = training("base", 2, {"vision_init": str(vision.path("final"))},
+                                             {"vision": vision.output_id})
+        # the baseline continued (e.g. towards the hard families)
+        for name, number in (("focus", "2b"), ("focus2", "2c"), ("focus3", "2d")):
+            if name in preset.recipes:
+                baseline = stages[name] = training(name, number, {"init": str(baseline.path("final"))},
+                                                   {"base": baseline.output_id})
     stage1 = stages["stage1"] = training("stage1", 3, {"init": str(baseline.path("final"))}, {"base": baseline.output_id})
 
     # ---- viable configurations
@@ -292,6 +299,16 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     trained.route_budget = float(trained.budget_choice["budget"])
     log(f"[budget] on {preset.budget_n} validation items: {describe(trained.budget_choice)}")
     return trained
+
+
+def given_baseline_stage(folder: Path) -> StageResult:
+    """A given baseline as the stage result the VISOR stages build on: its id is the hash of its files' contents, so
+    stage 1 is redone when the checkpoint changes and reused when only its path does."""
+    from visor.reproduce.shipped import sha256_file
+
+    files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    output_id = digest({"given_baseline": files})
+    return StageResult(GIVEN_BASELINE, folder, key=output_id, output_id=output_id, outputs={"final": "."}, cached=True)
 
 
 def _report(log, result: StageResult) -> None:

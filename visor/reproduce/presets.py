@@ -2,28 +2,34 @@
 a CPU) and the ``quick`` preset (``--quick``: every stage on a minute-scale model, numbers meaningless).
 
 A preset is the recipes of the training stages (``recipes/*.yaml`` for ``full``) plus the settings of the
-stages between and after them. ``focus`` and ``focus2`` are optional: base runs that continue the previous
-one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
-the baseline that VISOR is built from and compared with. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
+stages between and after them. ``focus``, ``focus2`` and ``focus3`` are optional: base runs that continue the
+previous one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
+the baseline that VISOR is built from and compared with. A preset can instead be given its baseline
+(:meth:`Preset.with_baseline`, ``visor reproduce --train --baseline DIR``): a LLaVA-OneVision checkpoint that
+``visor train`` wrote, whose base stages are then not run. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
 ``tokenizer``) are filled in by the pipeline, which owns the work directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 #: training stages, in order, with the recipe kind each one runs
-TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "focus2": "base", "stage1": "visor-stage1",
-                   "stage2": "visor-stage2"}
+TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "focus2": "base", "focus3": "base",
+                   "stage1": "visor-stage1", "stage2": "visor-stage2"}
 #: the base runs in order: each optional one continues the previous one; the last a preset has is the baseline
-BASELINE_STAGES = ("base", "focus", "focus2")
+BASELINE_STAGES = ("base", "focus", "focus2", "focus3")
+#: the recipe name of a given baseline (``Preset.with_baseline``); its ancestors' recipes follow as
+#: ``baseline-init-1``, ``baseline-init-2``, ... (``baseline_provenance``)
+GIVEN_BASELINE = "baseline"
 #: recipe files of the full preset (under ``recipes/``)
 FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
-                "focus2": "base-tiny-focus2.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml"}
+                "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml"}
 #: recipe fields that are paths or logging knobs: not part of a stage's cache key
 PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
 NON_RESULT_FIELDS = ("log_every", "save_every", "keep_checkpoints", "eval_every", "threads")
@@ -62,11 +68,25 @@ class Preset:
     timing_repeats: int = 3
     precision: str = "bf16"  # evaluation autocast on CPU: bf16 | fp32
     data_seed: int = 0  # synth seed for the configs search / labels (training recipes carry their own)
+    # a LLaVA-OneVision checkpoint to build VISOR on instead of training the base stages (with_baseline)
+    given_baseline: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def baseline_stage(self) -> str:
-        """The training stage whose output is the baseline: the last of ``BASELINE_STAGES`` the preset has."""
+        """The stage whose output is the baseline: a given baseline's, else the last of ``BASELINE_STAGES`` the
+        preset has."""
+        if GIVEN_BASELINE in self.recipes:
+            return GIVEN_BASELINE
         return [name for name in BASELINE_STAGES if name in self.recipes][-1]
+
+    def with_baseline(self, folder: str | Path) -> Preset:
+        """This preset with its baseline given: the checkpoint in ``folder`` (written by ``visor train``, kind
+        base) replaces the vision and base stages; its recipe (``recipe.json``) says the canvas it trained on."""
+        folder = Path(folder)
+        recipe = read_baseline_recipe(folder)
+        recipes = {k: v for k, v in self.recipes.items() if k != "vision" and k not in BASELINE_STAGES}
+        return dataclasses.replace(self, recipes={GIVEN_BASELINE: recipe, **recipes},
+                                   given_baseline=str(folder.resolve()))
 
     def benchmark_image_size(self) -> int | None:
         """The procedural benchmark's canvas (``data.synth_image_size``; None = SynthConfig's 192 px) that the
@@ -128,6 +148,38 @@ def quick_preset() -> Preset:
                   route_budget="auto", budget_candidates=[0.0, -1.0], budget_n=10,
                   max_new_tokens=4, timing_items=1, timing_repeats=2, precision="fp32",
                   notes=["--quick: minute-scale models trained for a few steps; the numbers are meaningless, the flow is real"])
+
+
+def read_baseline_recipe(folder: Path) -> dict:
+    """The recipe a LLaVA-OneVision checkpoint was trained with (its ``recipe.json``), or a clear error."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--baseline: {folder} holds no config.json (a checkpoint folder, e.g. a run's final/)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "llava_onevision":
+        raise ValueError(f"--baseline: {folder} is a {model_type!r} checkpoint; VISOR is built on a LLaVA-OneVision one")
+    path = folder / "recipe.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--baseline: {folder} has no recipe.json: the pipeline reads the benchmark canvas the "
+                                "baseline trained on from the recipe that `visor train` saves beside its model")
+    recipe = json.loads(path.read_text())
+    if recipe.get("kind") != "base":
+        raise ValueError(f"--baseline: {path} is a {recipe.get('kind')!r} recipe, not a base one")
+    return recipe
+
+
+def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
+    """A given baseline's recipe and its ancestors' (each run's ``init``, as long as that folder still holds a
+    ``recipe.json``), named ``baseline``, ``baseline-init-1``, ...: what made the checkpoint, recorded with it."""
+    chain = {GIVEN_BASELINE: read_baseline_recipe(folder)}
+    recipe = chain[GIVEN_BASELINE]
+    for depth in range(1, limit + 1):
+        parent = Path(recipe["init"]) / "recipe.json" if recipe.get("init") else None
+        if parent is None or not parent.is_file():
+            break
+        recipe = json.loads(parent.read_text())
+        chain[f"{GIVEN_BASELINE}-init-{depth}"] = recipe
+    return chain
 
 
 def cache_spec(recipe: dict) -> dict:

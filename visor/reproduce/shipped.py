@@ -7,9 +7,11 @@ Layout of the folder (``checkpoints/`` in the repository by default)::
       base/                    the LLaVA-OneVision baseline (Hugging Face format: config.json,
                                model.safetensors, tokenizer, preprocessor_config.json)
       visor/                   the universal VISOR model with its router (save_pretrained, safetensors)
-      recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, focus.yaml and
-                               focus2.yaml (when the preset continues the baseline), stage1.yaml, stage2.yaml, and
-                               pipeline.yaml (configs search, labels, router, evaluation)
+      recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, focus*.yaml
+                               (when the preset continues the baseline), stage1.yaml, stage2.yaml, and
+                               pipeline.yaml (configs search, labels, router, evaluation); a baseline given
+                               with --baseline has baseline.yaml and its ancestors' baseline-init-N.yaml instead
+                               of the vision and base recipes
 
 ``MANIFEST.json``::
 
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from visor.reproduce.presets import BASELINE_STAGES
+from visor.reproduce.presets import BASELINE_STAGES, GIVEN_BASELINE
 
 FORMAT = "visor-reproduce-checkpoints/1"
 MANIFEST = "MANIFEST.json"
@@ -168,8 +170,8 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
         "command": command or "visor " + " ".join(sys.argv[1:]), "preset": preset, "dtype": dtype,
         "checkpoints": {
             "base": {"path": "base", "kind": "llava_onevision",
-                     "recipe": next(recipe_paths[name] for name in reversed(BASELINE_STAGES)  # the run that made it
-                                   if name in recipe_paths)},
+                     "recipe": next(recipe_paths[name] for name in (GIVEN_BASELINE, *reversed(BASELINE_STAGES))
+                                   if name in recipe_paths)},  # the run that made it
             "visor": {"path": "visor", "kind": "visor", "recipe": recipe_paths.get("stage2"),
                       "router": bool(visor_config.get("router")), "viable_configs": visor_config.get("viable_configs")},
         },
