@@ -15,6 +15,8 @@ PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 MINUTES=${MINUTES:-9}
 WORKERS=${WORKERS:-14}
+SAVE_EVERY=${SAVE_EVERY:-500}   # checkpoints only guard the run on the machine (they do not travel back); the
+                                # tiny recipes' 50 cost a GPU run a visible share of its steps
 OVERRIDES=${OVERRIDES:-}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 RUN="$OUT/run"
@@ -26,7 +28,7 @@ echo "=== $(date -u +%FT%TZ) device $DEVICE, $RECIPE, stop after $MINUTES min"
 git log --oneline -1 2>/dev/null || true
 # shellcheck disable=SC2086  # OVERRIDES is a list of words
 "$PYTHON" -m visor train --device "$DEVICE" --no-progress "$RECIPE" out_dir="$RUN" max_minutes="$MINUTES" \
-  data.workers="$WORKERS" threads=null $OVERRIDES
+  data.workers="$WORKERS" save_every="$SAVE_EVERY" threads=null $OVERRIDES
 echo "=== train: exit $? at $(date -u +%T)"
 cp "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
 if [ -d "$RUN/final" ]; then
