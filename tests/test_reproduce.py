@@ -193,9 +193,11 @@ def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
     assert json.loads((shipped.base / "config.json").read_text())["model_type"] == "llava_onevision"
 
 
-def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
-    """``checkpoints/`` (what plain ``visor reproduce`` evaluates): the manifest's hashes hold, the recipes parse,
-    both models load on the trained canvas and answer a benchmark item."""
+@pytest.mark.parametrize("folder", ["checkpoints", "checkpoints-focus3"])
+def test_the_repositorys_shipped_checkpoints_verify_load_and_answer(folder):
+    """``checkpoints/`` (what plain ``visor reproduce`` evaluates) and the candidate set ``checkpoints-focus3/``
+    (``visor reproduce --checkpoints checkpoints-focus3``): the manifest's hashes hold, the recipes parse, both
+    models load on the trained canvas and answer a benchmark item."""
     import torch
 
     from visor.cli.common import trained_canvas
@@ -205,7 +207,7 @@ def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
     from visor.reproduce.shipped import load_shipped
     from visor.train.recipe import Recipe
 
-    shipped = load_shipped(ROOT / "checkpoints")  # verify=True: every file's sha256 against MANIFEST.json
+    shipped = load_shipped(ROOT / folder)  # verify=True: every file's sha256 against MANIFEST.json
     assert shipped.manifest["preset"] == "full" and shipped.manifest["dtype"] == "bf16"
     assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
     assert shipped.pipeline["label_score"] == "loglik"
