@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from visor.cli.common import trained_canvas
     from visor.cli.eval import load_for_eval
     from visor.data.synth.config import DEFAULT_CONFIG
     from visor.eval.harness import evaluate, synth_items
@@ -75,21 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    recipe = json.loads((Path(args.model) / "recipe.json").read_text()) if (Path(args.model) / "recipe.json").exists() else {}
-    canvas = (recipe.get("data") or {}).get("synth_image_size")
+    canvas = trained_canvas(args.model)
     config = DEFAULT_CONFIG.with_image_size(canvas) if canvas else DEFAULT_CONFIG
     items = synth_items("test", args.n, seed=0, config=config)
 
+    loaded = {folder: (load_for_eval(folder, torch.float32)[0], VisorProcessor.from_pretrained(folder))
+              for folder in (args.base, args.model)}
+
     def mean_costs(folder: str, active_sa=None, resolution=None) -> tuple[float, float, list]:
-        model, _ = load_for_eval(folder, torch.float32)
-        processor = VisorProcessor.from_pretrained(folder)
+        model, processor = loaded[folder]
         result = evaluate(model, processor.tokenizer, processor.image_processor, items, active_sa=active_sa, batch_size=10, max_new_tokens=1,
                           progress=False, resolution=resolution)
         rows = result.items
         return (sum(r.llm_flops for r in rows) / len(rows), sum(r.vision_flops or 0.0 for r in rows) / len(rows),
                 rows)
 
-    visor, _ = load_for_eval(args.model, torch.float32)
+    visor = loaded[args.model][0]
     viable = sorted({"+".join(map(str, c)) or "none" for c in (visor.config.viable_configs or [])
                      if not isinstance(c, dict)} | set(mix), key=lambda c: (n_sa(c), c))
     maximal = max(viable, key=n_sa)
