@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from visor.reproduce.methods import TABLE_ORDER
 from visor.reproduce.stages import StageCache, StageInterrupted, digest
@@ -193,11 +194,9 @@ def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
     assert json.loads((shipped.base / "config.json").read_text())["model_type"] == "llava_onevision"
 
 
-@pytest.mark.parametrize("folder", ["checkpoints", "checkpoints-focus3"])
-def test_the_repositorys_shipped_checkpoints_verify_load_and_answer(folder):
-    """``checkpoints/`` (what plain ``visor reproduce`` evaluates) and the candidate set ``checkpoints-focus3/``
-    (``visor reproduce --checkpoints checkpoints-focus3``): the manifest's hashes hold, the recipes parse, both
-    models load on the trained canvas and answer a benchmark item."""
+def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
+    """``checkpoints/`` (what plain ``visor reproduce`` evaluates): the manifest's hashes hold, the recipes parse
+    (the baseline's provenance chain included), both models load on the trained canvas and answer benchmark items."""
     import torch
 
     from visor.cli.common import trained_canvas
@@ -207,9 +206,14 @@ def test_the_repositorys_shipped_checkpoints_verify_load_and_answer(folder):
     from visor.reproduce.shipped import load_shipped
     from visor.train.recipe import Recipe
 
-    shipped = load_shipped(ROOT / folder)  # verify=True: every file's sha256 against MANIFEST.json
+    shipped = load_shipped(ROOT / "checkpoints")  # verify=True: every file's sha256 against MANIFEST.json
     assert shipped.manifest["preset"] == "full" and shipped.manifest["dtype"] == "bf16"
     assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
+    # built on a given baseline (focus3 <- focus2, visor reproduce --train --baseline): its recipe and its ancestors'
+    assert {"baseline", "baseline-init-1", "stage1", "stage2"} <= set(shipped.recipes)
+    # the universal model is what the repository's stage-2 recipe trains
+    stage2 = yaml.safe_load((ROOT / "recipes" / "visor-stage2-tiny.yaml").read_text())
+    assert shipped.recipes["stage2"].max_steps == stage2["max_steps"]
     assert shipped.pipeline["label_score"] == "loglik"
     assert isinstance(shipped.pipeline["route_budget"], float)  # a number: plain `visor reproduce` has no validation stage
     canvas = trained_canvas(shipped.visor)
