@@ -9,12 +9,12 @@ decisions are projected to LLaVA-OV-0.5B (``visor.reproduce.projection``: 7,290 
 in 1 base-only).
 
 ``--mix`` weighs the base-routed configurations as a router chose them (e.g. the resolution variant of
-``visor reproduce``: ``--mix none=154,1=14``); the saving is reported against the baseline on the same items, and
+``visor reproduce``: ``--mix none=27``); the saving is reported against the baseline on the same items, and
 against VISOR at full resolution without resolution routing: its cheapest configuration (CA-only, a lower bound of
 the saving), its maximal one, and (``--routed-from``) the full-resolution router's mean cost as a ``visor
 reproduce`` results file records it (its ``visor-routed`` row, over that run's test items).
 
-    python benchmarks/base_routed_cost.py --mix none=154,1=14 --routed-from docs/reproduce/reproduce.json \
+    python benchmarks/base_routed_cost.py --mix none=27 --routed-from docs/reproduce/reproduce.json \
         --n 50 --out results/base-routed-cost
 """
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="checkpoints/visor", help="VISOR checkpoint (default: the shipped one)")
     parser.add_argument("--base", default="checkpoints/base", help="baseline LLaVA-OV checkpoint")
-    parser.add_argument("--mix", default="none=154,1=14",
+    parser.add_argument("--mix", default="none=27",
                         help="the base-routed configurations and their counts (default: docs/reproduce-res's router)")
     parser.add_argument("--routed-from", default=None, metavar="JSON",
                         help="a `visor reproduce` reproduce.json whose visor-routed row is VISOR routed without "
