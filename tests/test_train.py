@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -282,6 +283,62 @@ def test_universal_sampling_covers_viable_set(base_run, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     seen = {tuple(r["active_sa"]) for r in rows}
     assert seen == set(viable)
+
+
+def test_stage2_draws_a_reducer_per_step_for_visor_tr(base_run, tmp_path, monkeypatch):
+    """``reducers`` (VISOR-TR): each step draws one, a pure function of (seed, step); the model's forward gets it, the
+    prompt is shortened by it, and the loss stays finite over the same target tokens."""
+    from visor import VisorForConditionalGeneration
+    from visor.train.loop import Trainer, sample_reducer
+
+    recipe = build(Recipe, {"kind": "visor-stage2", "out_dir": "x", "init": "y", "reducers": ["none", "pooling:2x"]})
+    draws = Counter(sample_reducer(recipe, step) for step in range(2000))
+    assert set(draws) == {None, "pooling:2x"} and abs(draws[None] / 2000 - 0.5) < 0.05
+    assert [sample_reducer(recipe, s) for s in range(20)] == [sample_reducer(recipe, s) for s in range(20)]
+    for bad, match in ((["pooling:3q"], "reduction amount"), (["fastv:0.5"], "inside the LLM"), ([], "non-empty")):
+        with pytest.raises(ValueError, match=match):
+            build(Recipe, {"kind": "visor-stage2", "out_dir": "x", "init": "y", "reducers": bad})
+    with pytest.raises(ValueError, match="visor-stage2"):
+        build(Recipe, {"kind": "base", "out_dir": "x", "reducers": ["pooling:2x"]})
+
+    _, final = base_run
+    stage1 = VisorForConditionalGeneration.from_llava_onevision(final)
+    stage1.config.viable_configs = [[], [0]]
+    stage1.save_pretrained(tmp_path / "stage1")
+    import visor.compression.apply as apply
+
+    seen, shortened = [], []  # per training forward: (reducer, target tokens); per reduction: (before, after) length
+    forward, reduce_prompt = VisorForConditionalGeneration.forward, apply.apply_pre_llm
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if kwargs.get("labels") is not None:
+            seen.append((kwargs.get("reducer"), out.num_loss_tokens))
+        return out
+
+    def spy_reduction(model, reducer, input_ids, *args, **kwargs):
+        reduction = reduce_prompt(model, reducer, input_ids, *args, **kwargs)
+        shortened.append((input_ids.shape[1], reduction.input_ids.shape[1]))
+        return reduction
+
+    monkeypatch.setattr(VisorForConditionalGeneration, "forward", spy)
+    monkeypatch.setattr(apply, "apply_pre_llm", spy_reduction)
+    recipe = load_recipe(tiny_recipe(tmp_path, "tr", kind="visor-stage2", init=str(tmp_path / "stage1"), max_steps=8,
+                                     save_every=8, tokenizer=str(final), reducers=["none", "pooling:2x"]))
+    out = Trainer(recipe, progress=False).train()
+    before, after = stage1.state_dict(), VisorForConditionalGeneration.from_pretrained(out).state_dict()
+    projector = [n for n in before if n.startswith(("multi_modal_projector.", "image_newline"))]
+    assert projector and all(torch.equal(before[n], after[n]) for n in projector)  # no gradient reaches it: frozen
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".self_attn." in n)
+    rows = [json.loads(line) for line in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert {r["reducer"] for r in rows} == {"none", "pooling:2x"}
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert [r["reducer"] for r in rows] == [sample_reducer(recipe, r["step"] - 1) or "none" for r in rows]
+    assert {reducer for reducer, _ in seen} == {None, "pooling:2x"}
+    assert all(tokens > 0 for _, tokens in seen)
+    # every pooled micro-batch ran on a prompt with about half the visual placeholders (172 visual tokens here)
+    assert len(shortened) == sum(reducer is not None for reducer, _ in seen)
+    assert all(after <= before - 60 for before, after in shortened)
 
 
 # ---------------------------------------------------------------------- distributed

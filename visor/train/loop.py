@@ -10,7 +10,8 @@ Determinism (what makes resume and the 1-process == N-process tests hold):
 * stage 2's active configuration at step ``s`` comes from ``Random((seed, s))``: the same on every rank
   and after a resume. A configuration may name a resolution (``visor.model.resolution``): the step's
   micro-batches are then laid out at that resolution (base-only: one crop, base grid + 1 newline); the step
-  is read from the indices (``indices[0] // global_batch``), so the batch and the loss agree.
+  is read from the indices (``indices[0] // global_batch``), so the batch and the loss agree. With
+  ``reducers`` (VISOR-TR) a pre-LLM visual-token reducer is drawn per step the same way.
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ def sample_config(recipe: Recipe, viable: list[tuple[int, ...]], step: int) -> t
     return random.Random(f"{recipe.seed}-{step}").choice(viable)
 
 
+def sample_reducer(recipe: Recipe, step: int) -> str | None:
+    """The step's visual-token reducer (``recipe.reducers``, VISOR-TR), ``None`` for the full token set. A draw of
+    its own, a pure function of (seed, step) like the configuration's, so every process and a resumed run agree."""
+    if not recipe.reducers:
+        return None
+    name = random.Random(f"{recipe.seed}-{step}-reducer").choice(recipe.reducers)
+    return None if name == "none" else name
+
+
 # ---------------------------------------------------------------------- tasks
 class LanguageTask:
     """Next-token loss on assistant tokens (base, visor-stage1, visor-stage2)."""
@@ -140,7 +150,11 @@ class LanguageTask:
         return int((labels[:, 1:] != -100).sum())
 
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, int]:
-        out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum")
+        # a pre-LLM reducer shortens the prompt's image placeholders only, so the target tokens (and their global
+        # count) stay those of the batch; the reduced features carry no gradient into the projector
+        reducer = sample_reducer(self.recipe, step) if self.recipe.kind == "visor-stage2" else None
+        extra = {"reducer": reducer} if reducer else {}
+        out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum", **extra)
         return out.loss, out.num_loss_tokens
 
 
@@ -466,6 +480,8 @@ class Trainer:
                         row["active_sa"] = list(self.task.config_for_step(step - 1))
                         if any(not c.tiled for c in self.task.configurations):
                             row["resolution"] = self.task.configuration_for_step(step - 1).resolution
+                    if recipe.reducers and recipe.kind == "visor-stage2":
+                        row["reducer"] = sample_reducer(recipe, step - 1) or "none"
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")

@@ -112,6 +112,9 @@ class Recipe:
     config_sampling: Literal["uniform"] = "uniform"  # stage 2: one viable configuration per step, uniformly
     # stage 2: cross the viable SA sets with these resolutions ("full", "base"); None = as the entries say
     resolutions: list[str] | None = None
+    # stage 2 (VISOR-TR): one visual-token reducer drawn per step beside the configuration, "NAME[:AMOUNT]" of a
+    # pre-LLM reducer (visor.compression) or "none" for the full token set; None = never reduce
+    reducers: list[str] | None = None
     # vision kind
     vision_color_weight: float = 0.3
     vision_shape_weight: float = 0.0  # vision: > 0 adds a per-patch shape-kind head (visor.data.synth.dense)
@@ -131,6 +134,8 @@ class Recipe:
             bad = [r for r in self.resolutions if r not in RESOLUTIONS]
             if bad or not self.resolutions:
                 raise ValueError(f"resolutions must be a non-empty list of {list(RESOLUTIONS)}, got {self.resolutions}")
+        if self.reducers is not None:
+            self._check_reducers()
         if self.kind in ("visor-stage1", "visor-stage2") and not self.init:
             raise ValueError(f"a {self.kind} recipe needs `init` (the checkpoint to start from)")
         if self.data.source == "llava" and not self.data.path:
@@ -150,6 +155,20 @@ class Recipe:
         if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source != "synth"):
             raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth data (a LLaVA "
                              f"file brings its own turns), got {self.data.questions_per_image}")
+
+    def _check_reducers(self) -> None:
+        from visor.compression.registry import build_reducer
+
+        if self.kind != "visor-stage2" or not self.reducers:
+            raise ValueError(f"reducers is a non-empty list for a visor-stage2 recipe, got {self.reducers!r} "
+                             f"in a {self.kind} recipe")
+        for name in self.reducers:
+            if name == "none":
+                continue
+            reducer = build_reducer(name)  # raises on an unknown name or amount
+            if reducer.stage != "pre_llm":
+                raise ValueError(f"reducers: {name!r} prunes inside the LLM; training takes pre-LLM reducers "
+                                 "(pooling, VisionZip, VisPruner, HiRED), which shorten the prompt before it")
 
     def accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch * world_size
