@@ -318,7 +318,8 @@ def test_stage2_draws_a_reducer_per_step_for_visor_tr(base_run, tmp_path, monkey
 
     def spy_reduction(model, reducer, input_ids, *args, **kwargs):
         reduction = reduce_prompt(model, reducer, input_ids, *args, **kwargs)
-        shortened.append((input_ids.shape[1], reduction.input_ids.shape[1]))
+        if args[2] is not None:  # (attention_mask, position_ids, labels, ...): a training forward, not validation
+            shortened.append((input_ids.shape[1], reduction.input_ids.shape[1]))
         return reduction
 
     monkeypatch.setattr(VisorForConditionalGeneration, "forward", spy)
@@ -333,6 +334,11 @@ def test_stage2_draws_a_reducer_per_step_for_visor_tr(base_run, tmp_path, monkey
     rows = [json.loads(line) for line in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert {r["reducer"] for r in rows} == {"none", "pooling:2x"}
     assert all(math.isfinite(r["loss"]) for r in rows)
+    # the validation also runs under each reducer trained on, at fewer FLOPs than the full token set
+    evals = [json.loads(line)["eval"] for line in (tmp_path / "tr" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert evals and all(set(e["reduced"]) == {"pooling:2x"} for e in evals)
+    assert all(e["reduced"]["pooling:2x"]["mean_flops"] < e["mean_flops"] for e in evals)
     assert [r["reducer"] for r in rows] == [sample_reducer(recipe, r["step"] - 1) or "none" for r in rows]
     assert {reducer for reducer, _ in seen} == {None, "pooling:2x"}
     assert all(tokens > 0 for _, tokens in seen)

@@ -547,11 +547,20 @@ class Trainer:
                 result = evaluate(model, self.tokenizer, self.image_processor, items, progress=False)
                 # the answer loss moves long before exact match leaves chance (docs/training-log.md)
                 summary = {**result.summary, **answer_nll_by_family(model, self.task.batcher, items)}
+                # a VISOR-TR run: the same items under each reducer it trains on, what the run is for
+                reduced = [r for r in (self.recipe.reducers or []) if r != "none"] if self.recipe.kind == "visor-stage2" else []
+                if reduced:
+                    summary["reduced"] = {}
+                    for name in reduced:
+                        scores = evaluate(model, self.tokenizer, self.image_processor, items, progress=False,
+                                          generate_kwargs={"reducer": name}).summary
+                        summary["reduced"][name] = {k: scores[k] for k in ("easy_mean", "hard_mean", "mean_flops")}
             model.train()
             self._metric({"step": step, "eval": summary})
             nll = "".join(f", {kind} answer loss {summary[f'{kind}_answer_nll']:.3f}" for kind in ("easy", "hard")
                           if f"{kind}_answer_nll" in summary)
-            self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}")
+            tr = "".join(f"; {name}: easy {r['easy_mean']}, hard {r['hard_mean']}" for name, r in summary.get("reduced", {}).items())
+            self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}{tr}")
         if self.env.is_main and summary is not None:  # the curve so far, to look at while a long run goes on
             plot_metrics(self.metrics_path, self.run_dir / "loss.png")
         barrier(self.env)
