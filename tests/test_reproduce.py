@@ -149,6 +149,11 @@ def test_quick_numbers_follow_from_the_per_item_predictions(quick):
     assert {p["active_sa"] for p in preds["visor-ca-only"]} == {"none"}
     assert {p["active_sa"] for p in preds["visor-maximal"]} == {"0+1+2"}
     assert sum(rows["visor-routed"]["chosen"].values()) == 20
+    # the VISOR-TR rows ran the tr stage's model (fine-tuned on pooled tokens), the other routed rows the universal one
+    assert {rows[k]["model"] for k in ("visor-tr-2x", "visor-tr-4x")} == {"visor_tr"}
+    assert rows["visor-tr-2x"]["budget"].startswith("VISOR-TR model: router + pooling 2x")
+    assert {rows[k]["model"] for k in ("visor-routed", "visor-visionzip")} == {"visor"}
+    assert data["meta"]["models"]["visor_tr"].endswith("9-tr/run/final")
     # every compressor's budget: matched within 20% of routed, or its strongest setting (and said so)
     target = data["meta"]["target_flops"]
     assert target == pytest.approx(rows["visor-routed"]["mean_flops"])
@@ -174,7 +179,14 @@ def test_shipped_checkpoints_load_and_their_recipes_parse(quick):
     manifest = shipped.manifest
     assert manifest["preset"] == "quick" and manifest["commit"] and "reproduce" in manifest["command"]
     assert {k: r.kind for k, r in shipped.recipes.items()} == {
-        "vision": "vision", "base": "base", "focus": "base", "stage1": "visor-stage1", "stage2": "visor-stage2"}
+        "vision": "vision", "base": "base", "focus": "base", "stage1": "visor-stage1", "stage2": "visor-stage2",
+        "tr": "visor-stage2"}
+    # VISOR-TR: the routed model fine-tuned on pooled tokens, shipped beside it with its router
+    assert shipped.recipes["tr"].reducers == ["pooling:2x", "pooling:4x"]
+    assert shipped.recipes["tr"].init.endswith("7-router/model")
+    assert manifest["checkpoints"]["visor_tr"] == {"path": "visor-tr", "kind": "visor", "recipe": "recipes/tr.yaml",
+                                                   "router": True, "reducers": ["pooling:2x", "pooling:4x"]}
+    assert shipped.visor_tr == shipped.folder / "visor-tr" and set(shipped.model_ids) == {"base", "visor", "visor_tr"}
     # the baseline is the focus run, which continued the base run; VISOR was built from it
     assert manifest["checkpoints"]["base"]["recipe"] == "recipes/focus.yaml"
     assert shipped.recipes["focus"].init.endswith("2-base/run/final")
@@ -330,8 +342,9 @@ def test_status_reads_the_work_dir(quick, tmp_path):
     result = visor_cli(["reproduce", "--quick", "--status", "--work-dir", str(quick["root"] / "work")])
     assert result.returncode == 0, result.stderr[-2000:]
     stages = {s["name"]: s for s in json.loads(result.stdout.strip().splitlines()[-1])["stages"]}
-    assert list(stages) == ["vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router", "budget"]
+    assert list(stages) == ["vision", "base", "focus", "stage1", "configs", "stage2", "labels", "router", "budget", "tr"]
     assert all(s["status"] == "complete" for s in stages.values())
+    assert stages["tr"]["step"] == stages["tr"]["max_steps"] == 2
     assert stages["base"]["step"] == stages["base"]["max_steps"] == 6 and stages["base"]["eta_s"] is None
 
     from visor.reproduce.status import format_status, work_dir_status

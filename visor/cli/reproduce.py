@@ -180,8 +180,12 @@ def _shipped(args, work_dir: Path, progress: bool, log):
     ids = shipped.model_ids
     cache = StageCache(work_dir / f"shipped-{ids['visor'][:12]}", set(args.force), log)
     log(f"shipped checkpoints {shipped.folder} (preset {shipped.manifest.get('preset')}, commit {shipped.manifest['commit']})")
-    data = evaluate_checkpoints(cache, shipped.base, shipped.visor, ids, spec, progress=progress, log=log)
+    data = evaluate_checkpoints(cache, shipped.base, shipped.visor, ids, spec, progress=progress, log=log,
+                                visor_tr=shipped.visor_tr)
     notes = list(preset.notes)
+    if shipped.visor_tr is None:
+        notes.append("these shipped checkpoints have no VISOR-TR model: the VISOR-TR rows run the universal model on "
+                     "pooled tokens it never trained on")
     if shipped.manifest.get("preset") == "quick":
         notes.append("these shipped checkpoints come from the --quick preset: the numbers are meaningless")
     data["meta"]["provenance"] = {"mode": "shipped", "preset": shipped.manifest.get("preset"), "commit": git_commit(),
@@ -213,7 +217,10 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing, route_budget=trained.route_budget)
     baseline = trained.stages[preset.baseline_stage()]  # the run whose output is the baseline
     ids = {"base": baseline.output_id, "visor": trained.stages["router"].output_id}
-    data = evaluate_checkpoints(cache, trained.base, trained.visor, ids, spec, progress=progress, log=log)
+    if trained.visor_tr is not None:
+        ids["visor_tr"] = trained.stages["tr"].output_id
+    data = evaluate_checkpoints(cache, trained.base, trained.visor, ids, spec, progress=progress, log=log,
+                                visor_tr=trained.visor_tr)
     stages = {name: {"key": s.key, "output_id": s.output_id, "seconds": s.seconds, "cached": s.cached}
               for name, s in trained.stages.items()}
     data["meta"]["provenance"] = {"mode": mode, "preset": preset.name, "commit": cache.commit, "work_dir": str(work_dir),
@@ -229,9 +236,10 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
         if trained.budget_choice is not None:
             pipeline["route_budget_choice"] = trained.budget_choice
         ship(folder, trained.base, trained.visor, trained.recipes, pipeline, preset=preset.name, commit=cache.commit,
-             stages=stages, dtype=args.ship_dtype)
+             stages=stages, dtype=args.ship_dtype, visor_tr=trained.visor_tr)
         data["meta"]["provenance"]["shipped_to"] = str(folder)
-        log(f"shipped the base and VISOR checkpoints with their recipes and manifest to {folder}")
+        log(f"shipped the base and VISOR checkpoints{' (and VISOR-TR)' if trained.visor_tr else ''} with their recipes "
+            f"and manifest to {folder}")
     return data
 
 

@@ -141,18 +141,24 @@ def mean_total_flops(predictions: list[dict]) -> float | None:
 
 
 def run_all(cache: StageCache, base_dir: Path, visor_dir: Path, model_ids: dict[str, str], spec: EvalSpec, *,
-            progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Evaluate every method (cached), match budgets, time prefill; returns the report data (rows + meta)."""
+            progress: bool = True, log: Callable[[str], None] = print, visor_tr_dir: Path | None = None) -> dict:
+    """Evaluate every method (cached), match budgets, time prefill; returns the report data (rows + meta).
+    ``visor_tr_dir``: a VISOR-TR model (the routed model fine-tuned on reduced tokens) for the VISOR-TR rows;
+    without one they run the universal model on reduced tokens it never trained on."""
     models = {"base": load_model(base_dir), "visor": load_model(visor_dir)}
+    if visor_tr_dir is not None:
+        models["visor_tr"] = load_model(visor_tr_dir)
     if models["base"].model.plan.cross_attention_layers:
         raise ValueError(f"{base_dir} is a VISOR checkpoint; the baseline must be a LLaVA-OneVision checkpoint")
     visor = models["visor"].model
-    if not getattr(visor.config, "router", None):
-        raise ValueError(f"{visor_dir} has no router: train one (`visor route train`) before reproducing the table")
+    for key, folder in (("visor", visor_dir), ("visor_tr", visor_tr_dir)):
+        if key in models and not getattr(models[key].model.config, "router", None):
+            raise ValueError(f"{folder} has no router: train one (`visor route train`) before reproducing the table")
     items = test_items(spec)
     log(f"test split: {len(items)} items (seed {spec.seed}), evaluating every method")
     runner = MethodRunner(cache, models, model_ids, items, spec, progress, log)
-    fixed, routed, pooled = M.visor_fixed_methods(visor.plan), M.routed_methods(spec.route_budget), M.fixed_compression_methods()
+    fixed, pooled = M.visor_fixed_methods(visor.plan), M.fixed_compression_methods()
+    routed = M.routed_methods(spec.route_budget, tr_model="visor_tr" in models)
     bar = tqdm(total=len(fixed) + len(routed) + len(pooled) + len(M.MATCHED_REDUCERS), desc="methods", unit="method",
                disable=not progress)
 

@@ -35,7 +35,7 @@ VISOR_VISIONZIP = "visionzip:4x"
 class Method:
     key: str  # file-safe identifier
     label: str  # table row name
-    model: str  # "base" (LLaVA-OV) or "visor" (the universal model with its router)
+    model: str  # "base" (LLaVA-OV), "visor" (the universal model with its router) or "visor_tr" (VISOR-TR)
     group: str  # baseline | compression | visor | visor+reduction | ablation
     active_sa: tuple[int, ...] | None = None  # fixed configuration (None: every slot / routed)
     route: bool = False
@@ -77,16 +77,19 @@ def _sa_budget(k: int, k_max: int) -> str:
     return f"{k} SA layer{'' if k == 1 else 's'}" + (" (all)" if k == k_max else "")
 
 
-def routed_methods(route_budget: float = 0.0) -> list[Method]:
+def routed_methods(route_budget: float = 0.0, tr_model: bool = False) -> list[Method]:
     """VISOR routed and VISOR with the router on reduced tokens; a non-zero router ``route_budget`` (``--budget``,
-    which the evaluation spec passes to the router) is named in their budget column."""
+    which the evaluation spec passes to the router) is named in their budget column. ``tr_model``: the VISOR-TR
+    rows run the ``visor_tr`` model (fine-tuned on pooled tokens; named in their budget column), else the
+    universal one."""
     suffix = f" (budget {route_budget:g})" if route_budget else ""
+    tr, trained = ("visor_tr", "VISOR-TR model: ") if tr_model else ("visor", "")
     return [
         Method("visor-routed", "VISOR routed", "visor", "visor", route=True, budget="router" + suffix),
-        Method("visor-tr-2x", "VISOR-TR 2x", "visor", "visor+reduction", route=True, reducer="pooling:2x",
-               budget="router + pooling 2x" + suffix),
-        Method("visor-tr-4x", "VISOR-TR 4x", "visor", "visor+reduction", route=True, reducer="pooling:4x",
-               budget="router + pooling 4x" + suffix),
+        Method("visor-tr-2x", "VISOR-TR 2x", tr, "visor+reduction", route=True, reducer="pooling:2x",
+               budget=trained + "router + pooling 2x" + suffix),
+        Method("visor-tr-4x", "VISOR-TR 4x", tr, "visor+reduction", route=True, reducer="pooling:4x",
+               budget=trained + "router + pooling 4x" + suffix),
         Method("visor-visionzip", "VISOR + VisionZip", "visor", "visor+reduction", route=True, reducer=VISOR_VISIONZIP,
                budget="router + VisionZip 4x" + suffix),
     ]

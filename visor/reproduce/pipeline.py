@@ -16,6 +16,8 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     7-router/model         the universal model with its router                    (``visor route train``)
     8-budget/budget.json   optional (``route_budget: auto``): the router budget chosen on validation items
                            (``visor route report`` + ``visor.routing.budget``)
+    9-tr/run/final         optional: VISOR-TR, the routed model fine-tuned on reduced tokens (kind visor-stage2
+                           with ``reducers``; the VISOR-TR rows run it)
     eval/<method>/         per-method predictions on the test split               (``visor eval``)
     timing/timing.json     measured prefill times
 
@@ -38,7 +40,8 @@ from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
 from visor.reproduce.presets import GIVEN_BASELINE, TRAINING_STAGES, Preset, baseline_provenance, cache_spec
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest
 
-STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "stage1", "configs", "stage2", "labels", "router", "budget")
+STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "stage1", "configs", "stage2", "labels", "router", "budget",
+               "tr")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Trained:
     recipes: dict[str, dict]  # the recipes as run (paths filled in)
     route_budget: float = 0.0  # the routed rows' router budget: the preset's number, or the budget stage's choice
     budget_choice: dict | None = None  # the budget stage's record (visor.routing.budget.choose_budget)
+    visor_tr: Path | None = None  # the tr stage's model (VISOR-TR), when the preset has one
 
 
 def _synth_config(preset: Preset):
@@ -267,6 +271,9 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     router = stages["router"] = cache.run("router", "7-router", router_spec, {"labels": labels.output_id}, router_body)
     _report(log, router)
     trained = Trained(base=baseline.path("final"), visor=router.path("model"), stages=stages, recipes=recipes)
+    if "tr" in preset.recipes:  # VISOR-TR: the routed model (its router carried, frozen) fine-tuned on reduced tokens
+        tr = stages["tr"] = training("tr", 9, {"init": str(router.path("model"))}, {"router": router.output_id})
+        trained.visor_tr = tr.path("final")
     if preset.route_budget != "auto":
         trained.route_budget = float(preset.route_budget)
         return trained
@@ -335,9 +342,9 @@ def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None,
 
 
 def evaluate_checkpoints(cache: StageCache, base: Path, visor: Path, model_ids: dict[str, str], spec: EvalSpec, *,
-                         progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                         progress: bool = True, log: Callable[[str], None] = print, visor_tr: Path | None = None) -> dict:
     started = time.time()
-    data = run_all(cache, base, visor, model_ids, spec, progress=progress, log=log)
+    data = run_all(cache, base, visor, model_ids, spec, progress=progress, log=log, visor_tr_dir=visor_tr)
     data["meta"]["eval_seconds"] = time.time() - started
     return data
 

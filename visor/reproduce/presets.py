@@ -2,7 +2,8 @@
 a CPU) and the ``quick`` preset (``--quick``: every stage on a minute-scale model, numbers meaningless).
 
 A preset is the recipes of the training stages (``recipes/*.yaml`` for ``full``) plus the settings of the
-stages between and after them. ``focus``, ``focus2`` and ``focus3`` are optional: base runs that continue the
+stages between and after them (``tr``, optional: VISOR-TR, the routed universal model fine-tuned on reduced
+tokens, which the VISOR-TR rows then run). ``focus``, ``focus2`` and ``focus3`` are optional: base runs that continue the
 previous one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
 the baseline that VISOR is built from and compared with. A preset can instead be given its baseline
 (:meth:`Preset.with_baseline`, ``visor reproduce --train --baseline DIR``): a LLaVA-OneVision checkpoint that
@@ -21,7 +22,7 @@ import yaml
 
 #: training stages, in order, with the recipe kind each one runs
 TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "focus2": "base", "focus3": "base",
-                   "stage1": "visor-stage1", "stage2": "visor-stage2"}
+                   "stage1": "visor-stage1", "stage2": "visor-stage2", "tr": "visor-stage2"}
 #: the base runs in order: each optional one continues the previous one; the last a preset has is the baseline
 BASELINE_STAGES = ("base", "focus", "focus2", "focus3")
 #: the recipe name of a given baseline (``Preset.with_baseline``); its ancestors' recipes follow as
@@ -29,7 +30,8 @@ BASELINE_STAGES = ("base", "focus", "focus2", "focus3")
 GIVEN_BASELINE = "baseline"
 #: recipe files of the full preset (under ``recipes/``)
 FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
-                "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml"}
+                "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml",
+                "tr": "visor-tr-tiny.yaml"}
 #: recipe fields that are paths or logging knobs: not part of a stage's cache key
 PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
 NON_RESULT_FIELDS = ("log_every", "save_every", "keep_checkpoints", "eval_every", "threads")
@@ -95,7 +97,7 @@ class Preset:
         ``focus``) may pre-train on another canvas."""
         baseline = self.baseline_stage()
         sizes = {stage: (self.recipes[stage].get("data") or {}).get("synth_image_size")
-                 for stage in (baseline, "stage1", "stage2") if stage in self.recipes}
+                 for stage in (baseline, "stage1", "stage2", "tr") if stage in self.recipes}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"preset {self.name!r}: the baseline and VISOR stages train on different benchmark "
                              f"canvases (data.synth_image_size {sizes}); they are evaluated on one")
@@ -143,6 +145,8 @@ def quick_preset() -> Preset:
                        max_steps=3, save_every=3, **common),
         "stage2": dict(kind="visor-stage2", freeze_vision=True, optim={"lr": 1e-3, "warmup_steps": 1}, global_batch=4,
                        micro_batch=4, max_steps=4, save_every=2, **common),
+        "tr": dict(kind="visor-stage2", freeze_vision=True, reducers=["pooling:2x", "pooling:4x"],
+                   optim={"lr": 1e-3, "warmup_steps": 1}, global_batch=4, micro_batch=4, max_steps=2, save_every=2, **common),
     }
     return Preset(name="quick", recipes=recipes, configs_n=10, label_n=10, router_epochs=3, batch_size=10, eval_n=20,
                   route_budget="auto", budget_candidates=[0.0, -1.0], budget_n=10,

@@ -7,6 +7,7 @@ Layout of the folder (``checkpoints/`` in the repository by default)::
       base/                    the LLaVA-OneVision baseline (Hugging Face format: config.json,
                                model.safetensors, tokenizer, preprocessor_config.json)
       visor/                   the universal VISOR model with its router (save_pretrained, safetensors)
+      visor-tr/                optional: VISOR-TR, that model fine-tuned on reduced tokens (the tr stage)
       recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, focus*.yaml
                                (when the preset continues the baseline), stage1.yaml, stage2.yaml, and
                                pipeline.yaml (configs search, labels, router, evaluation); a baseline given
@@ -73,13 +74,14 @@ class Shipped:
     visor: Path
     recipes: dict = field(default_factory=dict)  # stage -> visor.train.recipe.Recipe
     pipeline: dict = field(default_factory=dict)
+    visor_tr: Path | None = None  # VISOR-TR (the routed model fine-tuned on reduced tokens), if shipped
 
     @property
     def model_ids(self) -> dict[str, str]:
-        """Content ids of the two checkpoints (hash of their files' hashes): evaluation cache keys."""
+        """Content ids of the checkpoints (hash of their files' hashes): evaluation cache keys."""
         files = self.manifest["files"]
         ids = {}
-        for kind in ("base", "visor"):
+        for kind in self.manifest["checkpoints"]:
             prefix = self.manifest["checkpoints"][kind]["path"].rstrip("/") + "/"
             ids[kind] = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in sorted(files.items()) if k.startswith(prefix)},
                                                   sort_keys=True).encode()).hexdigest()
@@ -132,13 +134,18 @@ def load_shipped(folder: str | Path | None = None, verify: bool = True) -> Shipp
     for kind in ("base", "visor"):
         if kind not in checkpoints or not (folder / checkpoints[kind]["path"] / "config.json").exists():
             raise ShippedCheckpointsError(f"{folder}: the {kind} checkpoint is missing from the manifest or the folder")
+    visor_tr = checkpoints.get("visor_tr")
+    if visor_tr is not None and not (folder / visor_tr["path"] / "config.json").exists():
+        raise ShippedCheckpointsError(f"{folder}: the visor_tr checkpoint in the manifest is missing from the folder")
     return Shipped(folder, manifest, folder / checkpoints["base"]["path"], folder / checkpoints["visor"]["path"],
-                   recipes, pipeline or {})
+                   recipes, pipeline or {}, folder / visor_tr["path"] if visor_tr else None)
 
 
 def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], pipeline: dict, *, preset: str,
-         commit: str, stages: dict | None = None, command: str | None = None, dtype: str = "fp32") -> Path:
-    """Copy the final checkpoints, their recipes and a manifest into ``folder`` (replaced atomically).
+         commit: str, stages: dict | None = None, command: str | None = None, dtype: str = "fp32",
+         visor_tr: Path | None = None) -> Path:
+    """Copy the final checkpoints (``visor_tr``: also the VISOR-TR model, as ``visor-tr/``), their recipes and a
+    manifest into ``folder`` (replaced atomically).
 
     ``dtype="bf16"`` stores the floating-point weights in bfloat16 (half the bytes; evaluation runs under
     bf16 autocast anyway, and loading casts them back to fp32)."""
@@ -149,7 +156,8 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, source in (("base", base), ("visor", visor)):
+    sources = [("base", base), ("visor", visor)] + ([("visor-tr", visor_tr)] if visor_tr is not None else [])
+    for name, source in sources:
         shutil.copytree(source, tmp / name, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
         if dtype == "bf16":
             _to_bf16(tmp / name)
@@ -177,6 +185,9 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
         },
         "recipes": recipe_paths, "pipeline": "recipes/pipeline.yaml", "stages": stages or {}, "files": files,
     }
+    if visor_tr is not None:
+        manifest["checkpoints"]["visor_tr"] = {"path": "visor-tr", "kind": "visor", "recipe": recipe_paths.get("tr"),
+                                               "router": True, "reducers": recipes.get("tr", {}).get("reducers")}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
