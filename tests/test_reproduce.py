@@ -252,6 +252,41 @@ def test_plain_reproduce_evaluates_the_shipped_checkpoints(quick, tmp_path):
         assert [r["method"] for r in csv.DictReader(handle)] == LABELS
 
 
+def test_a_visor_tr_model_is_added_to_a_shipped_set_that_has_none(quick, tmp_path):
+    """``visor reproduce --add-tr RUN``: the set gains ``visor-tr/`` and its recipe, the manifest verifies with them
+    and records the command; a run that is not VISOR-TR, or was not fine-tuned from the set's universal model, or a
+    set that already has one, is a clear error that leaves the set as it was."""
+    from visor.reproduce.shipped import load_shipped, ship
+
+    work = quick["root"] / "work"
+    recipes = {k: yaml.safe_load((quick["root"] / "checkpoints" / "recipes" / f"{k}.yaml").read_text())
+               for k in ("vision", "base", "focus", "stage1", "stage2")}
+    folder = ship(tmp_path / "set", work / "2b-focus" / "run" / "final", work / "7-router" / "model", recipes,
+                  {"route_budget": 0.0}, preset="quick", commit="test")
+    assert load_shipped(folder).visor_tr is None
+    before = (folder / "MANIFEST.json").read_text()
+
+    not_tr = visor_cli(["reproduce", "--add-tr", str(work / "5-stage2" / "run" / "final"), "--checkpoints", str(folder)])
+    assert not_tr.returncode == 2 and "not a VISOR-TR run" in not_tr.stderr
+    other = tmp_path / "other-tr"
+    shutil.copytree(work / "9-tr" / "run" / "final", other)
+    recipe = json.loads((other / "recipe.json").read_text())
+    (other / "recipe.json").write_text(json.dumps({**recipe, "init": str(work / "5-stage2" / "run" / "final")}))
+    wrong_init = visor_cli(["reproduce", "--add-tr", str(other), "--checkpoints", str(folder)])
+    assert wrong_init.returncode == 2 and "not this set's universal model" in wrong_init.stderr
+    assert (folder / "MANIFEST.json").read_text() == before and not (folder / "visor-tr").exists()
+
+    added = visor_cli(["reproduce", "--add-tr", str(work / "9-tr" / "run" / "final"), "--checkpoints", str(folder)])
+    assert added.returncode == 0, added.stderr[-2000:]
+    shipped = load_shipped(folder)  # every file, the new ones included, against its sha256
+    assert shipped.visor_tr == folder / "visor-tr" and shipped.recipes["tr"].reducers == ["pooling:2x", "pooling:4x"]
+    entry = shipped.manifest["checkpoints"]["visor_tr"]
+    assert entry["reducers"] == ["pooling:2x", "pooling:4x"] and "--add-tr" in entry["command"]
+    assert "visor-tr/model.safetensors" in shipped.manifest["files"] and set(shipped.model_ids) == {"base", "visor", "visor_tr"}
+    again = visor_cli(["reproduce", "--add-tr", str(work / "9-tr" / "run" / "final"), "--checkpoints", str(folder)])
+    assert again.returncode == 2 and "already has" in again.stderr
+
+
 def test_missing_or_modified_shipped_checkpoints_are_clear_errors(quick, tmp_path, capsys):
     from visor.cli.main import main
     from visor.reproduce.shipped import ShippedCheckpointsError, load_shipped

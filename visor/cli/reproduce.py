@@ -75,6 +75,10 @@ def register(subparsers) -> None:
     parser.add_argument("--status", action="store_true",
                         help="print where the runs in --work-dir stand (stage, step, loss, samples/s, time left, "
                              "latest validation) and exit; loads no model, safe beside a running reproduce")
+    parser.add_argument("--add-tr", default=None, metavar="RUN",
+                        help="add a VISOR-TR model to the shipped set in --checkpoints (default checkpoints/): RUN is "
+                             "the final/ folder of `visor train recipes/visor-tr-tiny.yaml`, fine-tuned from that set's "
+                             "universal model (checked); recorded in its manifest, then exit")
     parser.add_argument("--replot", default=None, metavar="DIR",
                         help="rewrite the table, CSV, Markdown report and plots of a results folder from its "
                              "reproduce.json (no model is loaded or evaluated) and exit")
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         return _status(Path(args.work_dir or ("runs/reproduce-quick" if mode == "quick" else "runs/reproduce")))
     if args.replot:
         return _replot(Path(args.replot))
+    if args.add_tr:
+        return _add_tr(args)
     if args.ship and mode == "shipped":
         print("visor reproduce: --ship copies what --train (or --quick) produced; add --train", file=sys.stderr)
         return 2
@@ -161,6 +167,21 @@ def _status(work_dir: Path) -> int:
     print(f"{work_dir}:")
     print(format_status(stages))
     print_json_line({"work_dir": str(work_dir), "stages": [asdict(s) for s in stages]})
+    return 0
+
+
+def _add_tr(args) -> int:
+    from visor.reproduce.shipped import ShippedCheckpointsError, add_visor_tr, default_folder
+    from visor.reproduce.stages import git_commit
+
+    folder = Path(args.checkpoints) if args.checkpoints else default_folder()
+    try:
+        target = add_visor_tr(folder, Path(args.add_tr), commit=git_commit())
+    except ShippedCheckpointsError as err:
+        print(f"visor reproduce: {err}", file=sys.stderr)
+        return 2
+    print(f"added the VISOR-TR model {args.add_tr} to {folder} as {target.name}/ (manifest updated)")
+    print_json_line({"checkpoints": str(folder), "visor_tr": str(target)})
     return 0
 
 

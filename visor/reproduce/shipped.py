@@ -199,6 +199,52 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
     return folder
 
 
+def add_visor_tr(folder: str | Path, run_final: str | Path, *, commit: str, command: str | None = None) -> Path:
+    """Add a VISOR-TR model to a shipped set that has none: ``run_final``, a run of a ``reducers`` stage-2 recipe
+    (``visor train recipes/visor-tr-tiny.yaml``) whose ``init`` is this set's universal model (checked by its
+    weights' sha256 against the manifest), as ``visor-tr/`` with its recipe, in the set's dtype. The manifest
+    (written last, atomically) gains the files, ``recipes.tr`` and ``checkpoints.visor_tr`` with this command.
+    Returns the new model's folder."""
+    folder, run_final = Path(folder), Path(run_final)
+    shipped = load_shipped(folder)  # verified: the set is intact before it is extended
+    manifest = shipped.manifest
+    if shipped.visor_tr is not None:
+        raise ShippedCheckpointsError(f"{folder} already has a VISOR-TR model ({shipped.visor_tr})")
+    recipe_file = run_final / "recipe.json"
+    if not (run_final / "config.json").is_file() or not recipe_file.is_file():
+        raise ShippedCheckpointsError(f"{run_final} is not a finished training run's model (config.json and "
+                                      "recipe.json expected: a run's final/ folder)")
+    recipe = json.loads(recipe_file.read_text())
+    if recipe.get("kind") != "visor-stage2" or not recipe.get("reducers"):
+        raise ShippedCheckpointsError(f"{recipe_file}: not a VISOR-TR run (a visor-stage2 recipe with reducers)")
+    init_weights = Path(recipe.get("init") or "") / "model.safetensors"
+    shipped_weights = manifest["files"].get(f"{manifest['checkpoints']['visor']['path']}/model.safetensors", {})
+    if not init_weights.is_file() or sha256_file(init_weights) != shipped_weights.get("sha256"):
+        raise ShippedCheckpointsError(f"{run_final} was not fine-tuned from {shipped.visor}: its init "
+                                      f"({recipe.get('init')!r}) is not this set's universal model")
+    target = folder / "visor-tr"
+    tmp = folder / f".visor-tr.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_final, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
+    if manifest.get("dtype") == "bf16":
+        _to_bf16(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    (folder / "recipes" / "tr.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for path in sorted([p for p in target.rglob("*") if p.is_file()] + [folder / "recipes" / "tr.yaml"]):
+        rel = path.relative_to(folder).as_posix()
+        manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest["recipes"]["tr"] = "recipes/tr.yaml"
+    manifest["checkpoints"]["visor_tr"] = {
+        "path": "visor-tr", "kind": "visor", "recipe": "recipes/tr.yaml", "router": True,
+        "reducers": recipe["reducers"], "added": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
+        "command": command or "visor " + " ".join(sys.argv[1:])}
+    tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    tmp_manifest.replace(folder / MANIFEST)
+    return target
+
+
 def _to_bf16(folder: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
