@@ -231,12 +231,16 @@ def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
     canvas = trained_canvas(shipped.visor)
     assert canvas == trained_canvas(shipped.base) == 128
     items = synth_items("test", 10, seed=0, config=SynthConfig().with_image_size(canvas))
-    for name in ("base", "visor"):
+    # VISOR-TR, added with `visor reproduce --add-tr`: fine-tuned from this set's universal model on pooled tokens
+    assert shipped.visor_tr is not None and shipped.recipes["tr"].reducers == ["pooling:2x", "pooling:4x"]
+    assert trained_canvas(shipped.visor_tr) == 128
+    routed = {"route": True}
+    for name, kwargs in (("base", {}), ("visor", routed), ("visor_tr", {**routed, "generate_kwargs": {"reducer": "pooling:2x"}})):
         loaded = load_model(getattr(shipped, name))
-        assert loaded.kind == ("visor" if name == "visor" else "llava_onevision")
+        assert loaded.kind == ("llava_onevision" if name == "base" else "visor")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             result = evaluate(loaded.model, loaded.tokenizer, loaded.image_processor, items, batch_size=10,
-                              max_new_tokens=4, progress=False, **({"route": True} if name == "visor" else {}))
+                              max_new_tokens=4, progress=False, **kwargs)
         assert result.summary["n_items"] == 10 and result.summary["overall_mean"] > 0  # trained, not random
 
 
