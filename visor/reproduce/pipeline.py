@@ -17,7 +17,7 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     8-budget/budget.json   optional (``route_budget: auto``): the router budget chosen on validation items
                            (``visor route report`` + ``visor.routing.budget``)
     9-tr/run/final         optional: VISOR-TR, the routed model fine-tuned on reduced tokens (kind visor-stage2
-                           with ``reducers``; the VISOR-TR rows run it)
+                           with ``reducers``; the VISOR-TR rows run it); runs right after the router
     eval/<method>/         per-method predictions on the test split               (``visor eval``)
     timing/timing.json     measured prefill times
 
