@@ -158,9 +158,7 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
     tmp.mkdir()
     sources = [("base", base), ("visor", visor)] + ([("visor-tr", visor_tr)] if visor_tr is not None else [])
     for name, source in sources:
-        shutil.copytree(source, tmp / name, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
-        if dtype == "bf16":
-            _to_bf16(tmp / name)
+        _copy_model(source, tmp / name, dtype)
     (tmp / "recipes").mkdir()
     recipe_paths = {}
     for stage, recipe in recipes.items():
@@ -171,7 +169,7 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         rel = path.relative_to(tmp).as_posix()
-        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        files[rel] = _file_entry(path)
     visor_config = json.loads((tmp / "visor" / "config.json").read_text())
     manifest = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
@@ -225,15 +223,13 @@ def add_visor_tr(folder: str | Path, run_final: str | Path, *, commit: str, comm
     target = folder / "visor-tr"
     tmp = folder / f".visor-tr.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_final, tmp, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
-    if manifest.get("dtype") == "bf16":
-        _to_bf16(tmp)
+    _copy_model(run_final, tmp, manifest.get("dtype", "fp32"))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     (folder / "recipes" / "tr.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     for path in sorted([p for p in target.rglob("*") if p.is_file()] + [folder / "recipes" / "tr.yaml"]):
         rel = path.relative_to(folder).as_posix()
-        manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        manifest["files"][rel] = _file_entry(path)
     manifest["recipes"]["tr"] = "recipes/tr.yaml"
     manifest["checkpoints"]["visor_tr"] = {
         "path": "visor-tr", "kind": "visor", "recipe": "recipes/tr.yaml", "router": True,
@@ -243,6 +239,18 @@ def add_visor_tr(folder: str | Path, run_final: str | Path, *, commit: str, comm
     tmp_manifest.write_text(json.dumps(manifest, indent=2))
     tmp_manifest.replace(folder / MANIFEST)
     return target
+
+
+def _copy_model(source: Path, dest: Path, dtype: str) -> None:
+    """A model folder without its run's step checkpoints, optimiser state and plots, in the set's dtype."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
+    if dtype == "bf16":
+        _to_bf16(dest)
+
+
+def _file_entry(path: Path) -> dict:
+    """A manifest ``files`` entry: what ``load_shipped`` verifies."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _to_bf16(folder: Path) -> None:

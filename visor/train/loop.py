@@ -152,7 +152,7 @@ class LanguageTask:
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, int]:
         # a pre-LLM reducer shortens the prompt's image placeholders only, so the target tokens (and their global
         # count) stay those of the batch; the reduced features carry no gradient into the projector
-        reducer = sample_reducer(self.recipe, step) if self.recipe.kind == "visor-stage2" else None
+        reducer = sample_reducer(self.recipe, step)  # None unless a stage-2 recipe names reducers (Recipe checks)
         extra = {"reducer": reducer} if reducer else {}
         out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum", **extra)
         return out.loss, out.num_loss_tokens
@@ -480,7 +480,7 @@ class Trainer:
                         row["active_sa"] = list(self.task.config_for_step(step - 1))
                         if any(not c.tiled for c in self.task.configurations):
                             row["resolution"] = self.task.configuration_for_step(step - 1).resolution
-                    if recipe.reducers and recipe.kind == "visor-stage2":
+                    if recipe.reducers:
                         row["reducer"] = sample_reducer(recipe, step - 1) or "none"
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
@@ -548,7 +548,7 @@ class Trainer:
                 # the answer loss moves long before exact match leaves chance (docs/training-log.md)
                 summary = {**result.summary, **answer_nll_by_family(model, self.task.batcher, items)}
                 # a VISOR-TR run: the same items under each reducer it trains on, what the run is for
-                reduced = [r for r in (self.recipe.reducers or []) if r != "none"] if self.recipe.kind == "visor-stage2" else []
+                reduced = [r for r in (self.recipe.reducers or []) if r != "none"]
                 if reduced:
                     summary["reduced"] = {}
                     for name in reduced:
