@@ -194,6 +194,66 @@ def test_vision_shape_head_is_opt_in_and_trains(tmp_path):
         load_recipe(tiny_recipe(tmp_path, "bad", kind="vision", vision_shape_weight=-1))
 
 
+def test_base_shape_head_trains_beside_the_answer_loss_and_is_not_exported(tmp_path):
+    """A base recipe with `vision_shape_weight` trains a per-patch shape head on the LVLM's tower: its labels follow
+    the processor's crop layout (base view, then the tiles row by row), its loss is added to the answer loss per
+    target token, step checkpoints keep it (a resume needs it) and the exported LLaVA-OV model does not."""
+    import numpy as np
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor.data.synth.dense import dense_targets
+    from visor.train.loop import Trainer
+    from visor.train.models import SIGLIP_MEAN
+
+    recipe = load_recipe(tiny_recipe(tmp_path, "shape", vision_shape_weight=0.5, max_steps=4, save_every=2,
+                                     model={**TINY_MODEL, "patch_size": 8}))
+    trainer = Trainer(recipe, progress=False)
+    trainer._build()
+    batch = trainer.task.batch([0, 1])
+    items = [trainer.task.source.item(i) for i in (0, 1)]
+    # 192 px images: base view + 3 x 3 tiles of 64 px, 8 x 8 patches each
+    assert batch["pixel_values"].shape[:2] == (2, 10) and batch["shape_targets"].shape == (20, 64)
+    for n, item in enumerate(items):
+        image = np.asarray(item.image, dtype=np.float32) / 255.0
+        base = np.asarray(item.image.resize((64, 64), resample=3), dtype=np.float32) / 255.0
+        crops = [base] + [image[r:r + 64, c:c + 64] for r in (0, 64, 128) for c in (0, 64, 128)]
+        for k, crop in enumerate(crops):
+            expected = torch.from_numpy((crop - SIGLIP_MEAN[0]) / 0.5).permute(2, 0, 1)
+            assert torch.allclose(batch["pixel_values"][n, k], expected, atol=0.02 if k == 0 else 1e-5), (n, k)
+        labels = batch["shape_targets"][10 * n:10 * (n + 1)]
+        full = dense_targets(item, 8).shape
+        assert torch.equal(labels[4], torch.from_numpy(full[8:16, 0:8]).flatten())  # tile row 1, column 0
+        assert torch.equal(labels[0], torch.from_numpy(dense_targets(item, 8, image_size=(64, 64)).shape).flatten())
+    assert (batch["shape_targets"] > 0).any()
+
+    loss = torch.no_grad()(trainer.task.loss)
+    head = trainer.model.aux_shape_head
+    head.proj.weight.data.zero_(), head.proj.bias.data.zero_()
+    total, tokens = loss(trainer.model, batch, 0)
+    answer, _ = loss(trainer.model, {k: v for k, v in batch.items() if k != "shape_targets"}, 0)
+    # none + 4 kinds: a zeroed head predicts uniformly, cross-entropy log(5), weighted 0.5 per target token
+    assert float(total - answer) == pytest.approx(0.5 * math.log(5) * tokens, rel=1e-4)
+
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    final = Trainer(recipe, progress=False).train()
+    rows = [json.loads(line) for line in (tmp_path / "shape" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["shape_head_ce"] < 5 for r in rows if "loss" in r)
+    step = load_file(str(latest_checkpoint(tmp_path / "shape") / "model.safetensors"))
+    assert {"aux_shape_head.proj.weight", "aux_shape_head.proj.bias"} <= set(step)
+    assert not torch.equal(step["vision_tower.encoder.layers.0.mlp.fc1.weight"],
+                           before["vision_tower.encoder.layers.0.mlp.fc1.weight"])
+    exported = load_file(str(final / "model.safetensors"))
+    assert not any("aux_" in k for k in exported)
+    LlavaOnevisionForConditionalGeneration.from_pretrained(final)
+    resumed = Trainer(load_recipe(tiny_recipe(tmp_path, "shape", vision_shape_weight=0.5, max_steps=6, save_every=2,
+                                              model={**TINY_MODEL, "patch_size": 8})), resume=True, progress=False)
+    resumed.train()
+    assert resumed.start_step == 4
+    for bad in (dict(freeze_vision=True), dict(kind="visor-stage1", init=str(final))):
+        with pytest.raises(ValueError, match="vision_shape_weight"):
+            load_recipe(tiny_recipe(tmp_path, "bad", vision_shape_weight=0.5, **bad))
+
+
 def test_mid_run_checkpoint_evaluates_with_the_cli(base_run, tmp_path, capsys):
     """Every step checkpoint carries its tokenizer and image processor: `visor eval` runs on it mid-run."""
     from visor.cli.main import main
@@ -362,6 +422,21 @@ def test_torchrun_two_processes_match_one_and_fsdp_matches_ddp(tmp_path):
         assert set(weights) == set(reference)
         for name, tensor in reference.items():
             assert torch.allclose(weights[name], tensor, atol=2e-5, rtol=1e-4), f"{mode}: {name}"
+
+
+def test_shape_head_under_ddp_matches_one_process(tmp_path):
+    """The shape head runs inside the model's forward (a hook on the tower's encoder), so DDP reduces its gradients
+    like any other parameter: two processes reach the one-process weights, head included."""
+    extra = dict(max_steps=2, save_every=2, vision_shape_weight=0.5, model={**TINY_MODEL, "patch_size": 8})
+    single = tiny_recipe(tmp_path, "single", **extra)
+    run_cli([PYTHON, "-m", "visor", "train", str(single), "--no-progress"])
+    ddp = tiny_recipe(tmp_path, "ddp", distributed="ddp", **extra)
+    run_cli([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", "-m", "visor",
+             "train", str(ddp), "--no-progress", "--device", "cpu"])
+    reference, weights = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    assert set(weights) == set(reference) and "aux_shape_head.proj.weight" in weights
+    for name, tensor in reference.items():
+        assert torch.allclose(weights[name], tensor, atol=2e-5, rtol=1e-4), name
 
 
 # ---------------------------------------------------------------------- faults

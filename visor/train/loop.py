@@ -63,13 +63,14 @@ class SampleSource:
         return generate_item(self.split, index, seed=data.seed, config=self.config, families=data.families,
                              weights=weights)
 
-    def sample(self, index: int):
+    def sample(self, index: int, item=None):
+        """The training sample at ``index`` (``item``: its procedural item, when the caller has generated it)."""
         from visor.data.batch import Sample
 
         if self.records is not None:
             record = self.records[index % len(self.records)]
             return Sample(record.load_images(), record.conversations)
-        item = self.item(index)
+        item = item if item is not None else self.item(index)
         turns = item.conversations()
         extra = self.recipe.data.questions_per_image - 1
         if extra > 0:  # more questions about the same scene, in a fixed order per index
@@ -128,6 +129,12 @@ class LanguageTask:
         else:
             self.configurations = [Configuration(plan.all_slots)]
         self.viable = [c.active_sa for c in self.configurations]
+        # a base recipe with a shape weight trains a per-patch shape head on the tower (visor.train.auxiliary)
+        self.shape_weight = recipe.vision_shape_weight if recipe.kind == "base" else 0.0
+        if self.shape_weight:
+            vision = model.config.vision_config
+            self.shape_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+        self.shape_ce: list[float] = []  # the head's loss per micro-batch since the last metrics row
 
     def configuration_for_step(self, step: int):
         """The step's ``Configuration`` (resolution + active SA slots); one draw per step (module docstring)."""
@@ -138,6 +145,13 @@ class LanguageTask:
         return self.configuration_for_step(step).active_sa
 
     def batch(self, indices: list[int]) -> dict:
+        if self.shape_weight:
+            from visor.train.auxiliary import crop_shape_targets
+
+            items = [self.source.item(i) for i in indices]
+            batch = self.batcher.train_batch([self.source.sample(i, item) for i, item in zip(indices, items)])
+            batch["shape_targets"] = torch.cat([crop_shape_targets(item, *self.shape_geometry) for item in items])
+            return batch
         samples = [self.source.sample(i) for i in indices]
         config = self.configuration_for_step(indices[0] // self.recipe.global_batch) if indices else None
         if config is None or config.tiled:
@@ -154,8 +168,18 @@ class LanguageTask:
         # count) stay those of the batch; the reduced features carry no gradient into the projector
         reducer = sample_reducer(self.recipe, step)  # None unless a stage-2 recipe names reducers (Recipe checks)
         extra = {"reducer": reducer} if reducer else {}
+        batch = dict(batch)
+        shape_targets = batch.pop("shape_targets", None)
         out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum", **extra)
-        return out.loss, out.num_loss_tokens
+        if shape_targets is None:
+            return out.loss, out.num_loss_tokens
+        from visor.train.auxiliary import shape_head_loss
+
+        shape_ce = shape_head_loss(unwrap(model), shape_targets)
+        self.shape_ce.append(float(shape_ce.detach()))
+        # weighted by the micro-batch's target tokens: divided by the global token count (the loop), the step's
+        # objective is answer loss per token + weight x the token-weighted mean of the head's loss
+        return out.loss + self.shape_weight * shape_ce * out.num_loss_tokens, out.num_loss_tokens
 
 
 class DenseVisionTask:
@@ -338,6 +362,10 @@ class Trainer:
         else:
             self.tokenizer = self._tokenizer()
             model = models.build_llava_base(recipe, self.tokenizer) if recipe.kind == "base" else models.build_visor(recipe)
+            if recipe.kind == "base" and recipe.vision_shape_weight > 0:
+                from visor.train.auxiliary import attach_shape_head
+
+                attach_shape_head(model)
             self.image_processor = models.image_processor_for(model.config)
             self.task = LanguageTask(recipe, model, self.tokenizer, self.image_processor)
         if recipe.grad_checkpointing and hasattr(model, "language_model"):
@@ -482,6 +510,9 @@ class Trainer:
                             row["resolution"] = self.task.configuration_for_step(step - 1).resolution
                     if recipe.reducers:
                         row["reducer"] = sample_reducer(recipe, step - 1) or "none"
+                    if getattr(self.task, "shape_ce", None):  # this rank's micro-batches since the last row
+                        row["shape_head_ce"] = sum(self.task.shape_ce) / len(self.task.shape_ce)
+                        self.task.shape_ce.clear()
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")
@@ -599,8 +630,10 @@ class Trainer:
         from visor.model.modeling import VisorForConditionalGeneration
 
         config = unwrap(self.model).config
+        from visor.train.auxiliary import drop_auxiliary
+
         model = VisorForConditionalGeneration(config)
-        model.load_state_dict(weights)
+        model.load_state_dict(drop_auxiliary(weights))
         return model
 
 

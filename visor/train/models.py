@@ -175,6 +175,7 @@ def export_llava_onevision(model, folder: Path, tokenizer, image_processor) -> N
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     from visor.convert.keys import visor_to_hf_key
+    from visor.train.auxiliary import drop_auxiliary
 
     plan = model.plan
     if plan.cross_attention_layers or len(plan.self_attention_layers) != plan.num_layers:
@@ -185,7 +186,7 @@ def export_llava_onevision(model, folder: Path, tokenizer, image_processor) -> N
         data.pop(key, None)
     config = LlavaOnevisionConfig(**data)
     hf = LlavaOnevisionForConditionalGeneration(config)
-    state = {visor_to_hf_key(k): v for k, v in model.state_dict().items()}
+    state = {visor_to_hf_key(k): v for k, v in drop_auxiliary(model.state_dict()).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

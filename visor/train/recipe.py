@@ -117,7 +117,9 @@ class Recipe:
     reducers: list[str] | None = None
     # vision kind
     vision_color_weight: float = 0.3
-    vision_shape_weight: float = 0.0  # vision: > 0 adds a per-patch shape-kind head (visor.data.synth.dense)
+    # vision: > 0 adds a per-patch shape-kind head (visor.data.synth.dense); base: the same head on the LVLM's tower,
+    # its loss added to the answer loss with this weight (visor.train.auxiliary; synth data, tower trained)
+    vision_shape_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -146,6 +148,12 @@ class Recipe:
             raise ValueError("save_every must be positive")
         if self.vision_color_weight < 0 or self.vision_shape_weight < 0:
             raise ValueError("vision_color_weight and vision_shape_weight must be >= 0")
+        if self.vision_shape_weight > 0 and self.kind not in ("vision", "base"):
+            raise ValueError(f"vision_shape_weight trains a shape head on the tower in vision and base recipes, not in "
+                             f"a {self.kind} recipe")
+        if self.vision_shape_weight > 0 and self.kind == "base" and (self.data.source != "synth" or self.freeze_vision):
+            raise ValueError("vision_shape_weight in a base recipe needs procedural data (data.source=synth, whose "
+                             "scenes give the labels) and a tower that trains (freeze_vision: false)")
         if self.data.family_weights:
             if self.data.source != "synth":
                 raise ValueError("data.family_weights weighs procedural families: only with data.source=synth")
