@@ -645,12 +645,14 @@ def test_a_given_baseline_must_be_a_llava_onevision_run_with_its_recipe(quick, t
 
 
 def test_benchmark_canvas_is_the_baselines_and_visor_stages_must_match_it():
-    """Every method is evaluated on one canvas: the baseline's (its last base run: focus2, focus, else base); an earlier stage may
+    """Every method is evaluated on one canvas: the baseline's (its last base run: focus4, ..., focus, else base); an earlier stage may
     pre-train on another, while a VISOR stage on a different canvas is refused."""
     from visor.reproduce.pipeline import eval_spec_for
     from visor.reproduce.presets import Preset, full_preset
 
     full = full_preset()
+    # the full preset's baseline is its last continuation, the one that trains a shape head on the tower
+    assert full.baseline_stage() == "focus4" and full.recipes["focus4"]["vision_shape_weight"] > 0
     size = (full.recipes[full.baseline_stage()].get("data") or {}).get("synth_image_size")
     assert full.benchmark_image_size() == size
     assert eval_spec_for(full, timing=False, route_budget=0.0).synth == ({"image_size": size} if size else {})

@@ -9,6 +9,7 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     2b-focus/run/final     optional: the baseline continued under its own recipe (kind base, init = 2-base)
     2c-focus2/run/final    optional: continued once more (kind base, init = the previous base run)
     2d-focus3/run/final    optional: and once more
+    2e-focus4/run/final    optional: and once more, with a shape head on the tower (``vision_shape_weight``)
     3-stage1/run/final     VISOR stage 1: new blocks only                         (kind visor-stage1)
     4-configs/out          viable configurations written into the stage-1 model   (``visor configs``)
     5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
@@ -40,7 +41,7 @@ from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
 from visor.reproduce.presets import GIVEN_BASELINE, TRAINING_STAGES, Preset, baseline_provenance, cache_spec
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest
 
-STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "stage1", "configs", "stage2", "labels", "router", "budget",
+STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "focus4", "stage1", "configs", "stage2", "labels", "router", "budget",
                "tr")
 
 
@@ -184,7 +185,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         baseline = stages["base"] = training("base", 2, {"vision_init": str(vision.path("final"))},
                                              {"vision": vision.output_id})
         # the baseline continued (e.g. towards the hard families)
-        for name, number in (("focus", "2b"), ("focus2", "2c"), ("focus3", "2d")):
+        for name, number in (("focus", "2b"), ("focus2", "2c"), ("focus3", "2d"), ("focus4", "2e")):
             if name in preset.recipes:
                 baseline = stages[name] = training(name, number, {"init": str(baseline.path("final"))},
                                                    {"base": baseline.output_id})

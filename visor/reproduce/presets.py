@@ -3,7 +3,7 @@ a CPU) and the ``quick`` preset (``--quick``: every stage on a minute-scale mode
 
 A preset is the recipes of the training stages (``recipes/*.yaml`` for ``full``) plus the settings of the
 stages between and after them (``tr``, optional: VISOR-TR, the routed universal model fine-tuned on reduced
-tokens, which the VISOR-TR rows then run). ``focus``, ``focus2`` and ``focus3`` are optional: base runs that continue the
+tokens, which the VISOR-TR rows then run). ``focus`` to ``focus4`` are optional: base runs that continue the
 previous one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
 the baseline that VISOR is built from and compared with. A preset can instead be given its baseline
 (:meth:`Preset.with_baseline`, ``visor reproduce --train --baseline DIR``): a LLaVA-OneVision checkpoint that
@@ -22,15 +22,16 @@ import yaml
 
 #: training stages, in order, with the recipe kind each one runs
 TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "focus2": "base", "focus3": "base",
-                   "stage1": "visor-stage1", "stage2": "visor-stage2", "tr": "visor-stage2"}
+                   "focus4": "base", "stage1": "visor-stage1", "stage2": "visor-stage2", "tr": "visor-stage2"}
 #: the base runs in order: each optional one continues the previous one; the last a preset has is the baseline
-BASELINE_STAGES = ("base", "focus", "focus2", "focus3")
+BASELINE_STAGES = ("base", "focus", "focus2", "focus3", "focus4")
 #: the recipe name of a given baseline (``Preset.with_baseline``); its ancestors' recipes follow as
 #: ``baseline-init-1``, ``baseline-init-2``, ... (``baseline_provenance``)
 GIVEN_BASELINE = "baseline"
 #: recipe files of the full preset (under ``recipes/``)
 FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
-                "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml",
+                "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml",
+                "focus4": "base-tiny-focus4.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml",
                 "tr": "visor-tr-tiny.yaml"}
 #: recipe fields that are paths or logging knobs: not part of a stage's cache key
 PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
