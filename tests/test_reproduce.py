@@ -626,6 +626,17 @@ def test_a_given_baseline_replaces_the_base_stages_and_its_provenance_is_shipped
     assert set(shipped.recipes) == {"baseline", "baseline-init-1", "stage1", "stage2"}
     assert preset_from_settings(shipped.pipeline, shipped.recipes).baseline_stage() == "baseline"
 
+    # a baseline continued from the shipped set's base: its chain goes on with the ancestors the set recorded
+    continued = tmp_path / "continued"
+    shutil.copytree(given, continued)
+    recipe = json.loads((given / "recipe.json").read_text())
+    (continued / "recipe.json").write_text(json.dumps({**recipe, "init": str(tmp_path / "ship" / "base")}))
+    longer = baseline_provenance(continued)
+    assert list(longer) == ["baseline", "baseline-init-1", "baseline-init-2"]
+    assert longer["baseline-init-1"] == json.loads((tmp_path / "ship" / "base" / "recipe.json").read_text())
+    assert longer["baseline-init-2"]["init"] is None and longer["baseline-init-2"]["kind"] == "base"
+    assert longer["baseline-init-2"]["out_dir"] == chain["baseline-init-1"]["out_dir"]
+
 
 def test_a_given_baseline_must_be_a_llava_onevision_run_with_its_recipe(quick, tmp_path, capsys):
     from visor.cli.main import main

@@ -175,16 +175,42 @@ def read_baseline_recipe(folder: Path) -> dict:
 
 def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
     """A given baseline's recipe and its ancestors' (each run's ``init``, as long as that folder still holds a
-    ``recipe.json``), named ``baseline``, ``baseline-init-1``, ...: what made the checkpoint, recorded with it."""
+    ``recipe.json``), named ``baseline``, ``baseline-init-1``, ...: what made the checkpoint, recorded with it.
+
+    An ``init`` that is the baseline of a shipped set (``checkpoints/base``) ends the walk with the ancestors that the
+    set recorded for it (its ``recipes/baseline-init-K.yaml``): their run folders are usually gone, their recipes are
+    not."""
     chain = {GIVEN_BASELINE: read_baseline_recipe(folder)}
     recipe = chain[GIVEN_BASELINE]
     for depth in range(1, limit + 1):
-        parent = Path(recipe["init"]) / "recipe.json" if recipe.get("init") else None
-        if parent is None or not parent.is_file():
+        init = Path(recipe["init"]) if recipe.get("init") else None
+        if init is None or not (init / "recipe.json").is_file():
             break
-        recipe = json.loads(parent.read_text())
+        recipe = json.loads((init / "recipe.json").read_text())
         chain[f"{GIVEN_BASELINE}-init-{depth}"] = recipe
+        recorded = _shipped_baseline_ancestors(init)
+        if recorded is not None:
+            for k, ancestor in enumerate(recorded, start=depth + 1):
+                chain[f"{GIVEN_BASELINE}-init-{k}"] = ancestor
+            break
     return chain
+
+
+def _shipped_baseline_ancestors(folder: Path) -> list[dict] | None:
+    """The recorded ancestors' recipes (oldest last) when ``folder`` is a shipped set's baseline, else ``None``."""
+    manifest_path = folder.parent / "MANIFEST.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    base = (manifest.get("checkpoints") or {}).get("base") or {}
+    if base.get("path") != folder.name:
+        return None
+    recipes = manifest.get("recipes") or {}
+    ancestors, k = [], 1
+    while f"{GIVEN_BASELINE}-init-{k}" in recipes:
+        ancestors.append(yaml.safe_load((folder.parent / recipes[f"{GIVEN_BASELINE}-init-{k}"]).read_text()))
+        k += 1
+    return ancestors
 
 
 def cache_spec(recipe: dict) -> dict:
