@@ -225,6 +225,10 @@ def test_base_shape_head_trains_beside_the_answer_loss_and_is_not_exported(tmp_p
         assert torch.equal(labels[4], torch.from_numpy(full[8:16, 0:8]).flatten())  # tile row 1, column 0
         assert torch.equal(labels[0], torch.from_numpy(dense_targets(item, 8, image_size=(64, 64)).shape).flatten())
     assert (batch["shape_targets"] > 0).any()
+    from visor.train.auxiliary import crop_shape_targets
+
+    with pytest.raises(ValueError, match="grid resolution"):  # a 192 px image on a grid without 192 x 192: resized
+        crop_shape_targets(items[0], 64, 8, [[64, 64], [128, 128]])
 
     loss = torch.no_grad()(trainer.task.loss)
     head = trainer.model.aux_shape_head
