@@ -198,17 +198,16 @@ def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
 
 def _shipped_baseline_ancestors(folder: Path) -> list[dict] | None:
     """The recorded ancestors' recipes (oldest last) when ``folder`` is a shipped set's baseline, else ``None``."""
-    manifest_path = folder.parent / "MANIFEST.json"
-    if not manifest_path.is_file():
+    from visor.reproduce.shipped import MANIFEST, load_shipped  # shipped.py imports this module
+
+    if not (folder.parent / MANIFEST).is_file():
         return None
-    manifest = json.loads(manifest_path.read_text())
-    base = (manifest.get("checkpoints") or {}).get("base") or {}
-    if base.get("path") != folder.name:
+    shipped = load_shipped(folder.parent, verify=False)
+    if shipped.base.resolve() != folder.resolve():
         return None
-    recipes = manifest.get("recipes") or {}
     ancestors, k = [], 1
-    while f"{GIVEN_BASELINE}-init-{k}" in recipes:
-        ancestors.append(yaml.safe_load((folder.parent / recipes[f"{GIVEN_BASELINE}-init-{k}"]).read_text()))
+    while f"{GIVEN_BASELINE}-init-{k}" in shipped.recipes:
+        ancestors.append(shipped.recipes[f"{GIVEN_BASELINE}-init-{k}"].to_dict())
         k += 1
     return ancestors
 
