@@ -589,7 +589,7 @@ def test_a_given_baseline_replaces_the_base_stages_and_its_provenance_is_shipped
     """``--baseline DIR``: no vision or base stage runs; stage 1 starts from DIR, keyed on its contents (not its
     path); the shipped manifest names the given baseline's recipe, with its ancestors' (each run's init) beside it,
     and the shipped preset takes it as the baseline."""
-    from visor.reproduce.pipeline import given_baseline_stage, train_all
+    from visor.reproduce.pipeline import given_stage, train_all
     from visor.reproduce.presets import baseline_provenance, preset_from_settings, quick_preset
     from visor.reproduce.shipped import MANIFEST, load_shipped, ship
 
@@ -604,14 +604,14 @@ def test_a_given_baseline_replaces_the_base_stages_and_its_provenance_is_shipped
                   on_stage=stop_at("configs"))
     assert [p.name for p in work.iterdir()] == ["3-stage1"]
     stage1 = json.loads((work / "3-stage1" / "stage.json").read_text())
-    assert stage1["inputs"] == {"base": given_baseline_stage(given).output_id}
+    assert stage1["inputs"] == {"base": given_stage("baseline", given).output_id}
     assert json.loads((work / "3-stage1" / "run" / "final" / "recipe.json").read_text())["init"] == str(given)
 
     moved = tmp_path / "moved"
     shutil.copytree(given, moved)
-    assert given_baseline_stage(moved).output_id == given_baseline_stage(given).output_id
+    assert given_stage("baseline", moved).output_id == given_stage("baseline", given).output_id
     (moved / "generation_config.json").write_text("{}")
-    assert given_baseline_stage(moved).output_id != given_baseline_stage(given).output_id
+    assert given_stage("baseline", moved).output_id != given_stage("baseline", given).output_id
 
     chain = baseline_provenance(given)  # focus <- base (whose own init is empty)
     assert list(chain) == ["baseline", "baseline-init-1"]
@@ -720,3 +720,65 @@ def test_targets_compare_points_without_float_error():
     holds = {t["target"].split(" (")[0]: t["holds"] for t in check_targets(rows)}
     assert holds["VISOR routed beats fastv"] is True
     assert holds["VISOR routed beats hired"] is False
+
+
+def test_a_given_universal_model_replaces_stages_1_to_2_and_its_provenance_is_shipped(quick, tmp_path):
+    """``--baseline B --universal U``: no stage 1, configuration search or stage 2 runs; the labels start from U,
+    keyed on its contents; the shipped manifest names U's recipe, with its ancestors' beside it, and a model trained
+    further from a shipped set's universal model records that set's stage 1 after it."""
+    from visor.reproduce.pipeline import given_stage
+    from visor.reproduce.presets import quick_preset, universal_provenance
+    from visor.reproduce.shipped import MANIFEST, load_shipped
+
+    work_q = quick["root"] / "work"
+    base, universal = work_q / "2b-focus" / "run" / "final", work_q / "5-stage2" / "run" / "final"
+    preset = quick_preset().with_baseline(base).with_universal(universal)
+    assert not {"stage1", "stage2"} & set(preset.recipes) and preset.given_universal == str(universal.resolve())
+    assert preset.benchmark_image_size() == quick_preset().benchmark_image_size()
+
+    work, ship_dir = tmp_path / "work", tmp_path / "ship"
+    result = visor_cli(["reproduce", "--quick", "--baseline", str(base), "--universal", str(universal), "--work-dir",
+                        str(work), "--out", str(tmp_path / "out"), "--ship", "--checkpoints", str(ship_dir),
+                        "--n", "10", "--no-timing", "--threads", "1", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not {"3-stage1", "4-configs", "5-stage2"} & {p.name for p in work.iterdir()}
+    labels = json.loads((work / "6-labels" / "stage.json").read_text())
+    assert labels["inputs"] == {"stage2": given_stage("universal", universal).output_id}
+    assert (tmp_path / "out" / "reproduce.csv").is_file()
+
+    chain = universal_provenance(universal)  # stage 2 <- stage 1 (via the configs copy) <- the focus baseline <- base
+    assert list(chain)[:2] == ["universal", "universal-init-1"] and chain["universal-init-1"]["kind"] == "visor-stage1"
+    manifest = json.loads((ship_dir / MANIFEST).read_text())
+    assert manifest["checkpoints"]["visor"]["recipe"] == "recipes/universal.yaml"
+    shipped = load_shipped(ship_dir)
+    assert {"baseline", "universal", "universal-init-1"} <= set(shipped.recipes) and "stage2" not in shipped.recipes
+    assert shipped.recipes["universal"].to_dict() == chain["universal"]
+
+    # trained further from a shipped set's universal model: the chain ends with what that set recorded before it
+    for source, expected in ((quick["root"] / "checkpoints", ["visor-stage1"]),
+                             (ship_dir, [r["kind"] for k, r in chain.items() if k != "universal"])):
+        continued = tmp_path / f"continued-{source.name}"
+        shutil.copytree(source / "visor", continued)
+        recipe = json.loads((source / "visor" / "recipe.json").read_text())
+        (continued / "recipe.json").write_text(json.dumps({**recipe, "init": str(source / "visor")}))
+        longer = universal_provenance(continued)
+        assert longer["universal-init-1"] == recipe
+        assert [longer[f"universal-init-{k}"]["kind"] for k in range(2, len(longer))] == expected
+
+
+def test_a_given_universal_model_must_be_a_stage2_visor_run_with_its_baseline(quick, tmp_path, capsys):
+    from visor.cli.main import main
+
+    work_q = quick["root"] / "work"
+    base = str(work_q / "2b-focus" / "run" / "final")
+    universal = str(work_q / "5-stage2" / "run" / "final")
+    w = ["--work-dir", str(tmp_path / "w")]
+    for args in (["--universal", universal], ["--quick", "--universal", universal] + w,
+                 ["--quick", "--baseline", base, "--universal", universal, "--resolutions", "full,base"] + w):
+        assert main(["reproduce", *args]) == 2  # plain reproduce; no baseline; its own viable set
+        assert "--universal gives --train or --quick" in capsys.readouterr().err
+    for folder, message in ((base, "not a VISOR one"), (work_q / "3-stage1" / "run" / "final", "no viable configurations"),
+                            (work_q / "9-tr" / "run" / "final", "VISOR-TR (reducers) recipe")):
+        assert main(["reproduce", "--quick", "--baseline", base, "--universal", str(folder)] + w) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -66,6 +66,11 @@ def register(subparsers) -> None:
                         help="--train/--quick: build VISOR on this LLaVA-OneVision checkpoint (a folder that `visor train` "
                              "wrote, with its recipe.json) instead of training the vision and base stages; it is the "
                              "baseline row, and --ship records its recipe and its ancestors' (each run's init)")
+    parser.add_argument("--universal", default=None, metavar="DIR",
+                        help="--train/--quick, with --baseline: route and evaluate this universal VISOR model (a stage-2 "
+                             "run's final/ folder, e.g. a shipped set's visor/ trained further) instead of training "
+                             "stage 1, the configuration search and stage 2; it must have been built on --baseline, "
+                             "and --ship records its recipe and its ancestors'")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="--train/--quick: run each training stage under torchrun with N DDP processes "
@@ -109,11 +114,17 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline and mode == "shipped":
         print("visor reproduce: --baseline gives --train or --quick the baseline to build VISOR on", file=sys.stderr)
         return 2
+    if args.universal and (mode == "shipped" or not args.baseline or args.resolutions):
+        print("visor reproduce: --universal gives --train or --quick the universal model to route, with the --baseline "
+              "it was built on (and its own viable set: no --resolutions)", file=sys.stderr)
+        return 2
     if args.baseline:
-        from visor.reproduce.presets import read_baseline_recipe
+        from visor.reproduce.presets import read_baseline_recipe, read_universal_recipe
 
         try:
             read_baseline_recipe(Path(args.baseline))
+            if args.universal:
+                read_universal_recipe(Path(args.universal))
         except (FileNotFoundError, ValueError) as err:
             print(f"visor reproduce: {err}", file=sys.stderr)
             return 2
@@ -226,6 +237,8 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     preset = quick_preset() if mode == "quick" else full_preset(args.recipes)
     if getattr(args, "baseline", None):
         preset = preset.with_baseline(args.baseline)
+    if getattr(args, "universal", None):
+        preset = preset.with_universal(args.universal)
     if getattr(args, "resolutions", None):
         preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     cache = StageCache(work_dir, set(args.force), log, reuse_from=getattr(args, "reuse_from", None))

@@ -22,6 +22,9 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     eval/<method>/         per-method predictions on the test split               (``visor eval``)
     timing/timing.json     measured prefill times
 
+``--baseline DIR`` replaces stages 1-2e with a given LLaVA-OV checkpoint, and ``--universal DIR`` (with it) stages 3-5
+with a given universal model (e.g. a shipped one trained further): the labels, router and evaluation run on it.
+
 Plain ``visor reproduce`` skips the training stages and evaluates the shipped checkpoints
 (``visor.reproduce.shipped``); its evaluations are cached under ``<work-dir>/shipped-<id>/``.
 """
@@ -38,7 +41,8 @@ from pathlib import Path
 import torch
 
 from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
-from visor.reproduce.presets import GIVEN_BASELINE, TRAINING_STAGES, Preset, baseline_provenance, cache_spec
+from visor.reproduce.presets import (GIVEN_BASELINE, GIVEN_UNIVERSAL, TRAINING_STAGES, Preset, baseline_provenance,
+                                     cache_spec, universal_provenance)
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest
 
 STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "focus4", "stage1", "configs", "stage2", "labels", "router", "budget",
@@ -177,7 +181,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     settings = preset.stage_settings()
 
     if preset.given_baseline is not None:  # visor reproduce --baseline: no base stage runs
-        baseline = stages[GIVEN_BASELINE] = given_baseline_stage(Path(preset.given_baseline))
+        baseline = stages[GIVEN_BASELINE] = given_stage(GIVEN_BASELINE, Path(preset.given_baseline))
         recipes.update(baseline_provenance(Path(preset.given_baseline)))
         log(f"[baseline] given: {preset.given_baseline} (id {baseline.output_id[:12]})")
     else:
@@ -189,39 +193,44 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
             if name in preset.recipes:
                 baseline = stages[name] = training(name, number, {"init": str(baseline.path("final"))},
                                                    {"base": baseline.output_id})
-    stage1 = stages["stage1"] = training("stage1", 3, {"init": str(baseline.path("final"))}, {"base": baseline.output_id})
+    if preset.given_universal is not None:  # visor reproduce --universal: no stage 1, search or stage 2 runs
+        stage2 = stages[GIVEN_UNIVERSAL] = given_stage(GIVEN_UNIVERSAL, Path(preset.given_universal))
+        recipes.update(universal_provenance(Path(preset.given_universal)))
+        log(f"[universal] given: {preset.given_universal} (id {stage2.output_id[:12]})")
+    else:
+        stage1 = stages["stage1"] = training("stage1", 3, {"init": str(baseline.path("final"))}, {"base": baseline.output_id})
 
-    # ---- viable configurations
-    on_stage("configs")
+        # ---- viable configurations
+        on_stage("configs")
 
-    def configs_body(folder: Path) -> dict:
-        from visor.eval.harness import synth_items
-        from visor.train.configs import search_configs, write_viable
+        def configs_body(folder: Path) -> dict:
+            from visor.eval.harness import synth_items
+            from visor.train.configs import search_configs, write_viable
 
-        source = stage1.path("final")
-        model, tokenizer, processor = _load_visor(source)
-        items = synth_items("val", preset.configs_n, seed=preset.data_seed, config=synth)
-        with _autocast(preset.precision):
-            search = search_configs(model, tokenizer, processor, items, mode=preset.configs_mode,
-                                    batch_size=preset.batch_size, progress=progress, log=log,
-                                    **({"resolutions": preset.configs_resolutions} if preset.configs_resolutions else {}))
-        write_viable(model, search)
-        shutil.copytree(source, folder / "out")
-        model.save_pretrained(str(folder / "out"))
-        (folder / "search.json").write_text(json.dumps({
-            "viable": list(model.config.viable_configs), "slot_order": search.slot_order,
-            "scores": {(c.label() if hasattr(c, "label") else "+".join(map(str, c)) or "none"): s
-                       for c, s in search.scores.items()}}, indent=2, default=str))
-        (folder / "search.txt").write_text(search.table() + "\n")
-        return {"model": "out", "search": "search.json"}
+            source = stage1.path("final")
+            model, tokenizer, processor = _load_visor(source)
+            items = synth_items("val", preset.configs_n, seed=preset.data_seed, config=synth)
+            with _autocast(preset.precision):
+                search = search_configs(model, tokenizer, processor, items, mode=preset.configs_mode,
+                                        batch_size=preset.batch_size, progress=progress, log=log,
+                                        **({"resolutions": preset.configs_resolutions} if preset.configs_resolutions else {}))
+            write_viable(model, search)
+            shutil.copytree(source, folder / "out")
+            model.save_pretrained(str(folder / "out"))
+            (folder / "search.json").write_text(json.dumps({
+                "viable": list(model.config.viable_configs), "slot_order": search.slot_order,
+                "scores": {(c.label() if hasattr(c, "label") else "+".join(map(str, c)) or "none"): s
+                           for c, s in search.scores.items()}}, indent=2, default=str))
+            (folder / "search.txt").write_text(search.table() + "\n")
+            return {"model": "out", "search": "search.json"}
 
-    configs_key = {k: settings[k] for k in ("configs_n", "configs_mode", "data_seed", "precision")}
-    if preset.configs_resolutions:  # only when set: the key of a full-resolution search stays what it was
-        configs_key["configs_resolutions"] = list(preset.configs_resolutions)
-    configs = stages["configs"] = cache.run("configs", "4-configs", configs_key, {"stage1": stage1.output_id}, configs_body)
-    _report(log, configs)
+        configs_key = {k: settings[k] for k in ("configs_n", "configs_mode", "data_seed", "precision")}
+        if preset.configs_resolutions:  # only when set: the key of a full-resolution search stays what it was
+            configs_key["configs_resolutions"] = list(preset.configs_resolutions)
+        configs = stages["configs"] = cache.run("configs", "4-configs", configs_key, {"stage1": stage1.output_id}, configs_body)
+        _report(log, configs)
 
-    stage2 = stages["stage2"] = training("stage2", 5, {"init": str(configs.path("model"))}, {"configs": configs.output_id})
+        stage2 = stages["stage2"] = training("stage2", 5, {"init": str(configs.path("model"))}, {"configs": configs.output_id})
 
     # ---- pseudo-labels
     on_stage("labels")
@@ -309,14 +318,15 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     return trained
 
 
-def given_baseline_stage(folder: Path) -> StageResult:
-    """A given baseline as the stage result the VISOR stages build on: its id is the hash of its files' contents, so
-    stage 1 is redone when the checkpoint changes and reused when only its path does."""
+def given_stage(name: str, folder: Path) -> StageResult:
+    """A given checkpoint (``name``: the baseline, or the universal model) as the stage result the later stages
+    build on: its id is the hash of its files' contents, so they are redone when the checkpoint changes and reused
+    when only its path does."""
     from visor.reproduce.shipped import sha256_file
 
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-    output_id = digest({"given_baseline": files})
-    return StageResult(GIVEN_BASELINE, folder, key=output_id, output_id=output_id, outputs={"final": "."}, cached=True)
+    output_id = digest({f"given_{name}": files})
+    return StageResult(name, folder, key=output_id, output_id=output_id, outputs={"final": "."}, cached=True)
 
 
 def _report(log, result: StageResult) -> None:

@@ -7,7 +7,9 @@ tokens, which the VISOR-TR rows then run). ``focus`` to ``focus4`` are optional:
 previous one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
 the baseline that VISOR is built from and compared with. A preset can instead be given its baseline
 (:meth:`Preset.with_baseline`, ``visor reproduce --train --baseline DIR``): a LLaVA-OneVision checkpoint that
-``visor train`` wrote, whose base stages are then not run. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
+``visor train`` wrote, whose base stages are then not run; and its universal VISOR model too
+(:meth:`Preset.with_universal`, ``--universal DIR``: a stage-2 run, e.g. a shipped one trained further), whose
+stage 1, configuration search and stage 2 are then not run either. Paths inside the recipes (``out_dir``, ``init``, ``vision_init``,
 ``tokenizer``) are filled in by the pipeline, which owns the work directory.
 """
 
@@ -28,6 +30,11 @@ BASELINE_STAGES = ("base", "focus", "focus2", "focus3", "focus4")
 #: the recipe name of a given baseline (``Preset.with_baseline``); its ancestors' recipes follow as
 #: ``baseline-init-1``, ``baseline-init-2``, ... (``baseline_provenance``)
 GIVEN_BASELINE = "baseline"
+#: the recipe name of a given universal VISOR model (``Preset.with_universal``); its ancestors' recipes follow as
+#: ``universal-init-1``, ... (``universal_provenance``)
+GIVEN_UNIVERSAL = "universal"
+#: the stages a given universal model replaces (the configuration search between them is skipped as well)
+UNIVERSAL_STAGES = ("stage1", "stage2")
 #: recipe files of the full preset (under ``recipes/``)
 FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
                 "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml",
@@ -73,6 +80,9 @@ class Preset:
     data_seed: int = 0  # synth seed for the configs search / labels (training recipes carry their own)
     # a LLaVA-OneVision checkpoint to build VISOR on instead of training the base stages (with_baseline)
     given_baseline: str | None = None
+    # a universal VISOR model (a stage-2 run with its viable set) to route and evaluate instead of training stage 1,
+    # the configuration search and stage 2 (with_universal)
+    given_universal: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def baseline_stage(self) -> str:
@@ -91,6 +101,17 @@ class Preset:
         return dataclasses.replace(self, recipes={GIVEN_BASELINE: recipe, **recipes},
                                    given_baseline=str(folder.resolve()))
 
+    def with_universal(self, folder: str | Path) -> Preset:
+        """This preset with its universal VISOR model given: the stage-2 checkpoint in ``folder`` (written by
+        ``visor train``, kind visor-stage2, its viable set recorded, no token reducers) replaces stage 1, the
+        configuration search and stage 2; the labels, the router and what follows run on it. It must have been built
+        on the preset's baseline (give that with :meth:`with_baseline`): the comparison is against it."""
+        folder = Path(folder)
+        recipe = read_universal_recipe(folder)
+        recipes = {k: v for k, v in self.recipes.items() if k not in UNIVERSAL_STAGES}
+        return dataclasses.replace(self, recipes={**recipes, GIVEN_UNIVERSAL: recipe},
+                                   given_universal=str(folder.resolve()))
+
     def benchmark_image_size(self) -> int | None:
         """The procedural benchmark's canvas (``data.synth_image_size``; None = SynthConfig's 192 px) that the
         baseline and VISOR train on and every method is evaluated at: the baseline's recipe
@@ -98,7 +119,7 @@ class Preset:
         ``focus``) may pre-train on another canvas."""
         baseline = self.baseline_stage()
         sizes = {stage: (self.recipes[stage].get("data") or {}).get("synth_image_size")
-                 for stage in (baseline, "stage1", "stage2", "tr") if stage in self.recipes}
+                 for stage in (baseline, "stage1", "stage2", GIVEN_UNIVERSAL, "tr") if stage in self.recipes}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"preset {self.name!r}: the baseline and VISOR stages train on different benchmark "
                              f"canvases (data.synth_image_size {sizes}); they are evaluated on one")
@@ -173,6 +194,29 @@ def read_baseline_recipe(folder: Path) -> dict:
     return recipe
 
 
+def read_universal_recipe(folder: Path) -> dict:
+    """The recipe a universal VISOR model was trained with (its ``recipe.json``: stage 2 without token reducers), or a
+    clear error; the model must carry its viable set (``visor configs`` ran before its stage 2)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--universal: {folder} holds no config.json (a checkpoint folder, e.g. a run's final/)")
+    config = json.loads(config.read_text())
+    if config.get("model_type") != "visor":
+        raise ValueError(f"--universal: {folder} is a {config.get('model_type')!r} checkpoint, not a VISOR one")
+    if not config.get("viable_configs"):
+        raise ValueError(f"--universal: {folder} has no viable configurations: a universal model is a stage-2 run "
+                         "(after `visor configs`), not a stage-1 one")
+    path = folder / "recipe.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--universal: {folder} has no recipe.json (the recipe `visor train` saves beside its "
+                                "model, recorded with the shipped set)")
+    recipe = json.loads(path.read_text())
+    if recipe.get("kind") != "visor-stage2" or recipe.get("reducers"):
+        what = "a VISOR-TR (reducers)" if recipe.get("reducers") else f"a {recipe.get('kind')!r}"
+        raise ValueError(f"--universal: {path} is {what} recipe, not a universal stage-2 one")
+    return recipe
+
+
 def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
     """A given baseline's recipe and its ancestors' (each run's ``init``, as long as that folder still holds a
     ``recipe.json``), named ``baseline``, ``baseline-init-1``, ...: what made the checkpoint, recorded with it.
@@ -180,34 +224,49 @@ def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
     An ``init`` that is the baseline of a shipped set (``checkpoints/base``) ends the walk with the ancestors that the
     set recorded for it (its ``recipes/baseline-init-K.yaml``): their run folders are usually gone, their recipes are
     not."""
-    chain = {GIVEN_BASELINE: read_baseline_recipe(folder)}
-    recipe = chain[GIVEN_BASELINE]
+    return _provenance(GIVEN_BASELINE, read_baseline_recipe(folder), limit)
+
+
+def universal_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
+    """A given universal model's recipe and its ancestors', named ``universal``, ``universal-init-1``, ... (as
+    :func:`baseline_provenance`). An ``init`` that is a shipped set's universal model (``checkpoints/visor``) ends
+    the walk with what the set recorded before it: its stage 1 (or, for a set that was itself given its universal
+    model, that model's recorded ancestors)."""
+    return _provenance(GIVEN_UNIVERSAL, read_universal_recipe(folder), limit)
+
+
+def _provenance(name: str, recipe: dict, limit: int) -> dict[str, dict]:
+    chain = {name: recipe}
     for depth in range(1, limit + 1):
         init = Path(recipe["init"]) if recipe.get("init") else None
         if init is None or not (init / "recipe.json").is_file():
             break
         recipe = json.loads((init / "recipe.json").read_text())
-        chain[f"{GIVEN_BASELINE}-init-{depth}"] = recipe
-        recorded = _shipped_baseline_ancestors(init)
+        chain[f"{name}-init-{depth}"] = recipe
+        recorded = _shipped_ancestors(init, name)
         if recorded is not None:
             for k, ancestor in enumerate(recorded, start=depth + 1):
-                chain[f"{GIVEN_BASELINE}-init-{k}"] = ancestor
+                chain[f"{name}-init-{k}"] = ancestor
             break
     return chain
 
 
-def _shipped_baseline_ancestors(folder: Path) -> list[dict] | None:
-    """The recorded ancestors' recipes (oldest last) when ``folder`` is a shipped set's baseline, else ``None``."""
+def _shipped_ancestors(folder: Path, name: str) -> list[dict] | None:
+    """The recorded ancestors' recipes (oldest last) when ``folder`` is a shipped set's baseline (``name`` baseline)
+    or universal model (``name`` universal), else ``None``."""
     from visor.reproduce.shipped import MANIFEST, load_shipped  # shipped.py imports this module
 
     if not (folder.parent / MANIFEST).is_file():
         return None
     shipped = load_shipped(folder.parent, verify=False)
-    if shipped.base.resolve() != folder.resolve():
+    member = shipped.base if name == GIVEN_BASELINE else shipped.visor
+    if member.resolve() != folder.resolve():
         return None
+    if name == GIVEN_UNIVERSAL and GIVEN_UNIVERSAL not in shipped.recipes:
+        return [shipped.recipes["stage1"].to_dict()] if "stage1" in shipped.recipes else []
     ancestors, k = [], 1
-    while f"{GIVEN_BASELINE}-init-{k}" in shipped.recipes:
-        ancestors.append(shipped.recipes[f"{GIVEN_BASELINE}-init-{k}"].to_dict())
+    while f"{name}-init-{k}" in shipped.recipes:
+        ancestors.append(shipped.recipes[f"{name}-init-{k}"].to_dict())
         k += 1
     return ancestors
 

@@ -12,7 +12,8 @@ Layout of the folder (``checkpoints/`` in the repository by default)::
                                (when the preset continues the baseline), stage1.yaml, stage2.yaml, and
                                pipeline.yaml (configs search, labels, router, evaluation); a baseline given
                                with --baseline has baseline.yaml and its ancestors' baseline-init-N.yaml instead
-                               of the vision and base recipes
+                               of the vision and base recipes, and a universal model given with --universal
+                               universal.yaml and universal-init-N.yaml instead of stage1 and stage2
 
 ``MANIFEST.json``::
 
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from visor.reproduce.presets import BASELINE_STAGES, GIVEN_BASELINE
+from visor.reproduce.presets import BASELINE_STAGES, GIVEN_BASELINE, GIVEN_UNIVERSAL
 
 FORMAT = "visor-reproduce-checkpoints/1"
 MANIFEST = "MANIFEST.json"
@@ -178,7 +179,7 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
             "base": {"path": "base", "kind": "llava_onevision",
                      "recipe": next(recipe_paths[name] for name in (GIVEN_BASELINE, *reversed(BASELINE_STAGES))
                                    if name in recipe_paths)},  # the run that made it
-            "visor": {"path": "visor", "kind": "visor", "recipe": recipe_paths.get("stage2"),
+            "visor": {"path": "visor", "kind": "visor", "recipe": recipe_paths.get(GIVEN_UNIVERSAL, recipe_paths.get("stage2")),
                       "router": bool(visor_config.get("router")), "viable_configs": visor_config.get("viable_configs")},
         },
         "recipes": recipe_paths, "pipeline": "recipes/pipeline.yaml", "stages": stages or {}, "files": files,
