@@ -744,7 +744,8 @@ def test_a_given_universal_model_replaces_stages_1_to_2_and_its_provenance_is_sh
     assert not {"3-stage1", "4-configs", "5-stage2"} & {p.name for p in work.iterdir()}
     labels = json.loads((work / "6-labels" / "stage.json").read_text())
     assert labels["inputs"] == {"stage2": given_stage("universal", universal).output_id}
-    assert (tmp_path / "out" / "reproduce.csv").is_file()
+    report = (tmp_path / "out" / "reproduce.md").read_text()
+    assert f"--universal {universal}" in report and f"--baseline {base}" in report
 
     chain = universal_provenance(universal)  # stage 2 <- stage 1 (via the configs copy) <- the focus baseline <- base
     assert list(chain)[:2] == ["universal", "universal-init-1"] and chain["universal-init-1"]["kind"] == "visor-stage1"

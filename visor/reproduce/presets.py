@@ -98,8 +98,9 @@ class Preset:
         folder = Path(folder)
         recipe = read_baseline_recipe(folder)
         recipes = {k: v for k, v in self.recipes.items() if k != "vision" and k not in BASELINE_STAGES}
+        note = f"baseline given (--baseline {folder}): the vision and base stages did not run here"
         return dataclasses.replace(self, recipes={GIVEN_BASELINE: recipe, **recipes},
-                                   given_baseline=str(folder.resolve()))
+                                   given_baseline=str(folder.resolve()), notes=[*self.notes, note])
 
     def with_universal(self, folder: str | Path) -> Preset:
         """This preset with its universal VISOR model given: the stage-2 checkpoint in ``folder`` (written by
@@ -109,8 +110,10 @@ class Preset:
         folder = Path(folder)
         recipe = read_universal_recipe(folder)
         recipes = {k: v for k, v in self.recipes.items() if k not in UNIVERSAL_STAGES}
+        note = (f"universal model given (--universal {folder}): stage 1, the configuration search and stage 2 did not "
+                "run here; the labels, the router and what follows did")
         return dataclasses.replace(self, recipes={**recipes, GIVEN_UNIVERSAL: recipe},
-                                   given_universal=str(folder.resolve()))
+                                   given_universal=str(folder.resolve()), notes=[*self.notes, note])
 
     def benchmark_image_size(self) -> int | None:
         """The procedural benchmark's canvas (``data.synth_image_size``; None = SynthConfig's 192 px) that the
