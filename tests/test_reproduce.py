@@ -585,6 +585,45 @@ def test_a_second_continuation_of_the_baseline_becomes_the_baseline_and_visor_bu
     assert manifest["checkpoints"]["base"]["recipe"] == "recipes/focus2.yaml"
 
 
+def test_a_continuation_of_stage2_becomes_the_universal_model(quick, tmp_path):
+    """``stage2b`` continues stage 2: its init is stage 2's final model, the labels start from its output, the
+    shipped manifest names its recipe as the universal model's, `--status` lists it, and a model trained further from
+    such a set records its stage 2 and stage 1 after it."""
+    from visor.reproduce.pipeline import train_all
+    from visor.reproduce.presets import full_preset, quick_preset, universal_provenance
+    from visor.reproduce.shipped import MANIFEST, load_shipped, ship
+    from visor.reproduce.stages import link_completed_stages
+    from visor.reproduce.status import work_dir_status
+
+    assert full_preset().recipes["stage2b"]["kind"] == "visor-stage2"  # the repository's recipe, in --train
+    work = tmp_path / "work"
+    link_completed_stages(quick["root"] / "work", work, log=lambda *_: None)
+    preset = quick_preset()
+    preset.recipes["stage2b"] = {**preset.recipes["stage2"], "max_steps": 1, "save_every": 1}
+    with pytest.raises(StopAtStage):
+        train_all(preset, StageCache(work, log=lambda *_: None), progress=False, log=lambda *_: None,
+                  on_stage=stop_at("labels"))
+    stage2b = json.loads((work / "5b-stage2b" / "stage.json").read_text())
+    stage2 = json.loads((work / "5-stage2" / "stage.json").read_text())
+    assert stage2b["status"] == "complete" and stage2b["inputs"] == {"stage2": stage2["output_id"]}
+    run_recipe = json.loads((work / "5b-stage2b" / "run" / "final" / "recipe.json").read_text())
+    assert run_recipe["init"].endswith("5-stage2/run/final")
+    names = [s.name for s in work_dir_status(work)]
+    assert names.index("stage2b") == names.index("stage2") + 1
+
+    shipped_q = load_shipped(quick["root"] / "checkpoints")
+    recipes = {k: r.to_dict() for k, r in shipped_q.recipes.items()} | {"stage2b": run_recipe}
+    ship(tmp_path / "ship", shipped_q.base, shipped_q.visor, recipes, {}, preset="quick", commit="test")
+    assert json.loads((tmp_path / "ship" / MANIFEST).read_text())["checkpoints"]["visor"]["recipe"] == "recipes/stage2b.yaml"
+    continued = tmp_path / "continued"
+    shutil.copytree(tmp_path / "ship" / "visor", continued)
+    recipe = json.loads((continued / "recipe.json").read_text())
+    (continued / "recipe.json").write_text(json.dumps({**recipe, "init": str(tmp_path / "ship" / "visor")}))
+    chain = universal_provenance(continued)
+    assert list(chain) == ["universal", "universal-init-1", "universal-init-2", "universal-init-3"]
+    assert [chain[f"universal-init-{k}"]["kind"] for k in (2, 3)] == ["visor-stage2", "visor-stage1"]
+
+
 def test_a_given_baseline_replaces_the_base_stages_and_its_provenance_is_shipped(quick, tmp_path):
     """``--baseline DIR``: no vision or base stage runs; stage 1 starts from DIR, keyed on its contents (not its
     path); the shipped manifest names the given baseline's recipe, with its ancestors' (each run's init) beside it,

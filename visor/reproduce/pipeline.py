@@ -13,6 +13,8 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     3-stage1/run/final     VISOR stage 1: new blocks only                         (kind visor-stage1)
     4-configs/out          viable configurations written into the stage-1 model   (``visor configs``)
     5-stage2/run/final     VISOR stage 2: the universal model                     (kind visor-stage2)
+    5b-stage2b/run/final   optional: stage 2 continued under its own recipe (kind visor-stage2, init = 5-stage2);
+                           then it is the universal model
     6-labels/labels.jsonl  router pseudo-labels on training items                 (``visor route label``)
     7-router/model         the universal model with its router                    (``visor route train``)
     8-budget/budget.json   optional (``route_budget: auto``): the router budget chosen on validation items
@@ -22,7 +24,7 @@ Stages and their folders under the work directory (``--work-dir``; caching and r
     eval/<method>/         per-method predictions on the test split               (``visor eval``)
     timing/timing.json     measured prefill times
 
-``--baseline DIR`` replaces stages 1-2e with a given LLaVA-OV checkpoint, and ``--universal DIR`` (with it) stages 3-5
+``--baseline DIR`` replaces stages 1-2e with a given LLaVA-OV checkpoint, and ``--universal DIR`` (with it) stages 3-5b
 with a given universal model (e.g. a shipped one trained further): the labels, router and evaluation run on it.
 
 Plain ``visor reproduce`` skips the training stages and evaluates the shipped checkpoints
@@ -45,7 +47,7 @@ from visor.reproduce.presets import (GIVEN_BASELINE, GIVEN_UNIVERSAL, TRAINING_S
                                      cache_spec, universal_provenance)
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest
 
-STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "focus4", "stage1", "configs", "stage2", "labels", "router", "budget",
+STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "focus4", "stage1", "configs", "stage2", "stage2b", "labels", "router", "budget",
                "tr")
 
 
@@ -231,6 +233,9 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         _report(log, configs)
 
         stage2 = stages["stage2"] = training("stage2", 5, {"init": str(configs.path("model"))}, {"configs": configs.output_id})
+        if "stage2b" in preset.recipes:  # stage 2 continued under its own recipe: the universal model from here on
+            stage2 = stages["stage2b"] = training("stage2b", "5b", {"init": str(stage2.path("final"))},
+                                                  {"stage2": stage2.output_id})
 
     # ---- pseudo-labels
     on_stage("labels")

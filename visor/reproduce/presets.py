@@ -5,7 +5,8 @@ A preset is the recipes of the training stages (``recipes/*.yaml`` for ``full``)
 stages between and after them (``tr``, optional: VISOR-TR, the routed universal model fine-tuned on reduced
 tokens, which the VISOR-TR rows then run). ``focus`` to ``focus4`` are optional: base runs that continue the
 previous one under their own recipe (e.g. a mix weighted towards the hard families); the last one a preset has is
-the baseline that VISOR is built from and compared with. A preset can instead be given its baseline
+the baseline that VISOR is built from and compared with. ``stage2b`` is optional too: stage 2 continued under its own
+recipe (more steps on fresh items); when a preset has it, its output is the universal model. A preset can instead be given its baseline
 (:meth:`Preset.with_baseline`, ``visor reproduce --train --baseline DIR``): a LLaVA-OneVision checkpoint that
 ``visor train`` wrote, whose base stages are then not run; and its universal VISOR model too
 (:meth:`Preset.with_universal`, ``--universal DIR``: a stage-2 run, e.g. a shipped one trained further), whose
@@ -24,7 +25,8 @@ import yaml
 
 #: training stages, in order, with the recipe kind each one runs
 TRAINING_STAGES = {"vision": "vision", "base": "base", "focus": "base", "focus2": "base", "focus3": "base",
-                   "focus4": "base", "stage1": "visor-stage1", "stage2": "visor-stage2", "tr": "visor-stage2"}
+                   "focus4": "base", "stage1": "visor-stage1", "stage2": "visor-stage2", "stage2b": "visor-stage2",
+                   "tr": "visor-stage2"}
 #: the base runs in order: each optional one continues the previous one; the last a preset has is the baseline
 BASELINE_STAGES = ("base", "focus", "focus2", "focus3", "focus4")
 #: the recipe name of a given baseline (``Preset.with_baseline``); its ancestors' recipes follow as
@@ -34,11 +36,12 @@ GIVEN_BASELINE = "baseline"
 #: ``universal-init-1``, ... (``universal_provenance``)
 GIVEN_UNIVERSAL = "universal"
 #: the stages a given universal model replaces (the configuration search between them is skipped as well)
-UNIVERSAL_STAGES = ("stage1", "stage2")
+UNIVERSAL_STAGES = ("stage1", "stage2", "stage2b")
 #: recipe files of the full preset (under ``recipes/``)
 FULL_RECIPES = {"vision": "vision-tiny.yaml", "base": "base-tiny.yaml", "focus": "base-tiny-focus.yaml",
                 "focus2": "base-tiny-focus2.yaml", "focus3": "base-tiny-focus3.yaml",
                 "focus4": "base-tiny-focus4.yaml", "stage1": "visor-stage1-tiny.yaml", "stage2": "visor-stage2-tiny.yaml",
+                "stage2b": "visor-stage2-continue-tiny.yaml",
                 "tr": "visor-tr-tiny.yaml"}
 #: recipe fields that are paths or logging knobs: not part of a stage's cache key
 PATH_FIELDS = ("out_dir", "init", "vision_init", "tokenizer")
@@ -122,7 +125,7 @@ class Preset:
         ``focus``) may pre-train on another canvas."""
         baseline = self.baseline_stage()
         sizes = {stage: (self.recipes[stage].get("data") or {}).get("synth_image_size")
-                 for stage in (baseline, "stage1", "stage2", GIVEN_UNIVERSAL, "tr") if stage in self.recipes}
+                 for stage in (baseline, "stage1", "stage2", "stage2b", GIVEN_UNIVERSAL, "tr") if stage in self.recipes}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"preset {self.name!r}: the baseline and VISOR stages train on different benchmark "
                              f"canvases (data.synth_image_size {sizes}); they are evaluated on one")
@@ -233,8 +236,8 @@ def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
 def universal_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
     """A given universal model's recipe and its ancestors', named ``universal``, ``universal-init-1``, ... (as
     :func:`baseline_provenance`). An ``init`` that is a shipped set's universal model (``checkpoints/visor``) ends
-    the walk with what the set recorded before it: its stage 1 (or, for a set that was itself given its universal
-    model, that model's recorded ancestors)."""
+    the walk with what the set recorded before it: its stage 1 (stage 2 and stage 1 when it continued stage 2; for a
+    set that was itself given its universal model, that model's recorded ancestors)."""
     return _provenance(GIVEN_UNIVERSAL, read_universal_recipe(folder), limit)
 
 
@@ -265,8 +268,9 @@ def _shipped_ancestors(folder: Path, name: str) -> list[dict] | None:
     member = shipped.base if name == GIVEN_BASELINE else shipped.visor
     if member.resolve() != folder.resolve():
         return None
-    if name == GIVEN_UNIVERSAL and GIVEN_UNIVERSAL not in shipped.recipes:
-        return [shipped.recipes["stage1"].to_dict()] if "stage1" in shipped.recipes else []
+    if name == GIVEN_UNIVERSAL and GIVEN_UNIVERSAL not in shipped.recipes:  # its model: stage 2's, or stage2b's
+        before = ("stage2", "stage1") if "stage2b" in shipped.recipes else ("stage1",)
+        return [shipped.recipes[k].to_dict() for k in before if k in shipped.recipes]
     ancestors, k = [], 1
     while f"{name}-init-{k}" in shipped.recipes:
         ancestors.append(shipped.recipes[f"{name}-init-{k}"].to_dict())

@@ -9,7 +9,8 @@ Layout of the folder (``checkpoints/`` in the repository by default)::
       visor/                   the universal VISOR model with its router (save_pretrained, safetensors)
       visor-tr/                optional: VISOR-TR, that model fine-tuned on reduced tokens (the tr stage)
       recipes/                 the recipes that made them, as run: vision.yaml, base.yaml, focus*.yaml
-                               (when the preset continues the baseline), stage1.yaml, stage2.yaml, and
+                               (when the preset continues the baseline), stage1.yaml, stage2.yaml (stage2b.yaml
+                               when it continues stage 2), and
                                pipeline.yaml (configs search, labels, router, evaluation); a baseline given
                                with --baseline has baseline.yaml and its ancestors' baseline-init-N.yaml instead
                                of the vision and base recipes, and a universal model given with --universal
@@ -179,7 +180,9 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
             "base": {"path": "base", "kind": "llava_onevision",
                      "recipe": next(recipe_paths[name] for name in (GIVEN_BASELINE, *reversed(BASELINE_STAGES))
                                    if name in recipe_paths)},  # the run that made it
-            "visor": {"path": "visor", "kind": "visor", "recipe": recipe_paths.get(GIVEN_UNIVERSAL, recipe_paths.get("stage2")),
+            "visor": {"path": "visor", "kind": "visor",
+                      "recipe": next((recipe_paths[name] for name in (GIVEN_UNIVERSAL, "stage2b", "stage2")
+                                      if name in recipe_paths), None),
                       "router": bool(visor_config.get("router")), "viable_configs": visor_config.get("viable_configs")},
         },
         "recipes": recipe_paths, "pipeline": "recipes/pipeline.yaml", "stages": stages or {}, "files": files,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from visor.reproduce.stages import RECORD
 
-STAGE_FOLDERS = ("1-vision", "2-base", "2b-focus", "2c-focus2", "2d-focus3", "2e-focus4", "3-stage1", "4-configs", "5-stage2", "6-labels", "7-router",
-                 "8-budget", "9-tr")
-#: optional stages (the baseline's continuations, the budget choice): listed once their folder exists (a preset may
+STAGE_FOLDERS = ("1-vision", "2-base", "2b-focus", "2c-focus2", "2d-focus3", "2e-focus4", "3-stage1", "4-configs", "5-stage2", "5b-stage2b",
+                 "6-labels", "7-router", "8-budget", "9-tr")
+#: optional stages (the baseline's and stage 2's continuations, the budget choice): listed once their folder exists (a preset may
 #: have none of them)
-OPTIONAL_FOLDERS = ("2b-focus", "2c-focus2", "2d-focus3", "2e-focus4", "8-budget", "9-tr")
+OPTIONAL_FOLDERS = ("2b-focus", "2c-focus2", "2d-focus3", "2e-focus4", "5b-stage2b", "8-budget", "9-tr")
 THROUGHPUT_WINDOWS = 5  # logged windows averaged for the estimate
 
 
