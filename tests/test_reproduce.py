@@ -221,11 +221,16 @@ def test_the_repositorys_shipped_checkpoints_verify_load_and_answer():
     shipped = load_shipped(ROOT / "checkpoints")  # verify=True: every file's sha256 against MANIFEST.json
     assert shipped.manifest["preset"] == "full" and shipped.manifest["dtype"] == "bf16"
     assert all(isinstance(r, Recipe) for r in shipped.recipes.values())
-    # built on a given baseline (focus3 <- focus2, visor reproduce --train --baseline): its recipe and its ancestors'
-    assert {"baseline", "baseline-init-1", "stage1", "stage2"} <= set(shipped.recipes)
-    # the universal model is what the repository's stage-2 recipe trains
-    stage2 = yaml.safe_load((ROOT / "recipes" / "visor-stage2-tiny.yaml").read_text())
-    assert shipped.recipes["stage2"].max_steps == stage2["max_steps"]
+    # built on a given baseline (focus4 <- focus3 <- ..., visor reproduce --train --baseline) and a given universal
+    # model (--universal: stage 2 continued from the focus4 candidate set's): their recipes and their ancestors'
+    assert {"baseline", "baseline-init-1", "universal", "universal-init-1", "universal-init-2"} <= set(shipped.recipes)
+    assert shipped.recipes["baseline"].vision_shape_weight > 0  # focus4, with the tower's shape head
+    # the universal model is what the repository's stage-2 and stage-2 continuation (stage2b) recipes train
+    for name, recipe in (("universal", "visor-stage2-continue-tiny.yaml"), ("universal-init-1", "visor-stage2-tiny.yaml")):
+        repo = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
+        assert shipped.recipes[name].kind == "visor-stage2" and shipped.recipes[name].max_steps == repo["max_steps"]
+        assert shipped.recipes[name].data.seed == (repo.get("data") or {}).get("seed", 0)
+    assert shipped.recipes["universal-init-2"].kind == "visor-stage1"
     assert shipped.pipeline["label_score"] == "loglik"
     assert isinstance(shipped.pipeline["route_budget"], float)  # a number: plain `visor reproduce` has no validation stage
     canvas = trained_canvas(shipped.visor)
