@@ -827,3 +827,32 @@ def test_a_given_universal_model_must_be_a_stage2_visor_run_with_its_baseline(qu
         assert main(["reproduce", "--quick", "--baseline", base, "--universal", str(folder)] + w) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_given_universal_model_built_on_another_baseline_is_warned_about(quick, tmp_path):
+    """VISOR's stages keep the vision tower frozen, so a universal model carries its baseline's tower: a baseline
+    whose tower differs (another baseline) is reported in the log and the report's notes, not silently compared."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from visor.reproduce.pipeline import train_all
+    from visor.reproduce.presets import quick_preset, tower_mismatch
+
+    work_q = quick["root"] / "work"
+    base, universal = work_q / "2b-focus" / "run" / "final", work_q / "5-stage2" / "run" / "final"
+    assert tower_mismatch(base, universal) is None
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    weights = load_file(str(other / "model.safetensors"))
+    key = next(k for k in sorted(weights) if k.startswith("vision_tower.") and weights[k].is_floating_point())
+    weights[key] = weights[key] + 0.5
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert key in tower_mismatch(other, universal)
+
+    preset = quick_preset().with_baseline(other).with_universal(universal)
+    messages = []
+    with pytest.raises(StopAtStage):
+        train_all(preset, StageCache(tmp_path / "work", log=lambda *_: None), progress=False, log=messages.append,
+                  on_stage=stop_at("labels"))
+    assert any("[universal] warning" in m and key in m for m in messages)
+    assert any(n.startswith("warning:") for n in preset.notes)

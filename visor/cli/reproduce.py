@@ -69,8 +69,9 @@ def register(subparsers) -> None:
     parser.add_argument("--universal", default=None, metavar="DIR",
                         help="--train/--quick, with --baseline: route and evaluate this universal VISOR model (a stage-2 "
                              "run's final/ folder, e.g. a shipped set's visor/ trained further) instead of training "
-                             "stage 1, the configuration search and stage 2; it must have been built on --baseline, "
-                             "and --ship records its recipe and its ancestors'")
+                             "stage 1, the configuration search and stage 2; it must have been built on --baseline (a "
+                             "vision tower that differs from the baseline's is warned about: VISOR's stages keep it "
+                             "frozen), and --ship records its recipe and its ancestors'")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="--train/--quick: run each training stage under torchrun with N DDP processes "

@@ -44,7 +44,7 @@ import torch
 
 from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
 from visor.reproduce.presets import (GIVEN_BASELINE, GIVEN_UNIVERSAL, TRAINING_STAGES, Preset, baseline_provenance,
-                                     cache_spec, universal_provenance)
+                                     cache_spec, tower_mismatch, universal_provenance)
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest
 
 STAGE_NAMES = ("vision", "base", "focus", "focus2", "focus3", "focus4", "stage1", "configs", "stage2", "stage2b", "labels", "router", "budget",
@@ -199,6 +199,10 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         stage2 = stages[GIVEN_UNIVERSAL] = given_stage(GIVEN_UNIVERSAL, Path(preset.given_universal))
         recipes.update(universal_provenance(Path(preset.given_universal)))
         log(f"[universal] given: {preset.given_universal} (id {stage2.output_id[:12]})")
+        mismatch = tower_mismatch(baseline.path("final"), stage2.path("final"))
+        if mismatch:
+            log(f"[universal] warning: {mismatch}; the comparison assumes it was built on the given baseline")
+            preset.notes.append(f"warning: {mismatch}")
     else:
         stage1 = stages["stage1"] = training("stage1", 3, {"init": str(baseline.path("final"))}, {"base": baseline.output_id})
 

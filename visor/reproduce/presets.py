@@ -223,6 +223,32 @@ def read_universal_recipe(folder: Path) -> dict:
     return recipe
 
 
+def tower_mismatch(baseline: Path, universal: Path, rtol: float = 1e-2) -> str | None:
+    """Why ``universal`` looks built on another baseline than ``baseline``, or ``None``: VISOR's stages keep the
+    vision tower frozen, so a universal model built on this baseline carries its tower's weights (up to bf16 rounding,
+    hence ``rtol``). A stage that trained the tower also differs, so the caller warns rather than refuses."""
+    import torch
+    from safetensors import safe_open
+
+    def tower(folder: Path) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as handle:
+                tensors.update({k: handle.get_tensor(k).float() for k in handle.keys() if k.startswith("vision_tower.")})
+        return tensors
+
+    ours, theirs = tower(baseline), tower(universal)
+    if not ours or set(ours) != set(theirs):
+        return (f"the vision towers of {baseline} and {universal} have different parameters "
+                f"({len(ours)} and {len(theirs)} tensors)")
+    differing = [k for k in sorted(ours) if ours[k].shape != theirs[k].shape
+                 or not torch.allclose(ours[k], theirs[k], rtol=rtol, atol=1e-6)]
+    if differing:
+        return (f"{len(differing)} of {len(ours)} vision-tower tensors of {universal} differ from {baseline}'s (e.g. "
+                f"{differing[0]}): built on another baseline, or a stage trained the tower")
+    return None
+
+
 def baseline_provenance(folder: Path, limit: int = 10) -> dict[str, dict]:
     """A given baseline's recipe and its ancestors' (each run's ``init``, as long as that folder still holds a
     ``recipe.json``), named ``baseline``, ``baseline-init-1``, ...: what made the checkpoint, recorded with it.
