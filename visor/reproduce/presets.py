@@ -228,14 +228,11 @@ def tower_mismatch(baseline: Path, universal: Path, rtol: float = 1e-2) -> str |
     vision tower frozen, so a universal model built on this baseline carries its tower's weights (up to bf16 rounding,
     hence ``rtol``). A stage that trained the tower also differs, so the caller warns rather than refuses."""
     import torch
-    from safetensors import safe_open
+
+    from visor.convert.llava_onevision import load_hf_state_dict
 
     def tower(folder: Path) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(path), "pt") as handle:
-                tensors.update({k: handle.get_tensor(k).float() for k in handle.keys() if k.startswith("vision_tower.")})
-        return tensors
+        return {k: v.float() for k, v in load_hf_state_dict(folder).items() if k.startswith("vision_tower.")}
 
     ours, theirs = tower(baseline), tower(universal)
     if not ours or set(ours) != set(theirs):
