@@ -259,6 +259,11 @@ def test_plain_reproduce_evaluates_the_shipped_checkpoints(quick, tmp_path):
     assert any("--quick" in note for note in data["meta"]["provenance"]["notes"])
     with open(tmp_path / "out" / "reproduce.csv") as handle:
         assert [r["method"] for r in csv.DictReader(handle)] == LABELS
+    # no --precision: auto, resolved for this machine (bf16 only with AMX), recorded in the JSON and the report
+    from visor.precision import resolve_precision
+
+    auto = resolve_precision("auto")
+    assert data["meta"]["eval"]["precision"] == auto and f"precision {auto};" in (tmp_path / "out" / "reproduce.md").read_text()
 
 
 def test_a_visor_tr_model_is_added_to_a_shipped_set_that_has_none(quick, tmp_path):

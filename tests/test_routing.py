@@ -219,3 +219,67 @@ def test_budget_rule_picks_the_cheapest_budget_within_tolerance_else_the_least_s
     assert choose_budget(missed, tolerance=0.02)["within_tolerance"]  # the tolerance is a parameter
     with pytest.raises(ValueError, match="routed rows"):
         choose_budget(table)
+
+
+# ---------------------------------------------------------------------- relabelling stored scores
+def _stored_row(grader, loglik, costs=None):
+    row = {"id": "x", "family": "color", "difficulty": "easy", "score_kind": "loglik",
+           "grader_scores": grader, "loglik_scores": loglik}
+    if costs is not None:
+        row["costs"] = costs
+    return row
+
+
+def test_relabel_applies_the_rule_to_stored_scores_at_another_threshold():
+    from visor.routing.labels import relabel
+
+    row = _stored_row({"none": 1.0, "0": 1.0, "0+1": 1.0}, {"none": 0.90, "0": 0.96, "0+1": 0.99})
+    (strict,) = relabel([row], 0.99)
+    assert strict["label"] == [0, 1] and strict["label_index"] == 2 and strict["threshold"] == 0.99
+    (loose,) = relabel([row], 0.95)
+    assert loose["label"] == [0] and loose["label_index"] == 1
+    assert relabel([row], 0.90)[0]["label"] == []  # 0.90 >= 0.90 * 0.99
+    (by_grader,) = relabel([row], 0.99, score="grader")  # every configuration passes the grader: the cheapest
+    assert by_grader["label"] == [] and by_grader["score_kind"] == "grader"
+    assert strict["label_by_grader"] == [] and strict["label_by_loglik"] == [0, 1]
+    assert strict["grader_scores"] == row["grader_scores"]  # the stored scores travel unchanged
+    with pytest.raises(ValueError, match="score"):
+        relabel([row], 0.9, score="bleu")
+
+
+def test_relabel_orders_by_stored_costs_and_else_by_sa_slot_count():
+    from visor.routing.labels import relabel
+
+    scores = {"none": 0.5, "0": 0.99, "base:0+1": 0.99, "0+1": 1.0}
+    # stored costs: the base-resolution configuration with two SA layers is cheaper than full resolution with one
+    costs = {"none": 1.0, "base:0+1": 2.0, "0": 3.0, "0+1": 4.0}
+    (row,) = relabel([_stored_row(scores, scores, costs)], 0.99)
+    assert row["label"] == {"resolution": "base", "active_sa": [0, 1]} and row["label_index"] == 2
+    plain = {"none": 0.5, "1": 0.99, "0+1": 1.0}
+    assert relabel([_stored_row(plain, plain)], 0.99)[0]["label"] == [1]  # no costs: fewer SA slots is cheaper
+
+
+def test_relabel_cli_sweeps_a_threshold_without_the_model(tmp_path, capsys):
+    from visor.cli.main import main
+    from visor.routing.labels import write_labels
+
+    rows = [_stored_row({"none": 1.0, "0": 1.0}, {"none": p, "0": 1.0}) | {"id": f"i{k}"} for k, p in enumerate((0.5, 0.97))]
+    source, out = tmp_path / "labels.jsonl", tmp_path / "t95.jsonl"
+    write_labels(rows, source)
+    assert main(["route", "relabel", str(source), "--threshold", "0.95", "--out", str(out)]) == 0
+    labels = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert labels == [[0], []]
+    assert json.loads(out.with_suffix(".summary.json").read_text())["per_family"] == {"color": {"0": 1, "none": 1}}
+    with pytest.raises(SystemExit, match="relabel"):
+        main(["route", "relabel", str(tmp_path / "missing.jsonl"), "--threshold", "0.9", "--out", str(out)])
+
+
+def test_reference_accuracies_say_what_a_sample_blind_router_scores():
+    from visor.routing.train import reference_accuracies
+
+    labels = [0, 0, 1, 2, 2, 2]
+    families = ["color", "color", "color", "code", "code", "doc"]
+    ref = reference_accuracies(labels, families)
+    assert ref["majority"] == pytest.approx(3 / 6)  # always 2
+    assert ref["family_majority"] == pytest.approx(5 / 6)  # color -> 0 (2 of 3), code -> 2, doc -> 2
+    assert "family_majority" not in reference_accuracies(labels, [None] * 6)  # LLaVA data without families

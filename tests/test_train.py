@@ -308,6 +308,22 @@ def test_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
     assert Trainer(recipe, progress=False).train() is not None
 
 
+def test_precision_auto_resolves_for_the_machine_and_is_recorded(tmp_path, monkeypatch, capsys):
+    from visor.train.loop import Trainer
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)  # a CPU without AMX
+    recipe = load_recipe(tiny_recipe(tmp_path, "auto", max_steps=1, save_every=1, precision="auto"))
+    Trainer(recipe, progress=False).train()
+    assert json.loads((tmp_path / "auto" / "final" / "recipe.json").read_text())["precision"] == "fp32"
+    assert "precision auto -> fp32" in capsys.readouterr().out
+    Trainer(load_recipe(tiny_recipe(tmp_path, "bf16", precision="bf16")), progress=False)  # asked bf16: runs, warned
+    assert "without AMX" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert Trainer(load_recipe(tiny_recipe(tmp_path, "amx", precision="auto")), progress=False).recipe.precision == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        load_recipe(tiny_recipe(tmp_path, "bad", precision="fp16"))
+
+
 def test_stage1_trains_only_the_new_blocks(base_run, tmp_path):
     from visor import VisorForConditionalGeneration
     from visor.train.loop import Trainer

@@ -9,14 +9,11 @@ an eager attention implementation or patching it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+from visor.precision import autocast  # noqa: F401  (the analysis tools' precision switch)
 
 
 def load(folder: str | Path):

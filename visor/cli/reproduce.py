@@ -73,6 +73,10 @@ def register(subparsers) -> None:
                              "vision tower that differs from the baseline's is warned about: VISOR's stages keep it "
                              "frozen), and --ship records its recipe and its ancestors'")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                        help="evaluation, labelling and budget search in bf16 autocast or fp32 (default: auto, bf16 where "
+                             "the CPU has AMX or on a GPU, fp32 elsewhere, where bf16 is several times slower; --quick "
+                             "keeps its fp32). The README's table ran in bf16: pass --precision bf16 to get it exactly")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="--train/--quick: run each training stage under torchrun with N DDP processes "
                              "(each with the recipe's threads; the cache does not depend on N, so a stage can resume "
@@ -209,6 +213,7 @@ def _shipped(args, work_dir: Path, progress: bool, log):
         print(f"visor reproduce: {err}", file=sys.stderr)
         return None
     preset = preset_from_settings(shipped.pipeline, shipped.recipes)
+    _set_precision(preset, args.precision, log)
     spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing)
     ids = shipped.model_ids
     cache = StageCache(work_dir / f"shipped-{ids['visor'][:12]}", set(args.force), log)
@@ -229,6 +234,14 @@ def _shipped(args, work_dir: Path, progress: bool, log):
     return data
 
 
+def _set_precision(preset, precision: str | None, log) -> None:
+    """The preset's evaluation precision from ``--precision`` (``auto`` when not given), resolved for this machine."""
+    from visor.precision import resolve_precision
+
+    preset.precision = resolve_precision(precision or "auto")
+    log(f"precision: {preset.precision}" + (" (auto: this CPU's bf16 speed decides)" if not precision or precision == "auto" else ""))
+
+
 def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     from visor.reproduce.pipeline import evaluate_checkpoints, eval_spec_for, train_all
     from visor.reproduce.presets import full_preset, quick_preset
@@ -242,6 +255,8 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
         preset = preset.with_universal(args.universal)
     if getattr(args, "resolutions", None):
         preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    if mode != "quick" or args.precision:
+        _set_precision(preset, args.precision, log)
     cache = StageCache(work_dir, set(args.force), log, reuse_from=getattr(args, "reuse_from", None))
     log(f"visor reproduce --{mode}: stages under {work_dir}")
     try:

@@ -1,4 +1,4 @@
-"""``visor route label | train | report``: pseudo-labels, router training, router vs fixed configurations."""
+"""``visor route label | relabel | train | report``: pseudo-labels, router training, router vs fixed configurations."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def _data_args(parser: argparse.ArgumentParser, split: str, n: int) -> None:
     add_image_size(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="bf16 autocast or fp32 (default auto: bf16 where the CPU has AMX, see visor.precision)")
 
 
 def register(subparsers) -> None:
@@ -37,6 +39,17 @@ def register(subparsers) -> None:
                        help="grader: the task metric on the greedy answer; loglik: exp(mean answer-token log-prob)")
     _data_args(label, "train", 1000)
     label.set_defaults(func=run_label)
+
+    relabel = verbs.add_parser("relabel", help="label stored per-configuration scores again at another threshold (no model run)",
+                               description="Re-apply the label rule to the scores a `visor route label` file stores, at another "
+                               "--threshold and/or by the other --score, without running the model again (a threshold "
+                               "sweep costs seconds). Writes the same JSONL format, with its summary.")
+    relabel.add_argument("labels", help="labels JSONL from `visor route label`")
+    relabel.add_argument("--out", required=True, help="labels JSONL file to write")
+    relabel.add_argument("--threshold", type=float, required=True, help="score ratio to the maximal configuration")
+    relabel.add_argument("--score", choices=["grader", "loglik"], default=None,
+                         help="which stored score labels (default: the one the file was labelled by)")
+    relabel.set_defaults(func=run_relabel)
 
     train = verbs.add_parser("train", help="train the router on labels (backbone frozen) and save the checkpoint with it")
     train.add_argument("--model", required=True, help="universal VISOR checkpoint")
@@ -88,26 +101,47 @@ def _viable(model) -> list:
     return [c if isinstance(c, dict) else tuple(c) for c in viable]
 
 
-def run_label(args: argparse.Namespace) -> int:
-    import torch
+def _print_label_summary(rows: list[dict], out: str) -> None:
+    from visor.routing.labels import label_summary
 
-    from visor.routing.labels import label_items, label_summary, write_labels
-
-    model, tokenizer, image_processor, items = _setup(args)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows = label_items(model, tokenizer, image_processor, items, _viable(model), threshold=args.threshold,
-                           score=args.score, batch_size=args.batch_size)
-    write_labels(rows, args.out)
     summary = label_summary(rows)
-    Path(args.out).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    Path(out).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
     for family, counts in summary["per_family"].items():
         print(f"{family:<12} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     print(f"grader vs loglik labels agree on {100 * (summary['grader_loglik_agreement'] or 0):.1f}% of samples")
-    print_json_line({"out": args.out, **summary})
+    print_json_line({"out": out, **summary})
+
+
+def run_relabel(args: argparse.Namespace) -> int:
+    from visor.routing.labels import read_labels, relabel, write_labels
+
+    try:
+        rows = relabel(read_labels(args.labels), args.threshold, args.score)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise SystemExit(f"visor route relabel: {args.labels}: {err!r}") from err
+    if not rows:
+        raise SystemExit(f"visor route relabel: {args.labels} holds no labels")
+    write_labels(rows, args.out)
+    _print_label_summary(rows, args.out)
+    return 0
+
+
+def run_label(args: argparse.Namespace) -> int:
+    from visor.precision import autocast
+    from visor.routing.labels import label_items, write_labels
+
+    model, tokenizer, image_processor, items = _setup(args)
+    model.float()  # weights may be shipped in bf16: the precision is the autocast's
+    with autocast(args.precision):
+        rows = label_items(model, tokenizer, image_processor, items, _viable(model), threshold=args.threshold,
+                           score=args.score, batch_size=args.batch_size)
+    write_labels(rows, args.out)
+    _print_label_summary(rows, args.out)
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from visor.precision import resolve_precision
     from visor.routing.labels import read_labels
     from visor.routing.train import save_router_checkpoint, train_router
 
@@ -121,22 +155,26 @@ def run_train(args: argparse.Namespace) -> int:
     configs = _viable(model)
     parsed = [parse_configuration(c, model.plan) for c in configs]
     labels = [parsed.index(parse_configuration(rows[it.id][args.label_field], model.plan)) for it in items]
+    stored = next(model.parameters()).dtype
+    model.float()  # compute in fp32 or bf16 autocast; the output keeps the input's storage dtype
     result = train_router(model, tokenizer, image_processor, items, labels, configs, epochs=args.epochs, lr=args.lr,
-                          batch_size=args.batch_size, read_after_layer=args.read_after_layer)
+                          batch_size=args.batch_size, read_after_layer=args.read_after_layer,
+                          autocast=resolve_precision(args.precision) == "bf16")
+    model.to(stored)
     out = save_router_checkpoint(model, tokenizer, image_processor, result, args.out, args.model)
     print_json_line({"out": str(out), "n": len(items), "label_distribution": dict(Counter(map(str, labels))),
-                     "final": result["history"][-1]})
+                     "final": result["history"][-1], "reference_accuracy": result["reference_accuracy"]})
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    import torch
-
+    from visor.precision import autocast
     from visor.routing.budget import choose_budget, describe
     from visor.routing.report import format_report, route_report
 
     model, tokenizer, image_processor, items = _setup(args)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model.float()  # as in run_label
+    with autocast(args.precision):
         report = route_report(model, tokenizer, image_processor, items, args.out, budgets=tuple(args.budget or [0.0]),
                               batch_size=args.batch_size)
     print(format_report(report))

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from visor.precision import autocast as _autocast
 from tqdm.auto import tqdm
 
 from visor.reproduce import methods as M
@@ -60,10 +61,6 @@ def load_model(folder: str | Path) -> Loaded:
     model = model.float()  # weights may be shipped in bf16; evaluation precision is the autocast's
     tokenizer = load_tokenizer(folder)
     return Loaded(model, tokenizer, image_processor_for(model.config), kind, Path(folder))
-
-
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def test_items(spec: EvalSpec):

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from visor.reproduce.evaluation import EvalSpec, _autocast, run_all
+from visor.precision import autocast as _autocast
+from visor.reproduce.evaluation import EvalSpec, run_all
 from visor.reproduce.presets import (GIVEN_BASELINE, GIVEN_UNIVERSAL, TRAINING_STAGES, Preset, baseline_provenance,
                                      cache_spec, tower_mismatch, universal_provenance)
 from visor.reproduce.stages import StageCache, StageInterrupted, StageResult, digest

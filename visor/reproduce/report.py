@@ -221,7 +221,8 @@ def markdown(data: dict) -> str:
     lines = ["# VISOR reproduction", ""]
     prov = meta.get("provenance", {})
     lines.append(f"Mode: **{prov.get('mode', '?')}** (preset {prov.get('preset', '?')}); test split: {meta['n_items']} "
-                 f"procedural items (seed {meta['eval']['seed']}); commit {prov.get('commit', '?')}.")
+                 f"procedural items (seed {meta['eval']['seed']}); precision {meta['eval'].get('precision', 'bf16')}; "
+                 f"commit {prov.get('commit', '?')}.")
     for note in prov.get("notes", []):
         lines.append(f"> {note}")
     lines += ["", "Checkpoints: " + ", ".join(f"{k} `{shown_path(v)}`" for k, v in meta["models"].items()),

@@ -28,18 +28,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from contextlib import nullcontext
 
 import torch
+
+from visor.precision import autocast as _autocast
 from tqdm.auto import tqdm
 
 from visor.model.resolution import BASE, FULL, image_tiled, names_resolution, parse_configuration
 
 ROUTE, VISION, TILES = "route", "vision", "tiles"  # atom kinds besides a configuration (None | slot tuple)
-
-
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 class _Prepared:

@@ -91,14 +91,41 @@ def label_items(model, tokenizer, image_processor, items: Sequence, configs: Seq
         label = choose_label(chosen, costs, threshold)
         rows.append({
             "id": item.id, "family": item.family, "difficulty": item.difficulty, "label": list(label),
-            "label_index": configs.index(label), "score_kind": score,
+            "label_index": configs.index(label), "score_kind": score, "threshold": threshold,
             "grader_scores": {format_slots(c): v for c, v in grader_scores.items()},
             "loglik_scores": {format_slots(c): v for c, v in loglik_scores.items()},
             "label_by_grader": list(choose_label(grader_scores, costs, threshold)),
             "label_by_loglik": list(choose_label(loglik_scores, costs, threshold)),
             "predictions": {format_slots(c): graded[c][index].prediction for c in configs},
+            "costs": {format_slots(c): v for c, v in costs.items()},
         })
     return rows
+
+
+def relabel(rows: Sequence[dict], threshold: float, score: str | None = None) -> list[dict]:
+    """The same rows labelled again from their stored per-configuration scores, at another ``threshold``
+    (and, with ``score``, by the other score), without running the model again.
+
+    A row's ``costs`` order the configurations; rows written before the costs were stored order them by
+    SA slot count, which for plain SA lists is the cost order (every SA layer costs the same)."""
+    from visor.model.resolution import parse_configuration
+
+    out = []
+    for row in rows:
+        kind = score or row.get("score_kind", "grader")
+        if kind not in ("grader", "loglik"):
+            raise ValueError(f"score must be 'grader' or 'loglik', got {kind!r}")
+        keys = list(row["grader_scores"])
+        configs = {key: parse_configuration(key) for key in keys}
+        stored = row.get("costs") or {key: float(len(configs[key].active_sa)) for key in keys}
+        costs = {configs[key]: stored[key] for key in keys}
+        by = {name: {configs[key]: row[f"{name}_scores"][key] for key in keys} for name in ("grader", "loglik")}
+        chosen = {name: choose_label(by[name], costs, threshold) for name in by}
+        order = [configs[key] for key in keys]
+        out.append({**row, "label": chosen[kind].to_json(), "label_index": order.index(chosen[kind]), "score_kind": kind,
+                    "label_by_grader": chosen["grader"].to_json(), "label_by_loglik": chosen["loglik"].to_json(),
+                    "threshold": threshold})
+    return out
 
 
 def _label_with_resolution(model, tokenizer, image_processor, items, configs, threshold, score, batch_size, progress) -> list[dict]:
@@ -122,7 +149,7 @@ def _label_with_resolution(model, tokenizer, image_processor, items, configs, th
         label = choose_label(grader_scores if score == "grader" else loglik_scores, costs, threshold)
         rows.append({
             "id": item.id, "family": item.family, "difficulty": item.difficulty, "label": label.to_json(),
-            "label_index": configs.index(label), "score_kind": score,
+            "label_index": configs.index(label), "score_kind": score, "threshold": threshold,
             "grader_scores": {c.label(): v for c, v in grader_scores.items()},
             "loglik_scores": {c.label(): v for c, v in loglik_scores.items()},
             "label_by_grader": choose_label(grader_scores, costs, threshold).to_json(),

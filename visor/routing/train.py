@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,7 +78,25 @@ def train_router(model, tokenizer, image_processor, items: Sequence, label_indic
     for param in model.parameters():
         param.requires_grad = True
     model.eval()
-    return {"history": history, "configs": [c if isinstance(c, dict) else list(c) for c in model.config.router["configs"]]}
+    return {"history": history, "configs": [c if isinstance(c, dict) else list(c) for c in model.config.router["configs"]],
+            "reference_accuracy": reference_accuracies(label_indices, [getattr(it, "family", None) for it in items])}
+
+
+def reference_accuracies(labels: Sequence[int], families: Sequence[str | None]) -> dict:
+    """What a router that does not look at the sample would score on these labels: always the most common
+    label (``majority``), and the most common label of the item's task family (``family_majority``, only
+    when every item has a family). A router's train accuracy at ``family_majority`` means it learned the
+    family, not the sample."""
+    def majority_hits(groups: dict) -> int:
+        return sum(max(Counter(members).values()) for members in groups.values())
+
+    out = {"majority": majority_hits({None: list(labels)}) / len(labels) if labels else None}
+    if labels and all(f is not None for f in families):
+        by_family: dict = {}
+        for label, family in zip(labels, families):
+            by_family.setdefault(family, []).append(label)
+        out["family_majority"] = majority_hits(by_family) / len(labels)
+    return out
 
 
 def save_router_checkpoint(model, tokenizer, image_processor, history: dict, out: str | Path, source: str | Path) -> Path:

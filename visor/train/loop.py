@@ -333,8 +333,21 @@ class Trainer:
             torch.set_num_threads(recipe.threads)
         self.env = init_distributed(device)
         self.progress = progress and self.env.is_main
+        self._settle_precision()
         self.run_dir = Path(recipe.out_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def _settle_precision(self) -> None:
+        """Resolve ``precision: auto`` for this device, and say so when bf16 is asked of a CPU that emulates it."""
+        from visor.precision import fast_bf16, resolve_precision
+
+        asked = self.recipe.precision
+        self.recipe.precision = resolve_precision(asked, self.env.device)
+        if asked == "auto":
+            self._log(f"precision auto -> {self.recipe.precision} on {self.env.device.type}")
+        elif asked == "bf16" and self.env.device.type == "cpu" and not fast_bf16("cpu"):
+            self._log("warning: bf16 autocast on a CPU without AMX is emulated and several times slower than fp32 "
+                      "(visor.precision); pass precision=auto or precision=fp32 to train in fp32 here")
 
     # ------------------------------------------------------------ set-up
     def _tokenizer(self):

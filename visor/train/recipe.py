@@ -98,7 +98,9 @@ class Recipe:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0 = only at the end
     log_every: int = 10
-    precision: Literal["bf16", "fp32"] = "bf16"
+    # auto: bf16 autocast where it runs natively (a GPU, a CPU with AMX), fp32 elsewhere (visor.precision); the run's
+    # recipe.json records what ran
+    precision: Literal["auto", "bf16", "fp32"] = "bf16"
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     grad_checkpointing: bool = False
     threads: int | None = None  # torch intra-op threads per process (1 is fastest on a busy 2-core machine)
