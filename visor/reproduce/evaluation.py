@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
-from visor.precision import autocast as _autocast
 from tqdm.auto import tqdm
 
+from visor.precision import autocast as _autocast
 from visor.reproduce import methods as M
 from visor.reproduce.stages import StageCache, digest
 

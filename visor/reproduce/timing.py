@@ -30,11 +30,10 @@ import time
 from collections import Counter
 
 import torch
-
-from visor.precision import autocast as _autocast
 from tqdm.auto import tqdm
 
 from visor.model.resolution import BASE, FULL, image_tiled, names_resolution, parse_configuration
+from visor.precision import autocast as _autocast
 
 ROUTE, VISION, TILES = "route", "vision", "tiles"  # atom kinds besides a configuration (None | slot tuple)
 
