@@ -4,6 +4,7 @@ neighbours, budgets, checkpoint round trip, labelling/training/report end to end
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,52 @@ def test_reference_accuracies_say_what_a_sample_blind_router_scores():
     assert ref["majority"] == pytest.approx(3 / 6)  # always 2
     assert ref["family_majority"] == pytest.approx(5 / 6)  # color -> 0 (2 of 3), code -> 2, doc -> 2
     assert "family_majority" not in reference_accuracies(labels, [None] * 6)  # LLaVA data without families
+
+
+def test_routing_ceiling_compares_items_at_their_labels_with_a_family_table():
+    from visor.routing.labels import routing_ceiling
+
+    def row(family, difficulty, label, none, full):
+        return {"family": family, "difficulty": difficulty, "label": label,
+                "grader_scores": {"none": none, "0+1": full}, "loglik_scores": {"none": none, "0+1": full}}
+
+    rows = [row("color", "easy", [], 1.0, 0.0),  # CA-only right, maximal wrong: labelled none
+            row("color", "easy", [], 1.0, 1.0),
+            row("color", "easy", [0, 1], 0.0, 1.0),
+            row("code", "hard", [0, 1], 0.0, 1.0)]
+    ceiling = routing_ceiling(rows)
+    easy = ceiling["easy"]
+    assert easy["n"] == 3 and easy["fixed"] == {"none": pytest.approx(2 / 3), "0+1": pytest.approx(2 / 3)}
+    assert easy["oracle"] == {"score": pytest.approx(1.0), "mean_sa": pytest.approx(2 / 3)}
+    assert easy["family_table"]["table"] == {"color": "none"}  # 2 of 3 colour items are labelled none
+    assert easy["family_table"]["score"] == pytest.approx(2 / 3) and easy["family_table"]["mean_sa"] == 0
+    assert ceiling["hard"]["oracle"]["score"] == 1.0 and ceiling["hard"]["family_table"]["table"] == {"code": "0+1"}
+
+
+def test_router_generalisation_benchmark_scores_held_out_labels_against_the_family_table(routed, tmp_path, monkeypatch):
+    """``benchmarks/router_generalisation.py`` end to end on the tiny model: labels on train and val items, two
+    router variants fitted, held-out accuracies and agreement with the family table in [0, 1]."""
+    import importlib.util
+    import sys
+
+    from visor.cli.main import main
+
+    folder = str(routed["folder"])
+    for split, n in (("train", 6), ("val", 4)):
+        assert main(["route", "label", "--model", folder, "--split", split, "--n", str(n), "--batch-size", "3",
+                     "--precision", "fp32", "--out", str(tmp_path / f"{split}.jsonl")]) == 0
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "router_generalisation.py"
+    spec = importlib.util.spec_from_file_location("router_generalisation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "VARIANTS", {"default": {"epochs": 2}, "wider": {"num_tokens": 2, "epochs": 2}})
+    out = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", ["router_generalisation.py", "--model", folder, "--train-labels", str(tmp_path / "train.jsonl"),
+                                      "--val-labels", str(tmp_path / "val.jsonl"), "--precision", "fp32", "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["n_train"] == 6 and result["n_val"] == 4 and set(result["routers"]) == {"default", "wider"}
+    assert 0.0 <= result["family_table_val_accuracy"] <= 1.0
+    for row in result["routers"].values():
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["val_agrees_with_family_table"] <= 1.0
+        assert row["reference_accuracy"]["family_majority"] >= row["reference_accuracy"]["majority"]

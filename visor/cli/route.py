@@ -109,6 +109,11 @@ def _print_label_summary(rows: list[dict], out: str) -> None:
     for family, counts in summary["per_family"].items():
         print(f"{family:<12} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     print(f"grader vs loglik labels agree on {100 * (summary['grader_loglik_agreement'] or 0):.1f}% of samples")
+    for difficulty, c in summary["ceiling"].items():  # grader means on these items: fixed, oracle, family table
+        fixed = ", ".join(f"{k} {100 * v:.1f}" for k, v in c["fixed"].items())
+        print(f"{difficulty}: fixed {fixed}; items at their labels {100 * c['oracle']['score']:.1f} "
+              f"({c['oracle']['mean_sa']:.2f} SA); family table {100 * c['family_table']['score']:.1f} "
+              f"({c['family_table']['mean_sa']:.2f} SA)")
     print_json_line({"out": out, **summary})
 
 

@@ -180,7 +180,8 @@ def read_labels(path: str | Path) -> list[dict]:
 
 
 def label_summary(rows: list[dict]) -> dict:
-    """Label distribution per family, and how often the two scoring rules agree."""
+    """Label distribution per family, how often the two scoring rules agree, and what routing by the labels
+    would score (:func:`routing_ceiling`)."""
     from visor.model.resolution import parse_configuration
 
     per_family: dict[str, Counter] = defaultdict(Counter)
@@ -188,4 +189,35 @@ def label_summary(rows: list[dict]) -> dict:
         per_family[row["family"]][parse_configuration(row["label"]).label()] += 1
     agree = sum(row["label_by_grader"] == row["label_by_loglik"] for row in rows)
     return {"per_family": {f: dict(c) for f, c in sorted(per_family.items())}, "n": len(rows),
-            "grader_loglik_agreement": agree / len(rows) if rows else None}
+            "grader_loglik_agreement": agree / len(rows) if rows else None, "ceiling": routing_ceiling(rows)}
+
+
+def routing_ceiling(rows: list[dict]) -> dict:
+    """Per difficulty, on the labelled items themselves (grader scores): every fixed configuration's mean; an
+    oracle that runs each item at its own label (the most a router fitted to these labels can do); and the
+    best a router that reads only the task family can do, the family's most common label for all its items.
+    The gap between the last two is what a router gains by reading the sample."""
+    from visor.model.resolution import parse_configuration
+
+    def slots(key: str) -> int:
+        return len(parse_configuration(key).active_sa)
+
+    out = {}
+    for difficulty in sorted({row.get("difficulty") or "all" for row in rows}):
+        group = [row for row in rows if (row.get("difficulty") or "all") == difficulty]
+        labels = [parse_configuration(row["label"]).label() for row in group]
+        by_family: dict[str, Counter] = defaultdict(Counter)
+        for row, label in zip(group, labels):
+            by_family[row["family"]][label] += 1
+        table = {family: counts.most_common(1)[0][0] for family, counts in by_family.items()}
+        family_labels = [table[row["family"]] for row in group]
+
+        def routed(chosen: list[str]) -> dict:
+            return {"score": sum(row["grader_scores"][c] for row, c in zip(group, chosen)) / len(group),
+                    "mean_sa": sum(slots(c) for c in chosen) / len(group)}
+
+        out[difficulty] = {"n": len(group),
+                           "fixed": {key: sum(row["grader_scores"][key] for row in group) / len(group)
+                                     for key in group[0]["grader_scores"]},
+                           "oracle": routed(labels), "family_table": {**routed(family_labels), "table": table}}
+    return out
