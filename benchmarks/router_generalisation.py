@@ -3,7 +3,9 @@
 Fits routers to one labels file (``visor route label`` on training items) and predicts the labels of another
 (the same command on validation items). The reference is the family table of the training labels (each family's
 most common label): a router whose held-out accuracy and decisions match it has learned the family and nothing
-about the item. Variants: the default router, and one with more routing tokens, a wider MLP and more epochs.
+about the item. Variants: the default router (it reads after the layer before the first SA slot), one with more
+routing tokens, a wider MLP and more epochs, and one that reads after the last cross-attention layer (its routing
+pass runs CA-only through every CA layer, so the token has read the image three times in the tiny plan).
 
     python benchmarks/router_generalisation.py --model checkpoints/visor --train-labels L_TRAIN --val-labels L_VAL \\
         [--threads 2] [--precision fp32] [--out result.json]
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {"default": {}, "4 tokens, MLP 512, 40 epochs": {"num_tokens": 4, "mlp_hidden": 512, "epochs": 40}}
+LAST_CA = "last cross-attention layer"  # resolved per model: read after the plan's last CA layer (a CA-only pass)
+VARIANTS = {"default": {}, "4 tokens, MLP 512, 40 epochs": {"num_tokens": 4, "mlp_hidden": 512, "epochs": 40},
+            "reads after the last CA layer": {"read_after_layer": LAST_CA}}
 
 
 def items_with_labels(path: str, split: str, seed: int, model_dir: str):
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="routers to fit (default all)")
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     args = parser.parse_args()
 
@@ -75,11 +80,13 @@ def main() -> None:
     result = {"model": args.model, "precision": precision, "n_train": len(train_items), "n_val": len(val_items),
               "family_table": table, "family_table_val_accuracy": table_hits / len(val_items), "routers": {}}
     print(f"family table: held-out label accuracy {100 * result['family_table_val_accuracy']:.1f}% ({table})")
-    for name, settings in VARIANTS.items():
+    for name, settings in ((n, VARIANTS[n]) for n in args.variants):
         model = VisorForConditionalGeneration.from_pretrained(args.model).float()
         tokenizer, processor = load_tokenizer(args.model), image_processor_for(model.config)
         configs = [c if isinstance(c, dict) else list(c) for c in model.config.viable_configs]
         names = [parse_configuration(c, model.plan).label() for c in configs]
+        if settings.get("read_after_layer") == LAST_CA:
+            settings = {**settings, "read_after_layer": max(model.plan.cross_attention_layers)}
         started = time.time()
         fit = train_router(model, tokenizer, processor, train_items, [names.index(y) for y in train_labels], configs,
                            progress=False, autocast=precision == "bf16", **{"epochs": 20, **settings})

@@ -322,14 +322,42 @@ def test_router_generalisation_benchmark_scores_held_out_labels_against_the_fami
     spec = importlib.util.spec_from_file_location("router_generalisation", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "VARIANTS", {"default": {"epochs": 2}, "wider": {"num_tokens": 2, "epochs": 2}})
+    monkeypatch.setattr(bench, "VARIANTS", {"default": {"epochs": 2}, "wider": {"num_tokens": 2, "epochs": 2},
+                                            "deep": {"read_after_layer": bench.LAST_CA, "epochs": 2}})
     out = tmp_path / "result.json"
     monkeypatch.setattr(sys, "argv", ["router_generalisation.py", "--model", folder, "--train-labels", str(tmp_path / "train.jsonl"),
                                       "--val-labels", str(tmp_path / "val.jsonl"), "--precision", "fp32", "--out", str(out)])
     bench.main()
     result = json.loads(out.read_text())
-    assert result["n_train"] == 6 and result["n_val"] == 4 and set(result["routers"]) == {"default", "wider"}
+    assert result["n_train"] == 6 and result["n_val"] == 4 and set(result["routers"]) == {"default", "wider", "deep"}
+    assert result["routers"]["deep"]["settings"]["read_after_layer"] == 4  # the tiny plan .CS.CS: CA at 1 and 4
     assert 0.0 <= result["family_table_val_accuracy"] <= 1.0
     for row in result["routers"].values():
         assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["val_agrees_with_family_table"] <= 1.0
         assert row["reference_accuracy"]["family_majority"] >= row["reference_accuracy"]["majority"]
+
+
+def test_a_router_may_read_after_a_deeper_layer_and_routed_output_still_equals_the_fixed_configuration(routed):
+    """The routing pass is its own CA-only run, so a router reading after layer 4 (past SA slot 0 at layer 2) still
+    leaves each sample's output exactly the chosen fixed configuration's; the pass costs the extra layers."""
+    from visor.routing.router import router_overhead_flops
+
+    model = VisorForConditionalGeneration.from_pretrained(routed["folder"]).eval()
+    shallow = router_overhead_flops(model, 100, 20)
+    gen = torch.Generator().manual_seed(3)
+    attach_router(model, [[], [0], [0, 1]], read_after_layer=4)
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.copy_(2.0 * torch.randn(p.shape, generator=gen))
+    assert model.config.router["read_after_layer"] == 4 and router_overhead_flops(model, 100, 20) > shallow
+    items = routed["items"]
+    batch = prompt_batch(routed, items)
+    routed_out = model.generate(**batch, route=True, max_new_tokens=3, eos_token_id=2, pad_token_id=0)
+    decisions = model.route(**batch)
+    for i, item in enumerate(items):
+        single = prompt_batch(routed, [item])
+        alone = model.generate(**single, active_sa=decisions[i], max_new_tokens=3, eos_token_id=2, pad_token_id=0)
+        new_alone = alone[0, single["input_ids"].shape[1]:]
+        assert torch.equal(routed_out[i, batch["input_ids"].shape[1]: batch["input_ids"].shape[1] + new_alone.numel()], new_alone)
+    with pytest.raises(ValueError, match="read_after_layer"):
+        attach_router(model, [[], [0]], read_after_layer=6)  # the tiny plan has 6 layers

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
                        help="which label of the JSONL to fit (default: the one chosen at labelling)")
     train.add_argument("--read-after-layer", type=int, default=None, metavar="L",
                        help="decoder layer after which the router reads its token (default: the layer before the first SA "
-                            "slot; a router that also picks the resolution may read deeper, the pass runs CA-only)")
+                            "slot; it may read deeper: the routing pass runs CA-only, its extra layers are costed)")
     _data_args(train, "train", 1000)
     train.set_defaults(func=run_train)
 

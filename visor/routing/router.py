@@ -61,12 +61,13 @@ def attach_router(model, configs: Sequence, num_tokens: int = 1, mlp_hidden: int
     if not plan.self_attention_layers:
         raise ValueError("the plan has no optional SA slot: there is nothing to route")
     first_slot_layer = min(plan.self_attention_layers)
+    # default: the paper's position, the layer before the first SA slot. The routing pass is its own CA-only run
+    # (routing_logits), so a router may also read deeper, after more cross-attention layers, at the cost of those
+    # layers in the pass (router_overhead_flops)
     read = first_slot_layer - 1 if read_after_layer is None else int(read_after_layer)
     with_resolution = names_resolution(configs)
-    last = plan.num_layers if with_resolution else first_slot_layer  # a resolution router may read deeper
-    if not 0 <= read < last:
-        raise ValueError(f"the router must read before the first SA slot (layer {first_slot_layer}), got layer {read}"
-                         if not with_resolution else f"read_after_layer must be in 0..{last - 1}, got {read}")
+    if not 0 <= read < plan.num_layers:
+        raise ValueError(f"read_after_layer must be in 0..{plan.num_layers - 1}, got {read}")
     if with_resolution:
         configs = [parse_configuration(c, plan).to_json() for c in configs]
     else:
