@@ -11,12 +11,14 @@ Design (DESIGN.md section 2, "Router input"):
   routed output equals the fixed configuration's output exactly. The price is running the layers before
   the first slot twice on the prompt's text (and the CA blocks among them); the cost model counts it
   (``RouterGeometry``) and ``visor route report`` shows it.
+* ``read_after_layer`` (default: the layer before the first SA slot) may also be deeper: the routing pass
+  then runs the CA-only configuration up to there, SA slots skipped, and the cost model counts those layers.
+  Routed output still equals the fixed configuration's (the pass stays separate).
 * ``budget``: ``logits - budget * cost(config) / cost(maximal)`` before the argmax (0 = as trained,
   > 0 cheaper, < 0 richer), with costs from the analytic model at the sample's own token counts.
 * resolution on request (``visor.model.resolution``, ``visor.routing.resolution``): a router whose
   configurations name a resolution reads the *base-only* layout (no tile encoded yet) and picks both parts;
-  its costs are end to end (vision tower + LLM), and it may read after any layer (the routing pass runs the
-  CA-only configuration up to there; the default stays the layer before the first SA slot).
+  its costs are end to end (vision tower + LLM).
 """
 
 from __future__ import annotations
