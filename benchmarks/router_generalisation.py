@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -64,6 +63,7 @@ def main() -> None:
     from visor.model.modeling import VisorForConditionalGeneration
     from visor.model.resolution import parse_configuration
     from visor.precision import autocast, resolve_precision
+    from visor.routing.labels import family_table
     from visor.routing.train import train_router
     from visor.train.models import image_processor_for
 
@@ -72,10 +72,7 @@ def main() -> None:
     precision = resolve_precision(args.precision)
     train_items, train_labels = items_with_labels(args.train_labels, args.train_split, args.seed, args.model)
     val_items, val_labels = items_with_labels(args.val_labels, args.val_split, args.seed, args.model)
-    by_family: dict[str, Counter] = defaultdict(Counter)
-    for item, label in zip(train_items, train_labels):
-        by_family[item.family][label] += 1
-    table = {family: counts.most_common(1)[0][0] for family, counts in by_family.items()}
+    table = family_table(train_labels, [it.family for it in train_items])
     table_hits = sum(table.get(it.family) == y for it, y in zip(val_items, val_labels))
     result = {"model": args.model, "precision": precision, "n_train": len(train_items), "n_val": len(val_items),
               "family_table": table, "family_table_val_accuracy": table_hits / len(val_items), "routers": {}}

@@ -192,6 +192,14 @@ def label_summary(rows: list[dict]) -> dict:
             "grader_loglik_agreement": agree / len(rows) if rows else None, "ceiling": routing_ceiling(rows)}
 
 
+def family_table(labels: Sequence, families: Sequence[str]) -> dict:
+    """Each task family's most common label (first seen on ties): the best router that reads only the family."""
+    by_family: dict[str, Counter] = defaultdict(Counter)
+    for label, family in zip(labels, families):
+        by_family[family][label] += 1
+    return {family: counts.most_common(1)[0][0] for family, counts in by_family.items()}
+
+
 def routing_ceiling(rows: list[dict]) -> dict:
     """Per difficulty, on the labelled items themselves (grader scores): every fixed configuration's mean; an
     oracle that runs each item at its own label (the most a router fitted to these labels can do); and the
@@ -206,10 +214,7 @@ def routing_ceiling(rows: list[dict]) -> dict:
     for difficulty in sorted({row.get("difficulty") or "all" for row in rows}):
         group = [row for row in rows if (row.get("difficulty") or "all") == difficulty]
         labels = [parse_configuration(row["label"]).label() for row in group]
-        by_family: dict[str, Counter] = defaultdict(Counter)
-        for row, label in zip(group, labels):
-            by_family[row["family"]][label] += 1
-        table = {family: counts.most_common(1)[0][0] for family, counts in by_family.items()}
+        table = family_table(labels, [row["family"] for row in group])
         family_labels = [table[row["family"]] for row in group]
 
         def routed(chosen: list[str]) -> dict:

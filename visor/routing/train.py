@@ -87,15 +87,14 @@ def reference_accuracies(labels: Sequence[int], families: Sequence[str | None]) 
     label (``majority``), and the most common label of the item's task family (``family_majority``, only
     when every item has a family). A router's train accuracy at ``family_majority`` means it learned the
     family, not the sample."""
-    def majority_hits(groups: dict) -> int:
-        return sum(max(Counter(members).values()) for members in groups.values())
+    from visor.routing.labels import family_table
 
-    out = {"majority": majority_hits({None: list(labels)}) / len(labels) if labels else None}
-    if labels and all(f is not None for f in families):
-        by_family: dict = {}
-        for label, family in zip(labels, families):
-            by_family.setdefault(family, []).append(label)
-        out["family_majority"] = majority_hits(by_family) / len(labels)
+    if not labels:
+        return {"majority": None}
+    out = {"majority": max(Counter(labels).values()) / len(labels)}
+    if all(f is not None for f in families):
+        table = family_table(labels, families)
+        out["family_majority"] = sum(table[f] == y for y, f in zip(labels, families)) / len(labels)
     return out
 
 
