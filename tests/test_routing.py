@@ -148,6 +148,24 @@ def test_label_train_report_end_to_end(routed, tmp_path, capsys):
     assert (tmp_path / "report" / "route_pareto.png").exists()
     fixed = {r["method"]: r["mean_flops"] for r in report["rows"]}
     assert fixed["fixed none"] < fixed["fixed 0"] < fixed["fixed 0+1"]
+    # each routed row's gap to the maximal fixed row, on the same items, with its interval around it
+    maximal = report["rows"][2]
+    for row in report["rows"][3:]:
+        assert row["vs_maximal"], row["method"]
+        for difficulty, (gap, low, high) in row["vs_maximal"].items():
+            assert gap == pytest.approx(100 * (row[f"{difficulty}_mean"] - maximal[f"{difficulty}_mean"]), abs=1e-3)
+            assert low <= gap + 1e-9 and gap <= high + 1e-9
+
+
+def test_route_report_gaps_are_paired_macro_means_per_difficulty():
+    from visor.routing.report import gaps_with_intervals
+
+    reference = {f"c{k}": ("color", 1.0) for k in range(10)} | {f"d{k}": ("dots", 0.0) for k in range(10)}
+    routed = {f"c{k}": ("color", 1.0 if k else 0.0) for k in range(10)} | {f"d{k}": ("dots", 0.0) for k in range(10)}
+    gaps = gaps_with_intervals(routed, reference)
+    assert gaps["easy"][0] == pytest.approx(-10.0) and gaps["easy"][1] <= -10.0 <= gaps["easy"][2]
+    assert gaps["hard"] == [0.0, 0.0, 0.0]
+    assert set(gaps_with_intervals({"c0": ("color", 1.0)}, {"c0": ("color", 1.0)})) == {"easy"}
 
 
 def test_router_training_fits_labels(routed):

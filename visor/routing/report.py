@@ -6,7 +6,9 @@ or more budgets, on the same items. Output: a table, ``route_report.csv`` / ``.j
 FLOPs are reported at the evaluated model's own geometry and, projected, at LLaVA-OV-0.5B with 7,371
 visual + 64 text tokens (the same per-sample choices, costed there), LLM-only and end to end (vision tower +
 projector + LLM; 10 crops at full resolution, 1 on the base view only, which also leaves 730 visual tokens).
-For a router that also picks the resolution (``visor.model.resolution``) the routed row adds the share of
+Each routed row also carries ``vs_maximal``: its easy and hard gaps to the maximal fixed configuration on the
+same items, with their 95% paired bootstrap interval (:mod:`visor.eval.stats`), so a gap of a point or two can be
+read against what the item count can resolve. For a router that also picks the resolution (``visor.model.resolution``) the routed row adds the share of
 items sent to full resolution, the end-to-end saving against the maximal fixed configuration and its bound
 ``1 / share``.
 """
@@ -104,7 +106,7 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     with_resolution = routes_resolution(model)
     configs = router_configurations(model) if with_resolution else [c.active_sa for c in router_configurations(model)]
-    rows = []
+    rows, scores = [], []  # scores: per row, {item id: (family, score)} for the paired intervals
     for config in configs:
         if with_resolution:
             result = evaluate(model, tokenizer, image_processor, items, active_sa=config.active_sa, resolution=config.resolution,
@@ -116,6 +118,7 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
         row["projected_flops"] = projected_flops(config)
         row["projected_total_flops"] = projected_total_flops(config)
         rows.append(row)
+        scores.append(_item_scores(result.items))
     distribution = {}
     for budget in budgets:
         result = evaluate(model, tokenizer, image_processor, items, route=True, budget=budget, batch_size=batch_size, progress=progress)
@@ -136,6 +139,7 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
             row["full_resolution_share"] = share
             row["saving_bound"] = 1 / share if share else None
         rows.append(row)
+        scores.append(_item_scores(result.items))
     from visor.cost import count_baseline_prefill, get_geometry
 
     baseline = count_baseline_prefill(get_geometry(PROJECTION["geometry"]), PROJECTION["n_visual"], PROJECTION["n_text"],
@@ -149,6 +153,11 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
         if "saving_bound" in row and fixed_max and row.get("mean_total_flops"):
             row["total_saving_vs_maximal"] = fixed_max["mean_total_flops"] / row["mean_total_flops"]
         row["dominated_by"] = dominated(row, rows)
+    if fixed_max is not None:
+        reference = scores[next(i for i, r in enumerate(rows) if r is fixed_max)]
+        for row, row_scores in zip(rows, scores):
+            if row.get("budget") is not None:
+                row["vs_maximal"] = gaps_with_intervals(row_scores, reference)
     report = {"rows": rows, "distribution": distribution, "projection": PROJECTION}
     (out / "route_report.json").write_text(json.dumps(report, indent=2))
     with open(out / "route_report.csv", "w", newline="") as handle:
@@ -160,6 +169,24 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
                              ";".join(row["dominated_by"]), row.get("mean_total_flops"), row.get("projected_total_reduction")])
     plot_pareto(rows, out / "route_pareto.png")
     return report
+
+
+def _item_scores(items) -> dict[str, tuple[str, float]]:
+    return {item.id: (item.family, float(item.score or 0.0)) for item in items}
+
+
+def gaps_with_intervals(scores: dict, reference: dict) -> dict[str, list[float]]:
+    """``{"easy"|"hard": [gap, low, high]}`` in points: macro-mean gap of ``scores`` to ``reference`` on the
+    same items, with its 95% paired bootstrap interval; a difficulty without items is left out."""
+    from visor.data.synth.config import EASY_FAMILIES, HARD_FAMILIES
+    from visor.eval.stats import paired_gap_interval
+
+    out = {}
+    for difficulty, families in (("easy", EASY_FAMILIES), ("hard", HARD_FAMILIES)):
+        if any(fam in families for fam, _ in scores.values()):
+            iv = paired_gap_interval(scores, reference, families)
+            out[difficulty] = [round(100 * v, 4) for v in (iv.gap, iv.low, iv.high)]
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -175,6 +202,9 @@ def format_report(report: dict) -> str:
             lines.append(f"  {'':<24} tiles for {100 * row['full_resolution_share']:.1f}% of items: end-to-end saving "
                          f"{row.get('total_saving_vs_maximal') or 0:.2f}x vs the maximal configuration "
                          f"(bound 1/share = {'inf' if bound is None else f'{bound:.2f}x'})")
+        if row.get("vs_maximal"):
+            lines.append(f"  {'':<24} vs the maximal fixed configuration (points, 95% interval): "
+                         + ", ".join(f"{k} {g:+.1f} [{lo:+.1f}, {hi:+.1f}]" for k, (g, lo, hi) in row["vs_maximal"].items()))
     for budget, families in report["distribution"].items():
         lines.append(f"chosen configurations (budget {budget}):")
         for family, counts in families.items():
