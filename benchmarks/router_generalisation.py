@@ -86,7 +86,7 @@ def main() -> None:
             settings = {**settings, "read_after_layer": max(model.plan.cross_attention_layers)}
         started = time.time()
         fit = train_router(model, tokenizer, processor, train_items, [names.index(y) for y in train_labels], configs,
-                           progress=False, autocast=precision == "bf16", **{"epochs": 20, **settings})
+                           progress=True, autocast=precision == "bf16", **{"epochs": 20, **settings})
         batcher = Batcher.for_model(model, tokenizer, processor)
         predicted = []
         with torch.no_grad(), autocast(precision):

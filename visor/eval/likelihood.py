@@ -18,9 +18,11 @@ import torch
 
 
 @torch.no_grad()
-def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> list[float]:
+def answer_probabilities(model, batcher, items, config, batch_size: int = 8, progress: bool = False) -> list[float]:
     """``exp(mean log-prob)`` of each item's reference answer (teacher forcing) under ``config`` (SA slots,
-    or a ``visor.model.resolution.Configuration``)."""
+    or a ``visor.model.resolution.Configuration``); ``progress`` shows a bar over the items."""
+    from tqdm.auto import tqdm
+
     from visor.data.batch import Sample
     from visor.eval.harness import to_device
     from visor.model.resolution import Configuration
@@ -30,6 +32,7 @@ def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> 
         config, resolution = config.active_sa, ({} if config.tiled else {"resolution": config.resolution})
     device = next(model.parameters()).device  # the batcher builds on the CPU
     probs: list[float] = []
+    bar = tqdm(total=len(items), desc="answer log-likelihood", unit="item", disable=not progress, leave=False)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         samples = [Sample(item.images, list(item.turns) + [{"from": "gpt", "value": item.answers[0]}]) for item in chunk]
@@ -44,6 +47,8 @@ def answer_probabilities(model, batcher, items, config, batch_size: int = 8) -> 
         valid = targets != -100
         mean = (picked * valid).sum(1) / valid.sum(1).clamp(min=1)
         probs.extend(torch.exp(mean).tolist())
+        bar.update(len(chunk))
+    bar.close()
     return probs
 
 

@@ -79,7 +79,7 @@ def label_items(model, tokenizer, image_processor, items: Sequence, configs: Seq
     geometry = Geometry.from_config(model.config)
     graded = {c: evaluate(model, tokenizer, image_processor, items, active_sa=c, batch_size=batch_size, progress=progress).items
               for c in configs}
-    likelihood = {c: answer_probabilities(model, batcher, items, c, batch_size) for c in configs}
+    likelihood = {c: answer_probabilities(model, batcher, items, c, batch_size, progress) for c in configs}
     rows = []
     for index, item in enumerate(items):
         first = graded[configs[0]][index]
@@ -136,7 +136,7 @@ def _label_with_resolution(model, tokenizer, image_processor, items, configs, th
     batcher = Batcher.for_model(model, tokenizer, image_processor)
     graded = {c: evaluate(model, tokenizer, image_processor, items, active_sa=c.active_sa, resolution=c.resolution,
                           batch_size=batch_size, progress=progress).items for c in configs}
-    likelihood = {c: answer_probabilities(model, batcher, items, c, batch_size) for c in configs}
+    likelihood = {c: answer_probabilities(model, batcher, items, c, batch_size, progress) for c in configs}
     rows = []
     for index, item in enumerate(items):
         costs = {}
