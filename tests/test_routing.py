@@ -141,6 +141,10 @@ def test_label_train_report_end_to_end(routed, tmp_path, capsys):
     assert all(0.0 <= p <= 1.0 for r in rows for p in r["loglik_scores"].values())
     assert main(["route", "train", "--model", folder, "--labels", str(labels), "--n", "6", "--epochs", "3",
                  "--out", str(tmp_path / "with_router")]) == 0
+    assert main(["route", "train", "--model", folder, "--labels", str(labels), "--n", "6", "--epochs", "2",
+                 "--objective", "score", "--score-field", "loglik", "--out", str(tmp_path / "score_router")]) == 0
+    scored = VisorForConditionalGeneration.from_pretrained(str(tmp_path / "score_router"))
+    assert scored.config.router["objective"] == "score"
     assert main(["route", "report", "--model", str(tmp_path / "with_router"), "--n", "4", "--out", str(tmp_path / "report"),
                  "--budget", "0", "--budget", "1"]) == 0
     report = json.loads((tmp_path / "report" / "route_report.json").read_text())
@@ -179,6 +183,56 @@ def test_router_training_fits_labels(routed):
                           lr=5e-3, batch_size=8, progress=False, autocast=False)
     assert result["history"][-1]["loss"] < result["history"][0]["loss"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before), "backbone changed"
+
+
+def test_score_router_learns_what_each_configuration_adds_and_the_budget_trades_it_for_cost(routed, tmp_path):
+    """A score router predicts each configuration's score. Easy items score 1 under every configuration; hard ones
+    score 0.6 / 0.8 / 0.9 with 0, 1 and 2 SA layers, so every hard label (the cheapest within 99%) is the maximal
+    configuration but what the maximal one adds is 10 points over one SA layer. At budget 0 the router maximises
+    predicted score: easy items get any configuration, hard ones the maximal; a budget that charges twice the
+    maximal configuration's 10-point gain for its extra cost moves hard items down, and a huge one sends
+    everything to CA-only. Saved and reloaded, it keeps its objective and its decisions."""
+    from visor.routing.router import relative_costs, router_objective
+    from visor.routing.train import train_router
+
+    model = VisorForConditionalGeneration.from_pretrained(routed["folder"])
+    items = routed["items"]
+    targets = [[1.0, 1.0, 1.0] if it.difficulty == "easy" else [0.6, 0.8, 0.9] for it in items]
+    labels = [0 if it.difficulty == "easy" else 2 for it in items]
+    result = train_router(model, routed["tok"], routed["processor"], items, labels, [[], [0], [0, 1]], epochs=150,
+                          lr=1e-2, batch_size=8, progress=False, autocast=False, score_targets=targets)
+    assert router_objective(model) == "score"
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+    assert result["history"][-1]["train_accuracy"] == 1.0  # every budget-0 choice has the item's best score
+    batch = prompt_batch(routed, items)
+    hard = [i for i, it in enumerate(items) if it.difficulty == "hard"]
+    assert {model.route(**batch)[i] for i in hard} == {(0, 1)}
+    # the predicted gain of the maximal over one SA layer (~0.1) against the budget's charge for the extra cost
+    mask = batch["attention_mask"].bool()
+    n_visual = ((batch["input_ids"] == model.config.image_token_id) & mask).sum(1)
+    costs = relative_costs(model, n_visual.tolist(), (mask.sum(1) - n_visual).tolist())
+    step = float((costs[hard[0], 2] - costs[hard[0], 1]))
+    cheaper = model.route(**batch, budget=2 * 0.1 / step)
+    assert all(len(cheaper[i]) < 2 for i in hard)
+    assert set(model.route(**batch, budget=1e6)) == {()}
+    model.save_pretrained(str(tmp_path / "score"))
+    loaded = VisorForConditionalGeneration.from_pretrained(str(tmp_path / "score"))
+    assert router_objective(loaded) == "score" and loaded.route(**batch) == model.route(**batch)
+
+
+def test_score_router_rejects_bad_targets(routed):
+    from visor.routing.train import train_router
+
+    model = VisorForConditionalGeneration.from_pretrained(routed["folder"])
+    items = routed["items"][:2]
+    with pytest.raises(ValueError, match="2 rows of 3 scores"):
+        train_router(model, routed["tok"], routed["processor"], items, [0, 0], [[], [0], [0, 1]], epochs=1,
+                     progress=False, autocast=False, score_targets=[[1.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        train_router(model, routed["tok"], routed["processor"], items, [0, 0], [[], [0], [0, 1]], epochs=1,
+                     progress=False, autocast=False, score_targets=[[1.0, 2.0, 1.0]] * 2)
+    with pytest.raises(ValueError, match="objective"):
+        attach_router(model, [[], [0]], objective="margin")
 
 
 def test_generate_cli_routes_and_matches_the_chosen_fixed_configuration(routed, tmp_path, capsys):

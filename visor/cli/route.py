@@ -57,6 +57,12 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, help="output checkpoint folder (model + router)")
     train.add_argument("--epochs", type=int, default=20, help="epochs (default 20)")
     train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    train.add_argument("--objective", choices=["label", "score"], default="label",
+                       help="label: cross-entropy on the pseudo-label (the paper's router); score: predict each "
+                            "configuration's score (--score-field) and route on predicted score minus budget x cost "
+                            "(visor.routing.router); default label")
+    train.add_argument("--score-field", choices=["grader", "loglik"], default="grader",
+                       help="--objective score: the stored per-configuration score to predict (default grader)")
     train.add_argument("--label-field", default="label", choices=["label", "label_by_grader", "label_by_loglik"],
                        help="which label of the JSONL to fit (default: the one chosen at labelling)")
     train.add_argument("--read-after-layer", type=int, default=None, metavar="L",
@@ -160,11 +166,24 @@ def run_train(args: argparse.Namespace) -> int:
     configs = _viable(model)
     parsed = [parse_configuration(c, model.plan) for c in configs]
     labels = [parsed.index(parse_configuration(rows[it.id][args.label_field], model.plan)) for it in items]
+    score_targets = None
+    if args.objective == "score":
+        from visor.model.plan import format_slots
+        from visor.model.resolution import names_resolution
+
+        if names_resolution(configs):
+            raise SystemExit("visor route train: --objective score chooses SA configurations only, not resolutions")
+        field = f"{args.score_field}_scores"
+        keys = [format_slots(model.plan.resolve_active(c)) for c in configs]
+        missing = [it.id for it in items if set(keys) - set(rows[it.id].get(field, {}))]
+        if missing:
+            raise SystemExit(f"visor route train: {len(missing)} label rows lack {field} for {keys} (first: {missing[0]})")
+        score_targets = [[rows[it.id][field][k] for k in keys] for it in items]
     stored = next(model.parameters()).dtype
     model.float()  # compute in fp32 or bf16 autocast; the output keeps the input's storage dtype
     result = train_router(model, tokenizer, image_processor, items, labels, configs, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, read_after_layer=args.read_after_layer,
-                          autocast=resolve_precision(args.precision) == "bf16")
+                          autocast=resolve_precision(args.precision) == "bf16", score_targets=score_targets)
     model.to(stored)
     out = save_router_checkpoint(model, tokenizer, image_processor, result, args.out, args.model)
     print_json_line({"out": str(out), "n": len(items), "label_distribution": dict(Counter(map(str, labels))),

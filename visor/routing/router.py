@@ -16,6 +16,14 @@ Design (DESIGN.md section 2, "Router input"):
   Routed output still equals the fixed configuration's (the pass stays separate).
 * ``budget``: ``logits - budget * cost(config) / cost(maximal)`` before the argmax (0 = as trained,
   > 0 cheaper, < 0 richer), with costs from the analytic model at the sample's own token counts.
+* ``objective`` (``model.config.router["objective"]``): ``"label"`` (the paper's; default) trains the MLP with
+  cross-entropy on the pseudo-label, the cheapest configuration within the threshold. ``"score"`` trains one
+  output per configuration to predict the sample's score under it (binary cross-entropy on the stored
+  per-configuration scores), and routing compares the predicted scores: ``sigmoid(logits) - budget * cost /
+  cost(maximal)``. The budget is then in score units: 0.01 = give up one point of predicted accuracy per
+  maximal configuration's worth of compute. A label router's argmax follows the most common label; a score
+  router weighs how much a configuration adds, which is what a family whose items gain a few points from SA
+  layers needs (``docs/training-log.md``, "A router that predicts each configuration's score").
 * resolution on request (``visor.model.resolution``, ``visor.routing.resolution``): a router whose
   configurations name a resolution reads the *base-only* layout (no tile encoded yet) and picks both parts;
   its costs are end to end (vision tower + LLM).
@@ -52,11 +60,15 @@ def router_settings(model) -> dict:
     return settings
 
 
+OBJECTIVES = ("label", "score")
+
+
 def attach_router(model, configs: Sequence, num_tokens: int = 1, mlp_hidden: int = 256,
-                  read_after_layer: int | None = None) -> Router:
+                  read_after_layer: int | None = None, objective: str = "label") -> Router:
     """Add a fresh router over ``configs`` to ``model`` (recorded in ``model.config.router``).
 
-    ``configs``: SA slot lists, or configurations with a resolution (``visor.model.resolution``)."""
+    ``configs``: SA slot lists, or configurations with a resolution (``visor.model.resolution``);
+    ``objective``: ``"label"`` or ``"score"`` (module docstring)."""
     from visor.model.resolution import names_resolution, parse_configuration
 
     plan = model.plan
@@ -68,6 +80,10 @@ def attach_router(model, configs: Sequence, num_tokens: int = 1, mlp_hidden: int
     # layers in the pass (router_overhead_flops)
     read = first_slot_layer - 1 if read_after_layer is None else int(read_after_layer)
     with_resolution = names_resolution(configs)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "score" and with_resolution:
+        raise ValueError("a score router chooses SA configurations only; a resolution router uses objective='label'")
     if not 0 <= read < plan.num_layers:
         raise ValueError(f"read_after_layer must be in 0..{plan.num_layers - 1}, got {read}")
     if with_resolution:
@@ -79,8 +95,14 @@ def attach_router(model, configs: Sequence, num_tokens: int = 1, mlp_hidden: int
     text = model.config.text_config
     router = Router(text.hidden_size, len(configs), num_tokens, mlp_hidden, text.rms_norm_eps)
     model.router = router.to(next(model.parameters()).device)
-    model.config.router = {"configs": configs, "num_tokens": num_tokens, "mlp_hidden": mlp_hidden, "read_after_layer": read}
+    model.config.router = {"configs": configs, "num_tokens": num_tokens, "mlp_hidden": mlp_hidden, "read_after_layer": read,
+                           "objective": objective}
     return router
+
+
+def router_objective(model) -> str:
+    """``"label"`` or ``"score"`` (module docstring); routers saved before the choice existed are label routers."""
+    return router_settings(model).get("objective", "label")
 
 
 def build_router(config) -> Router | None:
@@ -166,6 +188,8 @@ def route(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = 
         image_features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
     per_sample = model._assign_images(image_features or [], input_ids.shape[0], batch_num_images)
     logits = routing_logits(model, input_ids, attention_mask, per_sample).float()
+    if router_objective(model) == "score":  # predicted score per configuration, the unit the budget is in
+        logits = torch.sigmoid(logits)
     if budget:
         mask = attention_mask.bool()
         n_visual = ((input_ids == model.config.image_token_id) & mask).sum(1)

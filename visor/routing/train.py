@@ -25,16 +25,30 @@ from visor.routing.router import attach_router, routing_logits
 def train_router(model, tokenizer, image_processor, items: Sequence, label_indices: Sequence[int],
                  configs: Sequence[Sequence[int]], *, epochs: int = 20, lr: float = 2e-3, batch_size: int = 16,
                  seed: int = 0, num_tokens: int = 1, mlp_hidden: int = 256, progress: bool = True, autocast: bool = True,
-                 read_after_layer: int | None = None) -> dict:
-    """Attach a fresh router over ``configs`` and fit it to ``label_indices``; returns the history."""
+                 read_after_layer: int | None = None, score_targets: Sequence[Sequence[float]] | None = None) -> dict:
+    """Attach a fresh router over ``configs`` and fit it; returns the history.
+
+    By default a label router (cross-entropy on ``label_indices``). With ``score_targets`` (per item, its score
+    under each configuration of ``configs``, in [0, 1]) a score router (``visor.routing.router``, objective
+    "score"): binary cross-entropy of each output against that configuration's score. ``label_indices`` still
+    give the reference accuracies and, for a score router, the history's ``train_accuracy`` is how often its
+    budget-0 choice is a configuration with the item's best score."""
     from visor.data.batch import Batcher, Sample
     from visor.model.resolution import names_resolution
 
     layout = {"resolution": "base"} if names_resolution(configs) else {}
     if len(items) != len(label_indices):
         raise ValueError(f"{len(items)} items but {len(label_indices)} labels")
+    scores = None
+    if score_targets is not None:
+        scores = torch.tensor([list(map(float, row)) for row in score_targets], dtype=torch.float32)
+        if scores.shape != (len(items), len(configs)):
+            raise ValueError(f"score_targets must be {len(items)} rows of {len(configs)} scores, got {tuple(scores.shape)}")
+        if scores.min() < 0 or scores.max() > 1:
+            raise ValueError("score_targets must lie in [0, 1] (grader scores or answer probabilities)")
     torch.manual_seed(seed)
-    attach_router(model, configs, num_tokens=num_tokens, mlp_hidden=mlp_hidden, read_after_layer=read_after_layer)
+    attach_router(model, configs, num_tokens=num_tokens, mlp_hidden=mlp_hidden, read_after_layer=read_after_layer,
+                  objective="label" if scores is None else "score")
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("router.")
     batcher = Batcher.for_model(model, tokenizer, image_processor)
@@ -66,12 +80,19 @@ def train_router(model, tokenizer, image_processor, items: Sequence, label_indic
             target = torch.tensor([label_indices[i] for i in chosen])
             with ctx():
                 logits = routing_logits(model, ids, mask, per_sample).float()
-            loss = F.cross_entropy(logits, target)
+            if scores is None:
+                loss = F.cross_entropy(logits, target)
+                hits = logits.argmax(-1) == target
+            else:
+                wanted = scores[chosen]
+                loss = F.binary_cross_entropy_with_logits(logits, wanted)
+                picked = wanted.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+                hits = picked >= wanted.max(-1).values
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += float(loss.detach()) * len(chosen)
-            correct += int((logits.argmax(-1) == target).sum())
+            correct += int(hits.sum())
             total += len(chosen)
         history.append({"epoch": epoch + 1, "loss": loss_sum / total, "train_accuracy": correct / total})
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.2f}")
