@@ -861,3 +861,39 @@ def test_a_given_universal_model_built_on_another_baseline_is_warned_about(quick
                   on_stage=stop_at("labels"))
     assert any("[universal] warning" in m and key in m for m in messages)
     assert any(n.startswith("warning:") for n in preset.notes)
+
+
+def test_a_score_router_is_trained_and_its_budget_chosen_in_score_units(quick, tmp_path):
+    """``--router score --label-n N``: the labels and the router rerun (the trained stages are reused), the shipped
+    universal model carries a score router, the budget stage chose among the score budgets, and the preset recorded
+    beside the checkpoints says so; plain evaluation refuses the training-only flags."""
+    from visor.reproduce.presets import SCORE_BUDGETS
+    from visor.reproduce.shipped import load_shipped
+
+    work, ship_dir = tmp_path / "work", tmp_path / "ship"
+    result = visor_cli(["reproduce", "--quick", "--router", "score", "--label-n", "12", "--work-dir", str(work),
+                        "--reuse-from", str(quick["root"] / "work"), "--out", str(tmp_path / "out"), "--ship",
+                        "--checkpoints", str(ship_dir), "--threads", "1", "--no-progress", "--no-timing"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    labels = [line for line in (work / "6-labels" / "labels.jsonl").read_text().splitlines() if line.strip()]
+    assert len(labels) == 12
+    config = json.loads((ship_dir / "visor" / "config.json").read_text())
+    assert config["router"]["objective"] == "score"
+    choice = json.loads((work / "8-budget" / "budget.json").read_text())
+    assert [c["budget"] for c in choice["candidates"]] == list(SCORE_BUDGETS)
+    shipped = load_shipped(ship_dir)
+    assert shipped.pipeline["router_objective"] == "score" and shipped.pipeline["label_n"] == 12
+    refused = visor_cli(["reproduce", "--router", "score"])
+    assert refused.returncode == 2 and "--router" in refused.stderr
+
+
+def test_router_objective_of_a_preset():
+    from visor.reproduce.presets import SCORE_BUDGETS, quick_preset
+
+    preset = quick_preset()
+    scored = preset.with_router_objective("score")
+    assert scored.router_objective == "score" and scored.budget_candidates == list(SCORE_BUDGETS)
+    assert preset.router_objective == "label" and preset.budget_candidates == [0.0, -1.0]  # unchanged
+    assert preset.with_router_objective("label") is preset
+    with pytest.raises(ValueError, match="objective"):
+        preset.with_router_objective("margin")

@@ -72,6 +72,15 @@ def register(subparsers) -> None:
                              "stage 1, the configuration search and stage 2; it must have been built on --baseline (a "
                              "vision tower that differs from the baseline's is warned about: VISOR's stages keep it "
                              "frozen), and --ship records its recipe and its ancestors'")
+    parser.add_argument("--router", choices=["label", "score"], default="label",
+                        help="--train/--quick: the router to train: label (the paper's: cross-entropy on the pseudo-labels) "
+                             "or score (predicts each configuration's grader score; budgets in score units, "
+                             "visor.reproduce.presets.SCORE_BUDGETS); default label")
+    parser.add_argument("--label-n", type=int, default=None, metavar="N",
+                        help="--train/--quick: training items to label for the router (default: the preset's; full 1000)")
+    parser.add_argument("--budget-n", type=int, default=None, metavar="N",
+                        help="--train/--quick: validation items the router budget is chosen on (default: the preset's; "
+                             "full 500)")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                         help="evaluation, labelling and budget search in bf16 autocast or fp32 (default: auto, bf16 where "
@@ -115,6 +124,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.reuse_from and mode == "shipped":
         print("visor reproduce: --reuse-from links trained stages for --train or --quick", file=sys.stderr)
+        return 2
+    if mode == "shipped" and (args.router != "label" or args.label_n is not None or args.budget_n is not None):
+        print("visor reproduce: --router, --label-n and --budget-n set how --train or --quick makes the router",
+              file=sys.stderr)
+        return 2
+    if any(n is not None and n < 1 for n in (args.label_n, args.budget_n)):
+        print("visor reproduce: --label-n and --budget-n must be at least 1", file=sys.stderr)
+        return 2
+    if args.router == "score" and args.resolutions:
+        print("visor reproduce: a score router chooses SA configurations only; --resolutions needs --router label",
+              file=sys.stderr)
         return 2
     if args.baseline and mode == "shipped":
         print("visor reproduce: --baseline gives --train or --quick the baseline to build VISOR on", file=sys.stderr)
@@ -255,6 +275,10 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
         preset = preset.with_universal(args.universal)
     if getattr(args, "resolutions", None):
         preset.configs_resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
+    preset = preset.with_router_objective(getattr(args, "router", "label"))
+    for name in ("label_n", "budget_n"):
+        if getattr(args, name, None) is not None:
+            setattr(preset, name, getattr(args, name))
     if mode != "quick" or args.precision:
         _set_precision(preset, args.precision, log)
     cache = StageCache(work_dir, set(args.force), log, reuse_from=getattr(args, "reuse_from", None))

@@ -269,6 +269,8 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
     # ---- router
     on_stage("router")
     router_spec = {k: settings[k] for k in ("router_epochs", "router_lr", "batch_size", "precision", "label_n", "data_seed")}
+    if preset.router_objective != "label":  # only then: label routers keep the cache keys they had before the choice
+        router_spec |= {k: settings[k] for k in ("router_objective", "router_score_field")}
 
     def router_body(folder: Path) -> dict:
         from visor.routing.labels import read_labels
@@ -282,9 +284,15 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         rows = {row["id"]: row for row in read_labels(labels.path("labels"))}
         items = [it for it in label_items_for() if it.id in rows]
         targets = [parsed.index(parse_configuration(rows[it.id]["label"], model.plan)) for it in items]
+        score_targets = None
+        if preset.router_objective == "score":
+            from visor.model.plan import format_slots
+
+            keys = [format_slots(model.plan.resolve_active(c)) for c in viable]
+            score_targets = [[rows[it.id][f"{preset.router_score_field}_scores"][k] for k in keys] for it in items]
         result = train_router(model, tokenizer, processor, items, targets, viable, epochs=preset.router_epochs,
                               lr=preset.router_lr, batch_size=preset.batch_size, seed=preset.data_seed,
-                              progress=progress, autocast=preset.precision == "bf16")
+                              progress=progress, autocast=preset.precision == "bf16", score_targets=score_targets)
         save_router_checkpoint(model, tokenizer, processor, result, folder / "model", stage2.path("final"))
         return {"model": "model"}
 

@@ -65,6 +65,11 @@ class Preset:
     label_score: str = "loglik"
     router_epochs: int = 20
     router_lr: float = 2e-3
+    # "label": the paper's router, cross-entropy on the labels; "score": it predicts each configuration's stored
+    # ``router_score_field`` score and routes on predicted score minus budget x cost (visor.routing.router;
+    # docs/training-log.md, "A router that predicts each configuration's score"); see with_router_objective
+    router_objective: str = "label"
+    router_score_field: str = "grader"
     # the router budget (``--budget``) of the routed rows: logits minus budget x cost / max cost; a number, or
     # "auto": the ``budget`` stage picks one of ``budget_candidates`` on ``budget_n`` validation items by the rule of
     # visor.routing.budget (cheapest within ``budget_tolerance`` of the maximal configuration on both means); never
@@ -118,6 +123,18 @@ class Preset:
         return dataclasses.replace(self, recipes={**recipes, GIVEN_UNIVERSAL: recipe},
                                    given_universal=str(folder.resolve()), notes=[*self.notes, note])
 
+    def with_router_objective(self, objective: str) -> Preset:
+        """This preset with a ``"label"`` or ``"score"`` router. A score router's budget is in score units (0.01 =
+        one point of predicted accuracy per maximal configuration's cost), so its budget candidates are
+        :data:`SCORE_BUDGETS` unless the preset already names its own for it."""
+        if objective not in ("label", "score"):
+            raise ValueError(f"router objective must be 'label' or 'score', got {objective!r}")
+        if objective == self.router_objective:
+            return self
+        candidates = SCORE_BUDGETS if objective == "score" else Preset.__dataclass_fields__["budget_candidates"].default_factory()
+        return dataclasses.replace(self, router_objective=objective, budget_candidates=list(candidates),
+                                   notes=[*self.notes, f"router objective: {objective} (budgets {list(candidates)})"])
+
     def benchmark_image_size(self) -> int | None:
         """The procedural benchmark's canvas (``data.synth_image_size``; None = SynthConfig's 192 px) that the
         baseline and VISOR train on and every method is evaluated at: the baseline's recipe
@@ -134,6 +151,10 @@ class Preset:
     def stage_settings(self) -> dict:
         """Everything but the recipes (recorded beside shipped checkpoints)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("recipes", "notes")}
+
+
+#: budget candidates of a score router (score units; ``Preset.with_router_objective``)
+SCORE_BUDGETS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 def recipes_dir() -> Path:
