@@ -80,7 +80,7 @@ def register(subparsers) -> None:
                         help="--train/--quick: training items to label for the router (default: the preset's; full 1000)")
     parser.add_argument("--budget-n", type=int, default=None, metavar="N",
                         help="--train/--quick: validation items the router budget is chosen on (default: the preset's; "
-                             "full 500)")
+                             "full 2000)")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                         help="evaluation, labelling and budget search in bf16 autocast or fp32 (default: auto, bf16 where "
