@@ -21,9 +21,10 @@ Design (DESIGN.md section 2, "Router input"):
   output per configuration to predict the sample's score under it (binary cross-entropy on the stored
   per-configuration scores), and routing compares the predicted scores: ``sigmoid(logits) - budget * cost /
   cost(maximal)``. The budget is then in score units: 0.01 = give up one point of predicted accuracy per
-  maximal configuration's worth of compute. A label router's argmax follows the most common label; a score
-  router weighs how much a configuration adds, which is what a family whose items gain a few points from SA
-  layers needs (``docs/training-log.md``, "A router that predicts each configuration's score").
+  maximal configuration's worth of compute. A label router's argmax follows the most common label, which for
+  most items is the cheapest configuration whatever it adds; a score router weighs what each configuration adds.
+  On the shipped model it does not beat the label router (``docs/training-log.md``, "8,000 labels, 2,000
+  validation items, and a router that predicts scores").
 * resolution on request (``visor.model.resolution``, ``visor.routing.resolution``): a router whose
   configurations name a resolution reads the *base-only* layout (no tile encoded yet) and picks both parts;
   its costs are end to end (vision tower + LLM).
