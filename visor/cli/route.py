@@ -166,24 +166,19 @@ def run_train(args: argparse.Namespace) -> int:
     configs = _viable(model)
     parsed = [parse_configuration(c, model.plan) for c in configs]
     labels = [parsed.index(parse_configuration(rows[it.id][args.label_field], model.plan)) for it in items]
-    score_targets = None
+    targets = None
     if args.objective == "score":
-        from visor.model.plan import format_slots
-        from visor.model.resolution import names_resolution
+        from visor.routing.labels import score_targets
 
-        if names_resolution(configs):
-            raise SystemExit("visor route train: --objective score chooses SA configurations only, not resolutions")
-        field = f"{args.score_field}_scores"
-        keys = [format_slots(model.plan.resolve_active(c)) for c in configs]
-        missing = [it.id for it in items if set(keys) - set(rows[it.id].get(field, {}))]
-        if missing:
-            raise SystemExit(f"visor route train: {len(missing)} label rows lack {field} for {keys} (first: {missing[0]})")
-        score_targets = [[rows[it.id][field][k] for k in keys] for it in items]
+        try:
+            targets = score_targets(rows, items, configs, model.plan, args.score_field)
+        except ValueError as err:
+            raise SystemExit(f"visor route train: --objective score: {err}") from None
     stored = next(model.parameters()).dtype
     model.float()  # compute in fp32 or bf16 autocast; the output keeps the input's storage dtype
     result = train_router(model, tokenizer, image_processor, items, labels, configs, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, read_after_layer=args.read_after_layer,
-                          autocast=resolve_precision(args.precision) == "bf16", score_targets=score_targets)
+                          autocast=resolve_precision(args.precision) == "bf16", score_targets=targets)
     model.to(stored)
     out = save_router_checkpoint(model, tokenizer, image_processor, result, args.out, args.model)
     print_json_line({"out": str(out), "n": len(items), "label_distribution": dict(Counter(map(str, labels))),

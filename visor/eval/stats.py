@@ -29,16 +29,19 @@ class GapInterval:
     n_items: int
 
 
+def scores_by_id(records: Iterable) -> dict[str, tuple[str, float]]:
+    """Per-item ``{id: (family, score)}`` from evaluated items (``ItemResult``s or mappings with ``id``, ``family``,
+    ``score``); an unscored item counts 0, as in :func:`visor.eval.graders.aggregate`."""
+    def field(rec, name):
+        return rec[name] if isinstance(rec, Mapping) else getattr(rec, name)
+
+    return {field(rec, "id"): (field(rec, "family"), float(field(rec, "score") or 0.0)) for rec in records}
+
+
 def read_scores(path: str | Path) -> dict[str, tuple[str, float]]:
-    """Per-item ``{id: (family, score)}`` from a predictions JSONL (``visor eval`` / ``visor reproduce``);
-    an unscored item counts 0, as in :func:`visor.eval.graders.aggregate`."""
-    scores = {}
+    """:func:`scores_by_id` of a predictions JSONL (``visor eval`` / ``visor reproduce``)."""
     with open(path) as fh:
-        for line in fh:
-            if line.strip():
-                rec = json.loads(line)
-                scores[rec["id"]] = (rec["family"], float(rec["score"] or 0.0))
-    return scores
+        return scores_by_id(json.loads(line) for line in fh if line.strip())
 
 
 def paired_gap_interval(a: Mapping[str, tuple[str, float]], b: Mapping[str, tuple[str, float]],
@@ -73,6 +76,16 @@ def paired_gap_interval(a: Mapping[str, tuple[str, float]], b: Mapping[str, tupl
     tail = (1 - level) / 2
     low, high = np.quantile(draws, [tail, 1 - tail])
     return GapInterval(point, float(low), float(high), level, sum(len(d) for d in diffs.values()))
+
+
+def difficulty_gap_in_points(a: Mapping[str, tuple[str, float]], b: Mapping[str, tuple[str, float]],
+                             difficulty: str) -> GapInterval:
+    """:func:`paired_gap_interval` over the procedural benchmark's ``"easy"`` or ``"hard"`` families, in
+    percentage points (rounded to 1e-6, so that 35.2% - 25.2% counts as 10 points)."""
+    from visor.data.synth.config import EASY_FAMILIES, HARD_FAMILIES
+
+    iv = paired_gap_interval(a, b, EASY_FAMILIES if difficulty == "easy" else HARD_FAMILIES)
+    return GapInterval(*(round(100 * v, 6) for v in (iv.gap, iv.low, iv.high)), iv.level, iv.n_items)
 
 
 def verdict(intervals: Sequence[tuple[GapInterval, str, float]]) -> str:

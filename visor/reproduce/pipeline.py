@@ -284,15 +284,14 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
         rows = {row["id"]: row for row in read_labels(labels.path("labels"))}
         items = [it for it in label_items_for() if it.id in rows]
         targets = [parsed.index(parse_configuration(rows[it.id]["label"], model.plan)) for it in items]
-        score_targets = None
+        scores = None
         if preset.router_objective == "score":
-            from visor.model.plan import format_slots
+            from visor.routing.labels import score_targets
 
-            keys = [format_slots(model.plan.resolve_active(c)) for c in viable]
-            score_targets = [[rows[it.id][f"{preset.router_score_field}_scores"][k] for k in keys] for it in items]
+            scores = score_targets(rows, items, viable, model.plan, preset.router_score_field)
         result = train_router(model, tokenizer, processor, items, targets, viable, epochs=preset.router_epochs,
                               lr=preset.router_lr, batch_size=preset.batch_size, seed=preset.data_seed,
-                              progress=progress, autocast=preset.precision == "bf16", score_targets=score_targets)
+                              progress=progress, autocast=preset.precision == "bf16", score_targets=scores)
         save_router_checkpoint(model, tokenizer, processor, result, folder / "model", stage2.path("final"))
         return {"model": "model"}
 

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from visor.data.synth.config import EASY_FAMILIES, HARD_FAMILIES
-from visor.eval.stats import GapInterval, paired_gap_interval, read_scores, verdict
+from visor.eval.stats import difficulty_gap_in_points, read_scores, verdict
 from visor.plotting import place_labels, pyplot
 
 SHORT = {"presence": "presen", "handwriting": "handwr"}
@@ -122,9 +122,7 @@ def check_targets(rows: list[dict], root: str | Path | None = None) -> list[dict
         if all(k in scores and ref in scores for k, ref, *_ in conditions):
             judged, shown = [], []
             for key, ref, difficulty, op, bound in conditions:
-                families = EASY_FAMILIES if difficulty == "easy" else HARD_FAMILIES
-                iv = paired_gap_interval(scores[key], scores[ref], families)
-                iv = GapInterval(*(round(100 * v, 6) for v in (iv.gap, iv.low, iv.high)), iv.level, iv.n_items)
+                iv = difficulty_gap_in_points(scores[key], scores[ref], difficulty)
                 judged.append((iv, op, bound))
                 shown.append(f"{difficulty} [{signed(iv.low)}, {signed(iv.high)}]")
             entry["ci"] = ", ".join(shown)

@@ -160,6 +160,22 @@ def _label_with_resolution(model, tokenizer, image_processor, items, configs, th
     return rows
 
 
+def score_targets(rows: dict, items: Sequence, configs: Sequence, plan, score: str = "grader") -> list[list[float]]:
+    """A score router's targets (``visor.routing.train.train_router``): per item, its stored ``score`` ("grader"
+    or "loglik") under each of ``configs`` (SA slot lists), from label rows keyed by item id. ``ValueError`` for
+    configurations with a resolution, or rows that lack a score."""
+    from visor.model.resolution import names_resolution
+
+    if names_resolution(configs):
+        raise ValueError("a score router chooses SA configurations only, not resolutions")
+    field = f"{score}_scores"
+    keys = [format_slots(plan.resolve_active(c)) for c in configs]
+    missing = [it.id for it in items if set(keys) - set(rows[it.id].get(field, {}))]
+    if missing:
+        raise ValueError(f"{len(missing)} label rows lack {field} for {keys} (first: {missing[0]})")
+    return [[rows[it.id][field][k] for k in keys] for it in items]
+
+
 def write_labels(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,8 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     with_resolution = routes_resolution(model)
     configs = router_configurations(model) if with_resolution else [c.active_sa for c in router_configurations(model)]
+    from visor.eval.stats import scores_by_id
+
     rows, scores = [], []  # scores: per row, {item id: (family, score)} for the paired intervals
     for config in configs:
         if with_resolution:
@@ -118,7 +120,7 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
         row["projected_flops"] = projected_flops(config)
         row["projected_total_flops"] = projected_total_flops(config)
         rows.append(row)
-        scores.append(_item_scores(result.items))
+        scores.append(scores_by_id(result.items))
     distribution = {}
     for budget in budgets:
         result = evaluate(model, tokenizer, image_processor, items, route=True, budget=budget, batch_size=batch_size, progress=progress)
@@ -139,7 +141,7 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
             row["full_resolution_share"] = share
             row["saving_bound"] = 1 / share if share else None
         rows.append(row)
-        scores.append(_item_scores(result.items))
+        scores.append(scores_by_id(result.items))
     from visor.cost import count_baseline_prefill, get_geometry
 
     baseline = count_baseline_prefill(get_geometry(PROJECTION["geometry"]), PROJECTION["n_visual"], PROJECTION["n_text"],
@@ -171,21 +173,17 @@ def route_report(model, tokenizer, image_processor, items, out_dir: str | Path, 
     return report
 
 
-def _item_scores(items) -> dict[str, tuple[str, float]]:
-    return {item.id: (item.family, float(item.score or 0.0)) for item in items}
-
-
 def gaps_with_intervals(scores: dict, reference: dict) -> dict[str, list[float]]:
     """``{"easy"|"hard": [gap, low, high]}`` in points: macro-mean gap of ``scores`` to ``reference`` on the
     same items, with its 95% paired bootstrap interval; a difficulty without items is left out."""
     from visor.data.synth.config import EASY_FAMILIES, HARD_FAMILIES
-    from visor.eval.stats import paired_gap_interval
+    from visor.eval.stats import difficulty_gap_in_points
 
     out = {}
     for difficulty, families in (("easy", EASY_FAMILIES), ("hard", HARD_FAMILIES)):
-        if any(fam in families for fam, _ in scores.values()):
-            iv = paired_gap_interval(scores, reference, families)
-            out[difficulty] = [round(100 * v, 4) for v in (iv.gap, iv.low, iv.high)]
+        if any(fam in families for fam, _ in scores.values()):  # other families (a user's own data) are left out
+            iv = difficulty_gap_in_points(scores, reference, difficulty)
+            out[difficulty] = [iv.gap, iv.low, iv.high]
     return out
 
 
