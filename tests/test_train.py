@@ -371,14 +371,16 @@ def test_stage2_draws_a_reducer_per_step_for_visor_tr(base_run, tmp_path, monkey
     from visor import VisorForConditionalGeneration
     from visor.train.loop import Trainer, sample_reducer
 
-    recipe = build(Recipe, {"kind": "visor-stage2", "out_dir": "x", "init": "y", "reducers": ["none", "pooling:2x"]})
+    recipe = build(Recipe, {"kind": "visor-stage2", "out_dir": "x", "init": "y", "freeze_vision": True, "reducers": ["none", "pooling:2x"]})
     draws = Counter(sample_reducer(recipe, step) for step in range(2000))
     assert set(draws) == {None, "pooling:2x"} and abs(draws[None] / 2000 - 0.5) < 0.05
     assert [sample_reducer(recipe, s) for s in range(20)] == [sample_reducer(recipe, s) for s in range(20)]
     for bad, match in ((["pooling:3q"], "reduction amount"), (["fastv:0.5"], "inside the LLM"), ([], "non-empty")):
         with pytest.raises(ValueError, match=match):
-            build(Recipe, {"kind": "visor-stage2", "out_dir": "x", "init": "y", "reducers": bad})
-    with pytest.raises(ValueError, match="visor-stage2"):
+            build(Recipe, {"kind": "visor-stage2", "out_dir": "x", "init": "y", "freeze_vision": True, "reducers": bad})
+    with pytest.raises(ValueError, match="base or visor-stage2"):
+        build(Recipe, {"kind": "visor-stage1", "out_dir": "x", "init": "y", "reducers": ["pooling:2x"]})
+    with pytest.raises(ValueError, match="freeze_vision"):  # a reduced step gives the tower no gradient
         build(Recipe, {"kind": "base", "out_dir": "x", "reducers": ["pooling:2x"]})
 
     _, final = base_run
@@ -405,7 +407,7 @@ def test_stage2_draws_a_reducer_per_step_for_visor_tr(base_run, tmp_path, monkey
     monkeypatch.setattr(VisorForConditionalGeneration, "forward", spy)
     monkeypatch.setattr(apply, "apply_pre_llm", spy_reduction)
     recipe = load_recipe(tiny_recipe(tmp_path, "tr", kind="visor-stage2", init=str(tmp_path / "stage1"), max_steps=8,
-                                     save_every=8, tokenizer=str(final), reducers=["none", "pooling:2x"]))
+                                     save_every=8, tokenizer=str(final), freeze_vision=True, reducers=["none", "pooling:2x"]))
     out = Trainer(recipe, progress=False).train()
     before, after = stage1.state_dict(), VisorForConditionalGeneration.from_pretrained(out).state_dict()
     projector = [n for n in before if n.startswith(("multi_modal_projector.", "image_newline"))]
@@ -425,6 +427,34 @@ def test_stage2_draws_a_reducer_per_step_for_visor_tr(base_run, tmp_path, monkey
     # every pooled micro-batch ran on a prompt with about half the visual placeholders (172 visual tokens here)
     assert len(shortened) == sum(reducer is not None for reducer, _ in seen)
     assert all(after <= before - 60 for before, after in shortened)
+
+
+def test_base_run_with_reducers_trains_the_language_model_on_pooled_tokens(base_run, tmp_path):
+    """A base recipe with ``reducers`` (the focus5 baseline: LLaVA-OV's language model also reads pooled tokens):
+    pooled and full steps both run, only the language model changes (tower, projector and image newline fixed), the
+    export is still a Hugging Face LLaVA-OV model, and its validation runs under each reducer."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor.train.loop import Trainer, sample_reducer
+
+    _, init = base_run
+    recipe = load_recipe(tiny_recipe(tmp_path, "pooled", init=str(init), freeze_vision=True, max_steps=8, save_every=8,
+                                     eval_every=8, reducers=["none", "pooling:2x", "pooling:4x"],
+                                     seed=1))  # seed 1 draws all three reducers within 8 steps
+    final = Trainer(recipe, progress=False).train()
+    rows = [json.loads(line) for line in (tmp_path / "pooled" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert {r["reducer"] for r in steps} == {"none", "pooling:2x", "pooling:4x"}
+    assert [r["reducer"] for r in steps] == [sample_reducer(recipe, r["step"] - 1) or "none" for r in steps]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    before = LlavaOnevisionForConditionalGeneration.from_pretrained(init).state_dict()
+    after = LlavaOnevisionForConditionalGeneration.from_pretrained(final).state_dict()
+    fixed = [n for n in before if ".vision_tower." in n or "multi_modal_projector." in n or "image_newline" in n]
+    assert fixed and all(torch.equal(before[n], after[n]) for n in fixed)
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".language_model." in n)
+    last = [r["eval"] for r in rows if "eval" in r][-1]
+    assert set(last["reduced"]) == {"pooling:2x", "pooling:4x"}
+    assert last["reduced"]["pooling:4x"]["mean_flops"] < last["reduced"]["pooling:2x"]["mean_flops"] < last["mean_flops"]
 
 
 # ---------------------------------------------------------------------- distributed

@@ -11,7 +11,8 @@ Determinism (what makes resume and the 1-process == N-process tests hold):
   and after a resume. A configuration may name a resolution (``visor.model.resolution``): the step's
   micro-batches are then laid out at that resolution (base-only: one crop, base grid + 1 newline); the step
   is read from the indices (``indices[0] // global_batch``), so the batch and the loss agree. With
-  ``reducers`` (VISOR-TR) a pre-LLM visual-token reducer is drawn per step the same way.
+  ``reducers`` (VISOR-TR, or a base run that also learns reduced tokens) a pre-LLM visual-token reducer is drawn
+  per step the same way.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def sample_config(recipe: Recipe, viable: list[tuple[int, ...]], step: int) -> t
 
 
 def sample_reducer(recipe: Recipe, step: int) -> str | None:
-    """The step's visual-token reducer (``recipe.reducers``, VISOR-TR), ``None`` for the full token set. A draw of
+    """The step's visual-token reducer (``recipe.reducers``), ``None`` for the full token set. A draw of
     its own, a pure function of (seed, step) like the configuration's, so every process and a resumed run agree."""
     if not recipe.reducers:
         return None
@@ -166,7 +167,7 @@ class LanguageTask:
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, int]:
         # a pre-LLM reducer shortens the prompt's image placeholders only, so the target tokens (and their global
         # count) stay those of the batch; the reduced features carry no gradient into the projector
-        reducer = sample_reducer(self.recipe, step)  # None unless a stage-2 recipe names reducers (Recipe checks)
+        reducer = sample_reducer(self.recipe, step)  # None unless the recipe names reducers (Recipe checks)
         extra = {"reducer": reducer} if reducer else {}
         batch = dict(batch)
         shape_targets = batch.pop("shape_targets", None)

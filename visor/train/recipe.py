@@ -114,8 +114,9 @@ class Recipe:
     config_sampling: Literal["uniform"] = "uniform"  # stage 2: one viable configuration per step, uniformly
     # stage 2: cross the viable SA sets with these resolutions ("full", "base"); None = as the entries say
     resolutions: list[str] | None = None
-    # stage 2 (VISOR-TR): one visual-token reducer drawn per step beside the configuration, "NAME[:AMOUNT]" of a
-    # pre-LLM reducer (visor.compression) or "none" for the full token set; None = never reduce
+    # base or stage 2 (VISOR-TR): one visual-token reducer drawn per step beside the configuration, "NAME[:AMOUNT]" of
+    # a pre-LLM reducer (visor.compression) or "none" for the full token set (a name listed twice is drawn twice as
+    # often); None = never reduce. Needs a frozen tower; the projector and image-newline embedding stay fixed too.
     reducers: list[str] | None = None
     # vision kind
     vision_color_weight: float = 0.3
@@ -169,9 +170,13 @@ class Recipe:
     def _check_reducers(self) -> None:
         from visor.compression.registry import build_reducer
 
-        if self.kind != "visor-stage2" or not self.reducers:
-            raise ValueError(f"reducers is a non-empty list for a visor-stage2 recipe, got {self.reducers!r} "
+        if self.kind not in ("base", "visor-stage2") or not self.reducers:
+            raise ValueError(f"reducers is a non-empty list for a base or visor-stage2 recipe, got {self.reducers!r} "
                              f"in a {self.kind} recipe")
+        if not self.freeze_vision:
+            # a reduced step computes the visual features without gradient (visor.compression.apply), so a tower that
+            # trains would get gradients on some steps only, which DDP and the shape head cannot take
+            raise ValueError("reducers need freeze_vision: true (reduced steps give the tower no gradient)")
         for name in self.reducers:
             if name == "none":
                 continue
