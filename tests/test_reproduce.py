@@ -42,10 +42,14 @@ def quick(tmp_path_factory):
 
 def test_replot_rewrites_the_reports_from_the_json_alone(quick, tmp_path):
     """`visor reproduce --replot DIR` redraws the CSV, Markdown and plots from DIR/reproduce.json: the same CSV
-    as the run wrote, predictions untouched, and a clear error for a folder without results."""
+    as the run wrote, predictions untouched, the JSON's targets brought up to those reported (here: an older run's
+    JSON that had none), and a clear error for a folder without results."""
     folder = tmp_path / "results"
     shutil.copytree(quick["out"], folder)
     written = (folder / "reproduce.csv").read_text()
+    data = json.loads((folder / "reproduce.json").read_text())
+    targets = data.pop("targets")
+    (folder / "reproduce.json").write_text(json.dumps(data))
     for name in ("reproduce.csv", "reproduce.md", "pareto_easy.png", "pareto_hard.png", "ablation_sa_layers.png"):
         (folder / name).unlink()
     predictions = sorted(p.name for p in (folder / "predictions").iterdir())
@@ -55,6 +59,7 @@ def test_replot_rewrites_the_reports_from_the_json_alone(quick, tmp_path):
     assert all((folder / name).stat().st_size > 0 for name in ("reproduce.md", "pareto_easy.png", "pareto_hard.png",
                                                                 "ablation_sa_layers.png"))
     assert sorted(p.name for p in (folder / "predictions").iterdir()) == predictions
+    assert json.loads((folder / "reproduce.json").read_text())["targets"] == targets
     assert all(label in result.stdout for label in LABELS)
     missing = visor_cli(["reproduce", "--replot", str(tmp_path / "nothing")])
     assert missing.returncode == 2 and "reproduce.json" in missing.stderr

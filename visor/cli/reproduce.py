@@ -183,7 +183,11 @@ def _replot(folder: Path) -> int:
               file=sys.stderr)
         return 2
     data = json.loads(source.read_text())
-    paths = write_reports(data, folder)
+    written = data.get("targets")
+    paths = write_reports(data, folder)  # checks the targets again (the code may have added to them)
+    if json.loads(json.dumps(data["targets"], default=str)) != written:  # keep the JSON's targets those reported
+        source.write_text(json.dumps(data, indent=2, default=str))
+        paths = {"json": source, **paths}
     print(format_table(data["rows"]))
     print(f"\nrewritten from {source}: {', '.join(str(p) for p in paths.values())}")
     return 0
