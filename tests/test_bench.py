@@ -155,6 +155,22 @@ def test_cli_bad_input(argv, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fast, expected", [(True, "bf16"), (False, "fp32")])
+def test_cli_dtype_auto_follows_the_machine(fast, expected, tmp_path, monkeypatch):
+    """--dtype auto (the default) runs bf16 only where it is native (AMX or a GPU); an explicit dtype is kept."""
+    import visor.bench.runner as runner
+    import visor.precision as precision
+    from visor.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(precision, "fast_bf16", lambda device="cpu": fast)
+    monkeypatch.setattr(runner, "run_bench", lambda **kwargs: seen.append(kwargs["dtype"]) or {})
+    monkeypatch.setattr(runner, "dump_json", lambda summary: "{}")
+    assert main(["bench", "--out", str(tmp_path / "b")]) == 0
+    assert main(["bench", "--out", str(tmp_path / "b"), "--dtype", "bf16"]) == 0
+    assert seen == [expected, "bf16"]
+
+
 def test_bench_is_registered_and_documented():
     from visor.cli.main import VERB_MODULES, build_parser
 

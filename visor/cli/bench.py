@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--geometry", default="llava-ov-0.5b", help=f"model geometry: {', '.join(GEOMETRIES)} (default: %(default)s)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights and compute dtype (default: %(default)s)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="weights and compute dtype (default: auto, bf16 on a GPU or a CPU with AMX, fp32 elsewhere, "
+                        "where bf16 matmuls are emulated and several times slower; the results record which ran)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: %(default)s)")
     p.add_argument("--out", default="runs/bench", help="results folder: rows.csv, results.json, speedup.png (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
@@ -62,6 +64,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from visor.bench.runner import dump_json, run_bench
+    from visor.precision import resolve_precision
 
     try:
         batches = tuple(int(b) for b in args.decode_batches.split(",") if b.strip())
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = run_bench(
-            geometry=args.geometry, dtype=args.dtype, device=args.device, out=args.out, quick=args.quick,
+            geometry=args.geometry, dtype=resolve_precision(args.dtype, args.device), device=args.device, out=args.out, quick=args.quick,
             rows=_names(args.rows), configs=_names(args.configs), repeats=args.repeats, decode_tokens=args.decode_tokens,
             decode_batches=batches, text_tokens=args.text_tokens, threads=args.threads, memory=args.memory,
             extra_reducers=tuple(args.reduce), profile=args.profile, prefill_batch=args.prefill_batch,
