@@ -324,6 +324,38 @@ def test_missing_or_modified_shipped_checkpoints_are_clear_errors(quick, tmp_pat
         load_shipped(copy)
 
 
+def test_choose_budget_records_a_new_budget_in_a_shipped_set(quick, tmp_path):
+    """`visor reproduce --choose-budget --budget-n N`: the shipped router's budget chosen again by the pipeline's
+    rule on N validation items, recorded in the set's pipeline.yaml and manifest (the set still verifies, and the
+    manifest says what it replaced); refused beside --train."""
+    from visor.reproduce.shipped import load_shipped
+    from visor.routing.budget import choose_budget
+
+    copy = tmp_path / "set"
+    shutil.copytree(quick["root"] / "checkpoints", copy)
+    before = load_shipped(copy)
+    work = tmp_path / "work"
+    result = visor_cli(["reproduce", "--choose-budget", "--checkpoints", str(copy), "--budget-n", "6", "--work-dir",
+                        str(work), "--threads", "1", "--precision", "fp32", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = load_shipped(copy)  # the hashes in the manifest follow the rewritten pipeline.yaml
+    [report] = list(work.glob("shipped-*/budget-n6/report/route_report.json"))
+    choice = json.loads((report.parents[1] / "budget.json").read_text())
+    rows = json.loads(report.read_text())["rows"]
+    assert choice == json.loads(json.dumps(choose_budget(rows, tolerance=before.pipeline["budget_tolerance"])))
+    assert choice["budget"] in before.pipeline["budget_candidates"]
+    assert after.pipeline["route_budget"] == choice["budget"] and after.pipeline["budget_n"] == 6
+    assert after.pipeline["route_budget_choice"] == choice
+    record = after.manifest["budget"]
+    assert record["previous"] == before.pipeline["route_budget"] and record["budget_n"] == 6
+    assert "--choose-budget" in record["command"]
+    assert {k: v for k, v in after.pipeline.items() if not k.startswith(("route_budget", "budget_n"))} == \
+        {k: v for k, v in before.pipeline.items() if not k.startswith(("route_budget", "budget_n"))}
+    assert f"route budget {before.pipeline['route_budget']} -> {choice['budget']}" in result.stdout
+    refused = visor_cli(["reproduce", "--choose-budget", "--train"])
+    assert refused.returncode == 2 and "budget stage" in refused.stderr
+
+
 def test_ship_requires_train(capsys, tmp_path):
     from visor.cli.main import main
 

@@ -98,6 +98,11 @@ def register(subparsers) -> None:
                         help="add a VISOR-TR model to the shipped set in --checkpoints (default checkpoints/): RUN is "
                              "the final/ folder of `visor train recipes/visor-tr-tiny.yaml`, fine-tuned from that set's "
                              "universal model (checked); recorded in its manifest, then exit")
+    parser.add_argument("--choose-budget", action="store_true",
+                        help="choose the router budget of the shipped set in --checkpoints again, by the pipeline's "
+                             "rule on --budget-n validation items (default: this version's preset, full 2000), record "
+                             "it in the set's recipes/pipeline.yaml and manifest (plain `visor reproduce` then routes "
+                             "at it), then exit")
     parser.add_argument("--replot", default=None, metavar="DIR",
                         help="rewrite the table, CSV, Markdown report and plots of a results folder from its "
                              "reproduce.json (no model is loaded or evaluated) and exit")
@@ -116,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
         return _replot(Path(args.replot))
     if args.add_tr:
         return _add_tr(args)
+    if args.choose_budget:
+        if mode != "shipped":
+            print("visor reproduce: --choose-budget re-chooses a shipped set's budget; --train and --quick choose "
+                  "theirs in the budget stage (--budget-n)", file=sys.stderr)
+            return 2
+        if args.budget_n is not None and args.budget_n < 1:
+            print("visor reproduce: --budget-n must be at least 1", file=sys.stderr)
+            return 2
+        set_threads(args.threads)
+        return _choose_budget(args, not args.no_progress, tqdm.write)
     if args.ship and mode == "shipped":
         print("visor reproduce: --ship copies what --train (or --quick) produced; add --train", file=sys.stderr)
         return 2
@@ -256,6 +271,39 @@ def _shipped(args, work_dir: Path, progress: bool, log):
     if shipped.pipeline.get("route_budget_choice"):
         data["meta"]["budget_choice"] = shipped.pipeline["route_budget_choice"]
     return data
+
+
+def _choose_budget(args, progress: bool, log) -> int:
+    import dataclasses
+
+    from visor.reproduce.pipeline import choose_route_budget
+    from visor.reproduce.presets import full_preset, preset_from_settings, quick_preset
+    from visor.reproduce.shipped import ShippedCheckpointsError, load_shipped, record_budget
+    from visor.reproduce.stages import git_commit
+    from visor.routing.budget import describe
+
+    try:
+        shipped = load_shipped(args.checkpoints)
+    except ShippedCheckpointsError as err:
+        print(f"visor reproduce: {err}", file=sys.stderr)
+        return 2
+    preset = preset_from_settings(shipped.pipeline, shipped.recipes)
+    if not preset.budget_candidates:
+        print(f"visor reproduce: {shipped.folder} records no budget candidates to choose from", file=sys.stderr)
+        return 2
+    current = quick_preset() if shipped.manifest.get("preset") == "quick" else full_preset()
+    preset = dataclasses.replace(preset, budget_n=args.budget_n or current.budget_n)
+    _set_precision(preset, args.precision, log)
+    ids = shipped.model_ids
+    work = Path(args.work_dir or "runs/reproduce") / f"shipped-{ids['visor'][:12]}" / f"budget-n{preset.budget_n}"
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"choosing the router budget of {shipped.folder} on {preset.budget_n} validation items "
+        f"(candidates {list(preset.budget_candidates)}, {preset.precision}); was {shipped.pipeline.get('route_budget')}")
+    choice = choose_route_budget(shipped.visor, preset, work, progress=progress)
+    record = record_budget(shipped.folder, choice, preset.budget_n, commit=git_commit())
+    print(f"{describe(choice)}\nrecorded in {shipped.folder}: route budget {record['previous']} -> {record['budget']} "
+          f"(route report in {work / 'report'})")
+    return 0
 
 
 def _set_precision(preset, precision: str | None, log) -> None:

@@ -69,6 +69,26 @@ def _synth_config(preset: Preset):
     return DEFAULT_CONFIG.with_image_size(preset.benchmark_image_size())
 
 
+def choose_route_budget(model_folder: Path, preset: Preset, folder: Path, progress: bool = True) -> dict:
+    """The router budget by the preset's rule (``visor.routing.budget.choose_budget``): the routed model in
+    ``model_folder`` against its fixed configurations on ``preset.budget_n`` validation items, at each of
+    ``preset.budget_candidates``. Writes ``folder/budget.json`` (the choice) and ``folder/report/`` (the route
+    report); returns the choice. The pipeline's budget stage and ``visor reproduce --choose-budget`` run it."""
+    from visor.eval.harness import synth_items
+    from visor.routing.budget import choose_budget
+    from visor.routing.report import format_report, route_report
+
+    model, tokenizer, processor = _load_visor(model_folder)
+    items = synth_items("val", preset.budget_n, seed=preset.data_seed, config=_synth_config(preset))
+    with _autocast(preset.precision):
+        report = route_report(model, tokenizer, processor, items, folder / "report",
+                              budgets=tuple(preset.budget_candidates), batch_size=preset.batch_size, progress=progress)
+    choice = choose_budget(report["rows"], tolerance=preset.budget_tolerance)
+    (folder / "budget.json").write_text(json.dumps(choice, indent=2))
+    (folder / "report" / "route_report.txt").write_text(format_report(report) + "\n")
+    return choice
+
+
 def _load_visor(folder: Path):
     from visor.data.tokenizer import load_tokenizer
     from visor.model.modeling import VisorForConditionalGeneration
@@ -311,18 +331,7 @@ def train_all(preset: Preset, cache: StageCache, *, progress: bool = True,
                                             "precision", "data_seed")}
 
     def budget_body(folder: Path) -> dict:
-        from visor.eval.harness import synth_items
-        from visor.routing.budget import choose_budget
-        from visor.routing.report import format_report, route_report
-
-        model, tokenizer, processor = _load_visor(router.path("model"))
-        items = synth_items("val", preset.budget_n, seed=preset.data_seed, config=synth)
-        with _autocast(preset.precision):
-            report = route_report(model, tokenizer, processor, items, folder / "report",
-                                  budgets=tuple(preset.budget_candidates), batch_size=preset.batch_size, progress=progress)
-        choice = choose_budget(report["rows"], tolerance=preset.budget_tolerance)
-        (folder / "budget.json").write_text(json.dumps(choice, indent=2))
-        (folder / "report" / "route_report.txt").write_text(format_report(report) + "\n")
+        choose_route_budget(router.path("model"), preset, folder, progress=progress)
         return {"budget": "budget.json", "report": "report"}
 
     budget = stages["budget"] = cache.run("budget", "8-budget", budget_spec, {"router": router.output_id}, budget_body)

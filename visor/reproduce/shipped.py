@@ -245,6 +245,34 @@ def add_visor_tr(folder: str | Path, run_final: str | Path, *, commit: str, comm
     return target
 
 
+def record_budget(folder: str | Path, choice: dict, budget_n: int, *, commit: str, command: str | None = None) -> dict:
+    """Record a router budget chosen again for a shipped set (``visor reproduce --choose-budget``): its
+    ``recipes/pipeline.yaml`` gets the new ``route_budget``, ``route_budget_choice`` and ``budget_n`` (what plain
+    ``visor reproduce`` runs the routed rows at), and the manifest its new hash and a ``budget`` record (when, which
+    commit and command, the budget it replaced). Both files are replaced atomically, the manifest last. Returns
+    the record."""
+    folder = Path(folder)
+    shipped = load_shipped(folder)  # verified: the set is intact before it is changed
+    manifest = shipped.manifest
+    pipeline = dict(shipped.pipeline)
+    record = {"budget": float(choice["budget"]), "previous": pipeline.get("route_budget"), "budget_n": int(budget_n),
+              "chosen": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
+              "command": command or "visor " + " ".join(sys.argv[1:])}
+    pipeline.update(route_budget=record["budget"], route_budget_choice=choice, budget_n=record["budget_n"])
+    rel = manifest.get("pipeline") or "recipes/pipeline.yaml"
+    manifest["pipeline"] = rel
+    path = folder / rel
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    tmp.replace(path)
+    manifest["files"][rel] = _file_entry(path)
+    manifest["budget"] = record
+    tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    tmp_manifest.replace(folder / MANIFEST)
+    return record
+
+
 def _copy_model(source: Path, dest: Path, dtype: str) -> None:
     """A model folder without its run's step checkpoints, optimiser state and plots, in the set's dtype."""
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
