@@ -27,6 +27,9 @@ Layout of the folder (``checkpoints/`` in the repository by default)::
      "stages": {"base": {"key": ..., "commit": ..., "seconds": ...}, ...},
      "files": {"base/model.safetensors": {"bytes": ..., "sha256": ...}, ...}}
 
+A set whose router budget was chosen again (``visor reproduce --choose-budget``, :func:`record_budget`) also has
+``"budget": {"budget", "previous", "budget_n", "chosen", "commit", "command"}``.
+
 ``load_shipped`` checks all of it (every listed file present with its size and hash, every recipe parsing as
 a typed ``Recipe``) before anything is evaluated, and says how to produce the folder when it is missing.
 """
