@@ -121,13 +121,13 @@ def run(args: argparse.Namespace) -> int:
         return _replot(Path(args.replot))
     if args.add_tr:
         return _add_tr(args)
+    if any(n is not None and n < 1 for n in (args.label_n, args.budget_n)):
+        print("visor reproduce: --label-n and --budget-n must be at least 1", file=sys.stderr)
+        return 2
     if args.choose_budget:
         if mode != "shipped":
             print("visor reproduce: --choose-budget re-chooses a shipped set's budget; --train and --quick choose "
                   "theirs in the budget stage (--budget-n)", file=sys.stderr)
-            return 2
-        if args.budget_n is not None and args.budget_n < 1:
-            print("visor reproduce: --budget-n must be at least 1", file=sys.stderr)
             return 2
         set_threads(args.threads)
         return _choose_budget(args, not args.no_progress, tqdm.write)
@@ -143,9 +143,6 @@ def run(args: argparse.Namespace) -> int:
     if mode == "shipped" and (args.router != "label" or args.label_n is not None or args.budget_n is not None):
         print("visor reproduce: --router, --label-n and --budget-n set how --train or --quick makes the router",
               file=sys.stderr)
-        return 2
-    if any(n is not None and n < 1 for n in (args.label_n, args.budget_n)):
-        print("visor reproduce: --label-n and --budget-n must be at least 1", file=sys.stderr)
         return 2
     if args.router == "score" and args.resolutions:
         print("visor reproduce: a score router chooses SA configurations only; --resolutions needs --router label",

@@ -242,9 +242,7 @@ def add_visor_tr(folder: str | Path, run_final: str | Path, *, commit: str, comm
         "path": "visor-tr", "kind": "visor", "recipe": "recipes/tr.yaml", "router": True,
         "reducers": recipe["reducers"], "added": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
         "command": command or "visor " + " ".join(sys.argv[1:])}
-    tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    tmp_manifest.replace(folder / MANIFEST)
+    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=2))
     return target
 
 
@@ -264,15 +262,10 @@ def record_budget(folder: str | Path, choice: dict, budget_n: int, *, commit: st
     pipeline.update(route_budget=record["budget"], route_budget_choice=choice, budget_n=record["budget_n"])
     rel = manifest.get("pipeline") or "recipes/pipeline.yaml"
     manifest["pipeline"] = rel
-    path = folder / rel
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    tmp.replace(path)
-    manifest["files"][rel] = _file_entry(path)
+    _write_atomically(folder / rel, yaml.safe_dump(pipeline, sort_keys=False))
+    manifest["files"][rel] = _file_entry(folder / rel)
     manifest["budget"] = record
-    tmp_manifest = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    tmp_manifest.replace(folder / MANIFEST)
+    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=2))
     return record
 
 
@@ -281,6 +274,13 @@ def _copy_model(source: Path, dest: Path, dtype: str) -> None:
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
     if dtype == "bf16":
         _to_bf16(dest)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary file and a rename: a crash leaves the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _file_entry(path: Path) -> dict:
