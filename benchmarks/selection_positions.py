@@ -2,12 +2,12 @@
 
 A pre-LLM selector (VisionZip, VisPruner, HiRED) hands the LLM a shorter prompt with contiguous positions, as the
 methods' own code does (``visor.compression.apply``): a kept token's place in the image survives only in its
-features. This diagnostic scores the same test items three ways, teacher-forced (``visor.eval.likelihood``):
+features. This diagnostic scores the same test items three ways, teacher-forced (``visor.eval.likelihood``'s rule):
 
 - ``full``: every visual token;
 - ``contiguous``: the selector's kept tokens at contiguous positions (what ``visor eval --reduce`` runs);
 - ``original``: the same kept tokens and features, each at the position it had in the full prompt (the text after
-  the image too), so RoPE still tells the LLM where in the image each kept token was.
+  the image too: ``NAME:AMOUNT@original``), so RoPE still tells the LLM where in the image each kept token was.
 
 Per family it prints the answer loss per token and, for the families whose answer is one of a few words, the choice
 accuracy (the candidate answer with the highest teacher-forced probability). If ``original`` recovers what
@@ -30,50 +30,22 @@ import torch
 CHOICES = {"side": ["left", "right"], "presence": ["yes", "no"]}
 
 
-def _answer_probs(out, labels: torch.Tensor) -> list[float]:
-    """``exp(mean log-prob)`` of each row's labelled tokens (``visor.eval.likelihood``'s rule)."""
-    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    index = out.text_index.clamp(min=0)
-    targets = torch.where(out.text_index >= 0, shifted.gather(1, index), torch.full_like(index, -100))
-    logp = torch.log_softmax(out.logits.float(), -1)
-    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    valid = targets != -100
-    return torch.exp((picked * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
-
-
-def original_positions(batch: dict, reduction, image_token_id: int) -> torch.Tensor:
-    """Positions for the shortened prompt of ``reduction`` that each token had in the full prompt of ``batch``
-    (one image per sample: the procedural benchmark's)."""
-    counts = batch.get("batch_num_images")
-    if counts is not None and any(int(n) != 1 for n in counts):
-        raise ValueError("one image per sample only")
-    full_pos = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-    source = reduction.source_index
-    pos = torch.where(source >= 0, full_pos.gather(1, source.clamp(min=0)), torch.zeros_like(source))
-    for b, image in enumerate(reduction.reduced):
-        if image.kept is None:
-            raise ValueError("this reducer resamples tokens: they have no original position")
-        full_slots = (batch["input_ids"][b] == image_token_id).nonzero()[:, 0]
-        short_slots = (reduction.input_ids[b] == image_token_id).nonzero()[:, 0]
-        pos[b, short_slots] = full_pos[b, full_slots[image.kept]]  # kept: indices into the image's full sequence
-    return pos
-
-
 @torch.no_grad()
 def score(model, batcher, items, reducer_spec: str, batch_size: int) -> dict[str, dict[str, list[float]]]:
     """Per mode and family: each item's reference-answer probability, and for choice families 1.0 if the reference
     is the most probable candidate."""
-    from visor.compression.apply import apply_pre_llm
+    from tqdm.auto import tqdm
+
     from visor.compression.registry import build_reducer
     from visor.data.batch import Sample
+    from visor.eval.likelihood import labelled_probabilities
 
-    reducer = build_reducer(reducer_spec)
-    if reducer.stage != "pre_llm":
+    reducers = {"full": None, "contiguous": build_reducer(reducer_spec)}
+    if reducers["contiguous"].stage != "pre_llm" or not reducers["contiguous"].keeps_token_places:
         raise SystemExit(f"{reducer_spec} is not a pre-LLM selector")
-    image_token_id = model.config.image_token_id
+    reducers["original"] = build_reducer(reducer_spec).with_positions("original")
     prob: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     right: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(items), batch_size), desc=reducer_spec, unit="batch"):
         chunk = items[start:start + batch_size]
@@ -86,21 +58,11 @@ def score(model, batcher, items, reducer_spec: str, batch_size: int) -> dict[str
                 rows.append(Sample(item.images, list(item.turns) + [{"from": "gpt", "value": c}]))
                 owner.append(i)
         batch = batcher.train_batch(rows)
-        results = {"full": model(**batch)}
-        results["contiguous"] = model(**batch, reducer=reducer)
-        reduction = apply_pre_llm(model, reducer, batch["input_ids"], batch["attention_mask"], None, batch["labels"],
-                                  batch["pixel_values"], batch["image_sizes"], batch.get("batch_num_images"),
-                                  image_tiled=batch.get("image_tiled"))
-        results["original"] = model(input_ids=reduction.input_ids, attention_mask=reduction.attention_mask,
-                                    position_ids=original_positions(batch, reduction, image_token_id),
-                                    labels=reduction.labels, image_features=reduction.image_features,
-                                    batch_num_images=batch.get("batch_num_images"))
-        for mode, out in results.items():
-            labels = batch["labels"] if mode != "original" else reduction.labels
-            p = _answer_probs(out, labels)
-            first = {}
-            for row, i in enumerate(owner):
-                first.setdefault(i, row)
+        first = {}
+        for row, i in enumerate(owner):
+            first.setdefault(i, row)
+        for mode, reducer in reducers.items():
+            p = labelled_probabilities(model(**batch, reducer=reducer), batch["labels"])
             for i, item in enumerate(chunk):
                 rows_i = [r for r, o in enumerate(owner) if o == i]
                 prob[mode][item.family].append(p[first[i]])

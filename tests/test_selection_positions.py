@@ -35,19 +35,16 @@ def setup():
     return model, batcher, items, batch
 
 
-def test_keeping_every_token_gives_the_full_prompt_positions_and_output(script, setup):
-    from visor.compression.apply import PromptReduction
-    from visor.compression.base import ReducedImage
+def test_keeping_every_token_gives_the_full_prompt_positions_and_output(setup):
+    from visor.compression.apply import original_positions
 
     model, _, _, batch = setup
     features = model.encode_images(batch["pixel_values"], batch["image_sizes"], batch.get("batch_num_images"),
                                    batch.get("image_tiled"))
-    width = batch["input_ids"].shape[1]
-    everything = PromptReduction(
-        batch["input_ids"], batch["attention_mask"], None, batch["labels"], features,
-        torch.arange(width).expand(batch["input_ids"].shape[0], width).clone(),
-        [ReducedImage(f, torch.arange(f.shape[0])) for f in features])
-    pos = script.original_positions(batch, everything, model.config.image_token_id)
+    rows, width = batch["input_ids"].shape
+    pos = original_positions(batch["input_ids"], batch["attention_mask"], None, batch["input_ids"],
+                             torch.arange(width).expand(rows, width), [[f.shape[0]] for f in features],
+                             [[torch.arange(f.shape[0])] for f in features], model.config.image_token_id)
     assert torch.equal(pos, (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         full = model(**batch).logits
@@ -56,16 +53,19 @@ def test_keeping_every_token_gives_the_full_prompt_positions_and_output(script, 
     torch.testing.assert_close(again, full)
 
 
-def test_a_real_selection_keeps_text_positions_and_spreads_the_kept_tokens(script, setup):
+def test_a_real_selection_keeps_text_positions_and_spreads_the_kept_tokens(setup):
     from visor.compression.apply import apply_pre_llm
     from visor.compression.registry import build_reducer
 
     model, _, _, batch = setup
     image_token = model.config.image_token_id
-    reduction = apply_pre_llm(model, build_reducer("visionzip:0.25"), batch["input_ids"], batch["attention_mask"],
-                              None, batch["labels"], batch["pixel_values"], batch["image_sizes"],
-                              batch.get("batch_num_images"), image_tiled=batch.get("image_tiled"))
-    pos = script.original_positions(batch, reduction, image_token)
+    args = (batch["input_ids"], batch["attention_mask"], None, batch["labels"], batch["pixel_values"],
+            batch["image_sizes"], batch.get("batch_num_images"))
+    reduction = apply_pre_llm(model, build_reducer("visionzip:0.25@original"), *args, image_tiled=batch.get("image_tiled"))
+    contiguous = apply_pre_llm(model, build_reducer("visionzip:0.25"), *args, image_tiled=batch.get("image_tiled"))
+    assert contiguous.position_ids is None  # numbered afresh from the mask, as the methods' code does
+    assert torch.equal(contiguous.input_ids, reduction.input_ids)
+    pos = reduction.position_ids
     full_pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     for b in range(batch["input_ids"].shape[0]):
         short_image = reduction.input_ids[b] == image_token
@@ -78,6 +78,39 @@ def test_a_real_selection_keeps_text_positions_and_spreads_the_kept_tokens(scrip
         assert bool((kept[1:] > kept[:-1]).all())  # sequence order, no repeats
         assert set(kept.tolist()) <= set(full_image.tolist())
         assert kept.max() > full_image.min() + kept.numel() - 1  # gaps: not the contiguous numbering
+        assert torch.equal(kept, full_image[reduction.reduced[b].kept])
+
+
+def test_generation_with_original_positions_matches_its_forward_pass(setup):
+    """Greedy generation (cached and uncached) continues from the full prompt's positions: its first token is
+    the forward pass's argmax, and both decoding paths agree."""
+    from visor.compression.registry import build_reducer
+    from visor.data.batch import Sample
+
+    model, batcher, items, _ = setup
+    prompt = batcher.prompt_batch([Sample(it.images, list(it.turns)) for it in items])
+    reducer = build_reducer("hired:0.25@original")
+    with torch.no_grad():
+        cached = model.generate(**prompt, reducer=reducer, max_new_tokens=4, use_cache=True)
+        uncached = model.generate(**prompt, reducer=reducer, max_new_tokens=4, use_cache=False)
+        logits = model(**prompt, reducer=reducer).logits
+        renumbered = model(**prompt, reducer="hired:0.25").logits
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, prompt["input_ids"].shape[1]], logits[:, -1].argmax(-1))
+    assert not torch.allclose(logits, renumbered)  # the positions reach the model
+
+
+def test_position_mode_in_the_spec():
+    from visor.compression.registry import build_reducer
+
+    assert build_reducer("visionzip:0.25@original").spec == "visionzip:0.25@original"
+    assert build_reducer("vispruner:0.25").spec == "vispruner:0.25"
+    assert build_reducer("hired:0.2@original").describe()["positions"] == "original"
+    assert build_reducer("hired:0.2@contiguous").positions == "contiguous"
+    for bad, words in (("pooling:4x@original", "resamples"), ("fastv:0.5@original", "pre-LLM selectors only"),
+                       ("visionzip:0.25@sideways", "unknown position mode")):
+        with pytest.raises(ValueError, match=words):
+            build_reducer(bad)
 
 
 def test_score_reports_every_mode_and_the_choice_families(script, setup):
@@ -90,3 +123,5 @@ def test_score_reports_every_mode_and_the_choice_families(script, setup):
         assert all(v in (0.0, 1.0) for fam in ("side", "presence") for v in scores["choice"][mode][fam])
     with pytest.raises(SystemExit):
         script.score(model, batcher, items, "fastv:0.5", batch_size=2)
+    with pytest.raises(SystemExit):
+        script.score(model, batcher, items, "pooling:4x", batch_size=2)

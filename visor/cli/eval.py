@@ -64,7 +64,9 @@ def register(subparsers) -> None:
                         help="grader for items without a 'grader' field (default exact)")
     add_config_choice(parser)
     parser.add_argument("--reduce", default=None, metavar="NAME[:AMOUNT]",
-                        help="visual-token reducer passed to generation, e.g. 'pooling:2x', 'visionzip:0.25', 'fastv:0.5'")
+                        help="visual-token reducer passed to generation, e.g. 'pooling:2x', 'visionzip:0.25', 'fastv:0.5'; "
+                             "a pre-LLM selector with '@original' (e.g. 'visionzip:0.25@original') keeps each kept "
+                             "token's position in the full prompt instead of renumbering (visor.compression.apply)")
     parser.add_argument("--route", action="store_true", help="let the checkpoint's router pick the SA slots per sample")
     parser.add_argument("--budget", type=float, default=None, metavar="LAMBDA",
                         help="router cost bias (implies --route)")

@@ -9,7 +9,11 @@ asked for), each image's token sequence is reduced, and the prompt is *shortened
 first ``m_i`` of its ``<image>`` placeholders, the surplus ones are removed from ``input_ids`` /
 ``attention_mask`` / ``labels`` and the batch is left-padded again. Positions are those of the shortened
 prompt (explicit ``position_ids`` drop by the placeholders removed before them): the LLM sees what the
-methods' own code gives it, a shorter sequence with contiguous positions. The reduced features are then
+methods' own code gives it, a shorter sequence with contiguous positions. A selector built with
+``positions="original"`` (spec ``NAME:AMOUNT@original``) instead gives every token the position it had in the full
+prompt, each kept visual token that of the image token it stands for (``original_positions``), so the LLM still sees
+where in the image a kept token was; generation then continues from the full prompt's last position. The reduced
+features are then
 scattered exactly as unreduced ones would be. ``text_index`` in the output still refers to the caller's
 ``input_ids``; ``generate`` returns the caller's prompt followed by the new tokens. The selection depends
 only on the images, so it is made once per prompt.
@@ -126,6 +130,29 @@ def drop_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, pos
     return ids, mask, new_pos, new_labels, source
 
 
+def original_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+                       short_ids: torch.Tensor, source_index: torch.Tensor, counts: Sequence[Sequence[int]],
+                       kept_index: Sequence[Sequence[torch.Tensor]], image_token_id: int) -> torch.Tensor:
+    """Positions for a shortened prompt (``drop_placeholders``) that its tokens had in the full one.
+
+    Text tokens keep theirs (``source_index`` maps them back); image ``i`` of sample ``b`` keeps the positions of
+    its placeholders ``kept_index[b][i]`` (``ReducedImage.kept``: indices into the image's ``counts[b][i]``
+    tokens). Padding gets position 0."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    pos = torch.where(source_index >= 0, position_ids.gather(1, source_index.clamp(min=0)),
+                      torch.zeros_like(source_index))
+    for b in range(input_ids.shape[0]):
+        full_slots = (input_ids[b] == image_token_id).nonzero()[:, 0]
+        short_slots = (short_ids[b] == image_token_id).nonzero()[:, 0]
+        full_start = short_start = 0
+        for n, index in zip(counts[b], kept_index[b]):
+            m = index.numel()
+            pos[b, short_slots[short_start:short_start + m]] = position_ids[b, full_slots[full_start + index.to(pos.device)]]
+            full_start, short_start = full_start + n, short_start + m
+    return pos
+
+
 @torch.no_grad()
 def apply_pre_llm(model, reducer: PreLLMReducer, input_ids, attention_mask, position_ids, labels, pixel_values,
                   image_sizes, batch_num_images, image_features=None, image_tiled=None) -> PromptReduction | None:
@@ -148,6 +175,15 @@ def apply_pre_llm(model, reducer: PreLLMReducer, input_ids, attention_mask, posi
         attention_mask = torch.ones_like(input_ids)
     ids, mask, pos, new_labels, source = drop_placeholders(
         input_ids, attention_mask, position_ids, labels, counts, kept, model.config.image_token_id)
+    if reducer.positions == "original":
+        kept_index, start = [], 0
+        for n in per_sample:
+            kept_index.append([reduced[i].kept for i in range(start, start + n)])
+            start += n
+        if any(index is None for sample in kept_index for index in sample):
+            raise ValueError(f"{reducer.name} resampled an image's tokens: they have no original positions")
+        pos = original_positions(input_ids, attention_mask, position_ids, ids, source, counts, kept_index,
+                                 model.config.image_token_id)
     return PromptReduction(ids, mask, pos, new_labels, [r.features for r in reduced], source, reduced, clock.seconds)
 
 

@@ -134,9 +134,35 @@ class Reducer:
         return 0
 
 
+POSITION_MODES = ("contiguous", "original")
+
+
 class PreLLMReducer(Reducer):
     stage: ClassVar[str] = "pre_llm"
     cues: ClassVar[VisionCues] = VisionCues()
+    # True when every output token is one of the input's (a merged one stands at its target's place), so it has a
+    # place in the full prompt to keep (``positions = "original"``); False for resampling reducers (pooling)
+    keeps_token_places: ClassVar[bool] = False
+    # "contiguous": the shortened prompt is numbered afresh, as the methods' own code does (the default);
+    # "original": each kept token keeps the position it had in the full prompt (``visor.compression.apply``)
+    positions: str = "contiguous"
+
+    def with_positions(self, mode: str) -> "PreLLMReducer":
+        """Set how the shortened prompt is numbered (``POSITION_MODES``); returns ``self``."""
+        if mode not in POSITION_MODES:
+            raise ValueError(f"unknown position mode {mode!r}; choose one of {', '.join(POSITION_MODES)}")
+        if mode == "original" and not self.keeps_token_places:
+            raise ValueError(f"{self.name} resamples the visual tokens: they have no original positions to keep")
+        self.positions = mode
+        return self
+
+    @property
+    def spec(self) -> str:
+        base = f"{self.name}:{self.keep:g}"
+        return base if self.positions == "contiguous" else f"{base}@{self.positions}"
+
+    def describe(self) -> dict:
+        return super().describe() | ({} if self.positions == "contiguous" else {"positions": self.positions})
 
     def reduce_image(self, image: ImageTokens) -> ReducedImage:
         raise NotImplementedError

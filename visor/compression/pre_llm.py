@@ -55,6 +55,8 @@ def _unit_indices(layout: ImageLayout, device) -> list[torch.Tensor]:
 class _UniformSelection(PreLLMReducer):
     """Shared by VisionZip and VisPruner: ``kept_tokens(unit size, keep)`` per unit."""
 
+    keeps_token_places = True
+
     def unit_budgets(self, layout: ImageLayout) -> list[int]:
         return [budget(n, self.keep) for n in layout.unit_sizes()]
 
@@ -303,6 +305,7 @@ class HiRED(PreLLMReducer):
 
     name = "hired"
     default_keep = 0.2
+    keeps_token_places = True
     paper = "HiRED (Arif et al., AAAI 2025, arXiv 2408.10945)"
     cues = VisionCues(attention_layers=(0, "feature"))
 

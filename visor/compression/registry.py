@@ -15,13 +15,17 @@ fastv       in-LLM     kept fraction 1 - R after layer K                   K=2, 
 pdrop       in-LLM     lambda, kept fraction at each stage                 layers L/4, L/2, 3L/4; 0.5
 ==========  =========  ==================================================  ===============================
 
+A pre-LLM selector (VisionZip, VisPruner, HiRED) numbers the shortened prompt afresh, as the methods' own code does;
+``NAME:AMOUNT@original`` keeps each kept token at the position it had in the full prompt instead
+(``visor.compression.apply``; ``benchmarks/selection_positions.py``). Pooling resamples, so it has no such positions.
+
 Pre-LLM reducers always keep the ``image_newline`` tokens on top of the budget. A budget is never above
 the tokens available nor below one token per unit (``kept_tokens``); AMOUNT outside (0, 1] is an error.
 """
 
 from __future__ import annotations
 
-from visor.compression.base import Reducer
+from visor.compression.base import PreLLMReducer, Reducer
 from visor.compression.in_llm import FastV, PyramidDrop
 from visor.compression.pre_llm import HiRED, Pooling, VisionZip, VisPruner
 from visor.compression.spec import parse_reduce_spec
@@ -54,7 +58,14 @@ def build_reducer(spec, **options) -> Reducer | None:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a reducer is a 'NAME[:AMOUNT]' string or a Reducer, got {type(spec).__name__}")
+    spec, _, positions = spec.partition("@")
     name = spec.partition(":")[0]
     cls = get_reducer_class(name)
     _, keep = parse_reduce_spec(spec, default_keep=cls.default_keep)
-    return cls(keep, **options)
+    reducer = cls(keep, **options)
+    if positions:
+        if not isinstance(reducer, PreLLMReducer):
+            raise ValueError(f"'@{positions}' applies to pre-LLM selectors only; {cls.name} prunes inside the LLM and "
+                             "numbers positions as its authors' code does")
+        reducer.with_positions(positions.strip().lower())
+    return reducer

@@ -17,6 +17,18 @@ from collections.abc import Sequence
 import torch
 
 
+def labelled_probabilities(out, labels: torch.Tensor) -> list[float]:
+    """Per row, ``exp(mean log-prob)`` of the tokens ``labels`` marks (the reference answer and end token), from a
+    forward pass ``out`` on that batch (its ``text_index`` maps logits to input positions, a reducer's too)."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    index = out.text_index.clamp(min=0)
+    targets = torch.where(out.text_index >= 0, shifted.gather(1, index), torch.full_like(index, -100))
+    logp = torch.log_softmax(out.logits.float(), -1)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    valid = targets != -100
+    return torch.exp((picked * valid).sum(1) / valid.sum(1).clamp(min=1)).tolist()
+
+
 @torch.no_grad()
 def answer_probabilities(model, batcher, items, config, batch_size: int = 8, progress: bool = False) -> list[float]:
     """``exp(mean log-prob)`` of each item's reference answer (teacher forcing) under ``config`` (SA slots,
@@ -37,16 +49,7 @@ def answer_probabilities(model, batcher, items, config, batch_size: int = 8, pro
         chunk = items[start:start + batch_size]
         samples = [Sample(item.images, list(item.turns) + [{"from": "gpt", "value": item.answers[0]}]) for item in chunk]
         batch = to_device(batcher.train_batch(samples, **resolution), device)
-        out = model(**batch, active_sa=config)
-        labels = batch["labels"]
-        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-        index = out.text_index.clamp(min=0)
-        targets = torch.where(out.text_index >= 0, shifted.gather(1, index), torch.full_like(index, -100))
-        logp = torch.log_softmax(out.logits.float(), -1)
-        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        valid = targets != -100
-        mean = (picked * valid).sum(1) / valid.sum(1).clamp(min=1)
-        probs.extend(torch.exp(mean).tolist())
+        probs.extend(labelled_probabilities(model(**batch, active_sa=config), batch["labels"]))
         bar.update(len(chunk))
     bar.close()
     return probs

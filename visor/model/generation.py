@@ -118,7 +118,7 @@ def generate(
     processors = _processors(do_sample, temperature, top_k, top_p, repetition_penalty, model.config.image_token_id)
 
     batch = input_ids.shape[0]
-    prompt_ids, reduction = input_ids, None
+    prompt_ids, reduction, position_ids = input_ids, None, None
     if reducer is not None:  # visor.compression.apply: reduce once, from the prompt
         from visor.compression.apply import apply_pre_llm, prepare_reducer
 
@@ -128,6 +128,7 @@ def generate(
                                       batch_num_images, image_features, image_tiled=image_tiled)
             if reduction is not None:
                 input_ids, attention_mask, image_features = reduction.input_ids, reduction.attention_mask, reduction.image_features
+                position_ids = reduction.position_ids  # None: contiguous; set for a selector's original positions
             reducer = None
     if image_features is None and pixel_values is not None:
         image_features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
@@ -156,6 +157,7 @@ def generate(
         sequences = _generate_group(
             model, input_ids[idx], attention_mask[idx], feats, counts, config, max_new_tokens, do_sample,
             processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache, reducer,
+            None if position_ids is None else position_ids[idx],
         )
         for row, i in zip(sequences, members):
             outputs[i] = row
@@ -169,10 +171,14 @@ def generate(
 
 
 def _generate_group(model, input_ids, attention_mask, features, counts, config, max_new_tokens, do_sample,
-                    processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache, reducer=None) -> torch.Tensor:
+                    processors, eos, pad_token_id, stop_criteria, streamer, generator, use_cache, reducer=None,
+                    position_ids=None) -> torch.Tensor:
+    """Decode one configuration group. ``position_ids``: the prompt's explicit positions (a selector's original
+    ones; left padding, so the last column holds each sample's highest), new tokens continuing from the last."""
     batch = input_ids.shape[0]
     sequences = input_ids
     mask = attention_mask
+    positions = position_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -184,6 +190,7 @@ def _generate_group(model, input_ids, attention_mask, features, counts, config, 
             out = model(
                 sequences, attention_mask=mask, image_features=features, batch_num_images=counts,
                 active_sa=config, use_cache=use_cache, logits_to_keep=1, reducer=reducer, selection=selection,
+                position_ids=positions,
             )
             selection = out.selection if reducer is not None else None  # ranked once, from the prompt
         cache = out.past_key_values if use_cache else None
@@ -196,6 +203,8 @@ def _generate_group(model, input_ids, attention_mask, features, counts, config, 
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if positions is not None:  # the cached path continues from the prefill's own next position
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         if eos:
