@@ -522,7 +522,7 @@ def test_selection_timing_and_reduced_inputs(baseline):
     from visor.compression.timing import reduced_forward_inputs, time_selection
 
     inputs = batch_inputs(baseline, sizes=SIZES)
-    for name in REDUCERS:
+    for name in [*REDUCERS, "visionzip:0.3@original", "hired:0.3@original"]:  # positions pass through too
         row = time_selection(baseline, name, inputs, repeats=1, warmup=0)
         assert row["seconds"] >= 0 and row["stage"] in ("pre_llm", "in_llm") and row["reducer"].startswith(name)
         with torch.no_grad():

@@ -82,6 +82,8 @@ def reduced_forward_inputs(model, reducer, inputs: dict) -> dict:
     if reduction is None:
         return dict(inputs)
     out = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask", "image_features")}
+    if reduction.position_ids is not None:  # a selector's original positions (``NAME:AMOUNT@original``)
+        out["position_ids"] = reduction.position_ids
     return {**out, "input_ids": reduction.input_ids, "attention_mask": reduction.attention_mask,
             "image_features": reduction.image_features}
 
