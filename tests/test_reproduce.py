@@ -271,6 +271,48 @@ def test_plain_reproduce_evaluates_the_shipped_checkpoints(quick, tmp_path):
     assert data["meta"]["eval"]["precision"] == auto and f"precision {auto};" in (tmp_path / "out" / "reproduce.md").read_text()
 
 
+def test_selector_positions_original_marks_and_reruns_only_the_selector_rows(quick, tmp_path):
+    """``--selector-positions original``: VisionZip, VisPruner, HiRED and VISOR + VisionZip run with ``@original``
+    and say so (label, budget, report note); every other row is the cached one of a plain run."""
+    root, work = quick["root"], tmp_path / "work"
+    common = ["reproduce", "--checkpoints", str(root / "checkpoints"), "--work-dir", str(work), "--n", "10",
+              "--no-timing", "--threads", "1", "--no-progress"]
+    plain = visor_cli([*common, "--out", str(tmp_path / "plain")])
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    result = visor_cli([*common, "--out", str(tmp_path / "out"), "--selector-positions", "original"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    marked = {"VisionZip", "VisPruner", "HiRED", "VISOR + VisionZip"}
+    with open(tmp_path / "out" / "reproduce.csv") as handle:
+        assert [r["method"] for r in csv.DictReader(handle)] == [f"{m} @original" if m in marked else m for m in LABELS]
+    data = json.loads((tmp_path / "out" / "reproduce.json").read_text())
+    assert data["meta"]["eval"]["selector_positions"] == "original"
+    reducers = {m["label"]: m["reducer"] for m in data["meta"]["methods"]}
+    assert all(reducers[f"{m} @original"].endswith("@original") for m in marked)
+    assert reducers["pooling 4x"] == "pooling:4x" and "@" not in reducers["FastV"]
+    assert "Not the published selectors" in (tmp_path / "out" / "reproduce.md").read_text()
+    assert "Not the published selectors" not in (tmp_path / "plain" / "reproduce.md").read_text()
+    cached = [line for line in result.stdout.splitlines() if line.rstrip().endswith("(cached)")]
+    assert any(line.strip().startswith("LLaVA-OV baseline") for line in cached)
+    assert not any("@original" in line for line in cached)
+
+
+def test_with_selector_positions_changes_only_pre_llm_selectors():
+    from visor.reproduce import methods as M
+
+    rows = [*M.fixed_compression_methods(), *M.routed_methods(-1.0),
+            M.Method("hired", "HiRED", "base", "compression", reducer="hired:0.22", budget="keep 0.22"),
+            M.Method("fastv", "FastV", "base", "compression", reducer="fastv:0.5", budget="keep 0.5")]
+    assert M.with_selector_positions(rows, "contiguous") == rows
+    changed = {m.key: m for m in M.with_selector_positions(rows, "original")}
+    assert changed["hired"].reducer == "hired:0.22@original" and changed["hired"].label == "HiRED @original"
+    assert changed["visor-visionzip"].reducer == "visionzip:0.25@original"
+    assert changed["visor-visionzip"].route and "original positions" in changed["visor-visionzip"].budget
+    for key in ("baseline", "pooling-2x", "pooling-4x", "visor-routed", "visor-tr-2x", "fastv"):
+        assert changed[key] == next(m for m in rows if m.key == key)
+    with pytest.raises(ValueError, match="unknown selector position mode"):
+        M.with_selector_positions(rows, "shuffled")
+
+
 def test_a_visor_tr_model_is_added_to_a_shipped_set_that_has_none(quick, tmp_path):
     """``visor reproduce --add-tr RUN``: the set gains ``visor-tr/`` and its recipe, the manifest verifies with them
     and records the command; a run that is not VISOR-TR, or was not fine-tuned from the set's universal model, or a

@@ -53,6 +53,11 @@ def register(subparsers) -> None:
                         help="redo these stages (and, through their new outputs, everything after them)")
     parser.add_argument("--recipes", default=None, metavar="DIR", help="--train: folder of the tiny recipes (default recipes/)")
     parser.add_argument("--no-timing", action="store_true", help="skip the measured prefill speedup column")
+    parser.add_argument("--selector-positions", choices=["contiguous", "original"], default="contiguous",
+                        help="how the pre-LLM selectors' rows (VisionZip, VisPruner, HiRED, VISOR + VisionZip) number "
+                             "the kept tokens: contiguous, as the methods' own code does (default), or original, each "
+                             "at its position in the full prompt (rows labelled '@original'; give it its own --out and "
+                             "--work-dir, since those rows' cached evaluations are replaced)")
     parser.add_argument("--resolutions", default=None, metavar="LIST",
                         help="--train/--quick: resolution on request, e.g. 'full,base': the configuration search, stage 2, "
                              "labels and router also cover the input resolution (visor.model.resolution; give it its own --work-dir); "
@@ -250,7 +255,8 @@ def _shipped(args, work_dir: Path, progress: bool, log):
         return None
     preset = preset_from_settings(shipped.pipeline, shipped.recipes)
     _set_precision(preset, args.precision, log)
-    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing)
+    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing,
+                         selector_positions=args.selector_positions)
     ids = shipped.model_ids
     cache = StageCache(work_dir / f"shipped-{ids['visor'][:12]}", set(args.force), log)
     log(f"shipped checkpoints {shipped.folder} (preset {shipped.manifest.get('preset')}, commit {shipped.manifest['commit']})")
@@ -337,7 +343,8 @@ def _trained(args, mode: str, work_dir: Path, progress: bool, log):
     except (StageInterrupted, KeyboardInterrupt) as err:
         print(f"visor reproduce: interrupted ({err or 'Ctrl-C'}); run the same command again to resume", file=sys.stderr)
         return None
-    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing, route_budget=trained.route_budget)
+    spec = eval_spec_for(preset, n=args.n, seed=args.seed, timing=not args.no_timing, route_budget=trained.route_budget,
+                         selector_positions=args.selector_positions)
     baseline = trained.stages[preset.baseline_stage()]  # the run whose output is the baseline
     ids = {"base": baseline.output_id, "visor": trained.stages["router"].output_id}
     if trained.visor_tr is not None:

@@ -37,9 +37,13 @@ class EvalSpec:
     timing: bool = True
     synth: dict = field(default_factory=dict)  # {"image_size": px} of the training data (SynthConfig.with_image_size)
     route_budget: float = 0.0  # router budget of the routed rows
+    # "original": the pre-LLM selectors' rows keep the kept tokens' full-prompt positions (``NAME:AMOUNT@original``)
+    # instead of the methods' renumbering; the rows' reducer specs carry it, so it stays out of the key
+    selector_positions: str = "contiguous"
 
     def key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("timing_items", "timing_repeats", "timing")}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("timing_items", "timing_repeats", "timing", "selector_positions")}
 
 
 @dataclass
@@ -154,7 +158,8 @@ def run_all(cache: StageCache, base_dir: Path, visor_dir: Path, model_ids: dict[
     log(f"test split: {len(items)} items (seed {spec.seed}), evaluating every method")
     runner = MethodRunner(cache, models, model_ids, items, spec, progress, log)
     fixed, pooled = M.visor_fixed_methods(visor.plan), M.fixed_compression_methods()
-    routed = M.routed_methods(spec.route_budget, tr_model="visor_tr" in models)
+    routed = M.with_selector_positions(M.routed_methods(spec.route_budget, tr_model="visor_tr" in models),
+                                       spec.selector_positions)
     bar = tqdm(total=len(fixed) + len(routed) + len(pooled) + len(M.MATCHED_REDUCERS), desc="methods", unit="method",
                disable=not progress)
 
@@ -172,7 +177,8 @@ def run_all(cache: StageCache, base_dir: Path, visor_dir: Path, model_ids: dict[
         run(method)
     profile = M.token_profile(items, runner.results["baseline"]["predictions"])
     for name in M.MATCHED_REDUCERS:
-        run(M.matched_method(name, M.match_budget(models["base"].model, name, profile, target)))
+        matched = M.matched_method(name, M.match_budget(models["base"].model, name, profile, target))
+        run(M.with_selector_positions([matched], spec.selector_positions)[0])
     for method in routed[1:]:
         run(method)
     bar.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 MATCH_TOLERANCE = 0.20
 MATCHED_REDUCERS = ("visionzip", "vispruner", "hired", "fastv", "pdrop")
@@ -93,6 +93,27 @@ def routed_methods(route_budget: float = 0.0, tr_model: bool = False) -> list[Me
         Method("visor-visionzip", "VISOR + VisionZip", "visor", "visor+reduction", route=True, reducer=VISOR_VISIONZIP,
                budget="router + VisionZip 4x" + suffix),
     ]
+
+
+def with_selector_positions(methods: Sequence[Method], mode: str = "contiguous") -> list[Method]:
+    """``methods`` with every pre-LLM selector (VisionZip, VisPruner, HiRED; alone or under VISOR) set to number
+    the kept tokens ``mode``-wise (``visor.compression.apply``): ``"contiguous"`` leaves them as published,
+    ``"original"`` keeps each kept token's full-prompt position, appending ``@original`` to the reducer and
+    " @original" to the row label. Pooling, FastV and PyramidDrop rows are returned unchanged."""
+    from visor.compression import build_reducer
+    from visor.compression.base import POSITION_MODES
+
+    if mode not in POSITION_MODES:
+        raise ValueError(f"unknown selector position mode {mode!r}; choose one of {', '.join(POSITION_MODES)}")
+    out = []
+    for method in methods:
+        reducer = build_reducer(method.reducer) if method.reducer else None
+        if mode == "contiguous" or reducer is None or not getattr(reducer, "keeps_token_places", False):
+            out.append(method)
+            continue
+        out.append(replace(method, reducer=reducer.with_positions(mode).spec, label=f"{method.label} @{mode}",
+                           budget=f"{method.budget}; kept tokens at their original positions"))
+    return out
 
 
 def fixed_compression_methods() -> list[Method]:

@@ -361,9 +361,9 @@ def _report(log, result: StageResult) -> None:
 
 
 def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None, timing: bool = True,
-                  route_budget: float | None = None) -> EvalSpec:
+                  route_budget: float | None = None, selector_positions: str = "contiguous") -> EvalSpec:
     """The evaluation settings of a preset; ``route_budget`` overrides the preset's (needed when it is ``auto``:
-    the budget stage's choice)."""
+    the budget stage's choice); ``selector_positions``: see ``EvalSpec``."""
     if route_budget is None:
         if preset.route_budget == "auto":
             raise ValueError("the preset's router budget is chosen by the budget stage (route_budget: auto): "
@@ -375,7 +375,8 @@ def eval_spec_for(preset: Preset, n: int | None = None, seed: int | None = None,
         synth["image_size"] = size
     return EvalSpec(n=n or preset.eval_n, seed=preset.eval_seed if seed is None else seed, batch_size=preset.batch_size,
                     max_new_tokens=preset.max_new_tokens, precision=preset.precision, timing_items=preset.timing_items,
-                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth, route_budget=route_budget)
+                    timing_repeats=preset.timing_repeats, timing=timing, synth=synth, route_budget=route_budget,
+                    selector_positions=selector_positions)
 
 
 def evaluate_checkpoints(cache: StageCache, base: Path, visor: Path, model_ids: dict[str, str], spec: EvalSpec, *,

@@ -73,13 +73,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def format_table(rows: list[dict]) -> str:
     """The terminal table: accuracy in %, reductions and speedups as factors."""
     families = families_of(rows)
-    head = (f"{'method':<20} {'easy':>5} {'hard':>5} | " + " ".join(f"{SHORT.get(f, f)[:6]:>6}" for f in families)
+    shown = table_rows(rows)
+    width = max([20, *(len(r["method"]) for r in shown)])  # "@original" rows are longer
+    head = (f"{'method':<{width}} {'easy':>5} {'hard':>5} | " + " ".join(f"{SHORT.get(f, f)[:6]:>6}" for f in families)
             + f" | {'FLOPs':>7} {'0.5B':>7} {'e2e':>6} {'e2e':>6} {'speed':>6} {'e2e':>6} | budget")
-    sub = (f"{'':<20} {'':>5} {'':>5} | " + " ".join(f"{'':>6}" for _ in families)
+    sub = (f"{'':<{width}} {'':>5} {'':>5} | " + " ".join(f"{'':>6}" for _ in families)
            + f" | {'tiny':>7} {'@7290':>7} {'tiny':>6} {'0.5B':>6} {'up':>6} {'speed':>6} |")
     lines = [head, sub, "-" * len(head)]
-    for r in table_rows(rows):
-        lines.append(f"{r['method']:<20} {_pct(r['easy_mean']):>5} {_pct(r['hard_mean']):>5} | "
+    for r in shown:
+        lines.append(f"{r['method']:<{width}} {_pct(r['easy_mean']):>5} {_pct(r['hard_mean']):>5} | "
                      + " ".join(f"{_pct(r['per_family'].get(f)):>6}" for f in families)
                      + f" | {_x(r['flops_reduction']):>7} {_x(r['projected_reduction']):>7} {_x(r.get('total_flops_reduction')):>6} "
                      f"{_x(r.get('projected_total_reduction')):>6} {_x(r['prefill_speedup'], 2):>6} "
@@ -292,6 +294,11 @@ def markdown(data: dict) -> str:
     if target:
         lines.append(f"Compressor budgets are matched to VISOR routed's mean FLOPs ({target:.3g} at the evaluated "
                      f"geometry): within 20%, or the strongest setting the method allows, as the budget column says.")
+        lines.append("")
+    if meta.get("eval", {}).get("selector_positions", "contiguous") != "contiguous":
+        lines.append("**Not the published selectors:** the rows marked `@original` (`--selector-positions original`) "
+                     "keep every kept token at its position in the full prompt, where VisionZip's, VisPruner's and "
+                     "HiRED's own code number the shortened prompt afresh (`visor.compression.apply`).")
         lines.append("")
     routed = next((r for r in rows if r["key"] == "visor-routed"), None)
     if routed and routed.get("chosen"):
