@@ -3,21 +3,19 @@ full resolution, from the harness's per-item FLOPs on the shipped checkpoints.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.tiny import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("base_routed_cost", ROOT / "benchmarks" / "base_routed_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("base_routed_cost")
 
 
 def test_mix_parsing(script):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.tiny import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "checkpoints" / "base"
@@ -14,10 +15,7 @@ BASE = ROOT / "checkpoints" / "base"
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("selection_positions", ROOT / "benchmarks" / "selection_positions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("selection_positions")
 
 
 @pytest.fixture(scope="module")

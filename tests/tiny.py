@@ -118,3 +118,15 @@ def tiny_benchmark_llava(num_layers: int, seed: int = 0, hidden: int = 32, image
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model, tok, config
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/NAME.py`` (a script folder, not a package), for testing its functions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
