@@ -123,3 +123,39 @@ def test_score_reports_every_mode_and_the_choice_families(script, setup):
         script.score(model, batcher, items, "fastv:0.5", batch_size=2)
     with pytest.raises(SystemExit):
         script.score(model, batcher, items, "pooling:4x", batch_size=2)
+
+
+def test_the_router_reads_a_selectors_original_positions():
+    """Routed generation under ``@original``: the routing pass gets the same positions as the decoding."""
+    from visor.analysis.common import load
+    from visor.cli.common import synth_config_for
+    from visor.compression.apply import apply_pre_llm
+    from visor.compression.registry import build_reducer
+    from visor.data.batch import Batcher, Sample
+    from visor.eval.harness import synth_items
+    from visor.routing.router import routing_logits
+
+    folder = ROOT / "checkpoints" / "visor"
+    model, tokenizer, image_processor, _ = load(folder)
+    items = synth_items("test", 4, seed=0, config=synth_config_for(str(folder), None, "test"))
+    prompt = Batcher.for_model(model, tokenizer, image_processor).prompt_batch(
+        [Sample(it.images, list(it.turns)) for it in items])
+    reduction = apply_pre_llm(model, build_reducer("visionzip:0.25@original"), prompt["input_ids"],
+                              prompt["attention_mask"], None, None, prompt["pixel_values"], prompt["image_sizes"],
+                              prompt.get("batch_num_images"), image_tiled=prompt.get("image_tiled"))
+    per_sample = [[f] for f in reduction.image_features]
+    with torch.no_grad():
+        original = routing_logits(model, reduction.input_ids, reduction.attention_mask, per_sample,
+                                  reduction.position_ids)
+        renumbered = routing_logits(model, reduction.input_ids, reduction.attention_mask, per_sample)
+        routed = model.route(reduction.input_ids, reduction.attention_mask, image_features=reduction.image_features,
+                             position_ids=reduction.position_ids)
+        seen = []
+        route = model.route
+        model.route = lambda *args, **kwargs: seen.append(kwargs.get("position_ids")) or route(*args, **kwargs)
+        generated = model.generate(**prompt, reducer="visionzip:0.25@original", route=True, max_new_tokens=2)
+    assert len(seen) == 1 and torch.equal(seen[0], reduction.position_ids)  # generate routes on the same positions
+    assert not torch.allclose(original, renumbered)
+    configs = [tuple(c) for c in model.config.router["configs"]]
+    assert routed == [configs[int(i)] for i in original.argmax(-1)]
+    assert generated.shape[0] == len(items)

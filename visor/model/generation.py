@@ -142,7 +142,7 @@ def generate(
             raise ValueError("this model's router also picks the resolution, which needs the images to build the "
                              "full layout: use visor.routing.resolution.generate_on_request")
         configs = model.route(input_ids, attention_mask, image_features=image_features or [],
-                              batch_num_images=[len(p) for p in per_sample], budget=budget)
+                              batch_num_images=[len(p) for p in per_sample], budget=budget, position_ids=position_ids)
     else:
         configs = model.resolve_configs(active_sa, batch)
     groups: dict[tuple[int, ...], list[int]] = {}

@@ -638,13 +638,13 @@ class VisorForConditionalGeneration(VisorPreTrainedModel):
 
     # ------------------------------------------------------------------ routing
     def route(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, batch_num_images=None,
-              image_features=None, budget: float = 0.0, image_tiled=None):
+              image_features=None, budget: float = 0.0, image_tiled=None, position_ids=None):
         """The active configuration the router picks per sample; see ``visor.routing.router`` (a router that
         also picks the resolution returns ``Configuration``s and reads base-only inputs)."""
         from visor.routing.router import route
 
         return route(self, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images, image_features, budget,
-                     image_tiled=image_tiled)
+                     image_tiled=image_tiled, position_ids=position_ids)
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):

@@ -116,13 +116,16 @@ def build_router(config) -> Router | None:
                   settings.get("mlp_hidden", 256), text.rms_norm_eps)
 
 
-def routing_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images_per_sample: list) -> torch.Tensor:
-    """Router logits per sample ([B, num_configs]) from the short routing pass (module docstring)."""
+def routing_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images_per_sample: list,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Router logits per sample ([B, num_configs]) from the short routing pass (module docstring);
+    ``position_ids`` default to ``cumsum(attention_mask) - 1`` (a selector's original positions otherwise)."""
     from visor.model.plan import LayerKind
 
     settings = router_settings(model)
     read = int(settings["read_after_layer"])
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     streams = model.build_streams(input_ids, attention_mask, position_ids, images_per_sample)
     router = model.router
     k = router.tokens.shape[0]
@@ -173,22 +176,26 @@ def relative_costs(model, n_visual: Sequence[int], n_text: Sequence[int]) -> tor
 
 @torch.no_grad()
 def route(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None, image_sizes=None,
-          batch_num_images=None, image_features=None, budget: float = 0.0, image_tiled=None) -> list:
+          batch_num_images=None, image_features=None, budget: float = 0.0, image_tiled=None,
+          position_ids: torch.Tensor | None = None) -> list:
     """The configuration the router picks for each sample (``budget`` biases towards cheaper ones).
 
     SA slot tuples; for a router that also picks the resolution, ``Configuration``s, read from base-only
-    inputs (``visor.routing.resolution.route_on_request``)."""
+    inputs (``visor.routing.resolution.route_on_request``). ``position_ids``: explicit positions of the prompt
+    (a pre-LLM selector's original ones, ``visor.compression.apply``); not for a resolution router."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if routes_resolution(model):
         from visor.routing.resolution import route_on_request
 
+        if position_ids is not None:
+            raise ValueError("a resolution router builds its own base-view prompt: explicit position_ids do not apply")
         return route_on_request(model, input_ids, attention_mask, pixel_values, image_sizes, batch_num_images,
                                 image_features, budget, image_tiled)
     if image_features is None and pixel_values is not None:
         image_features = model.encode_images(pixel_values, image_sizes, batch_num_images, image_tiled)
     per_sample = model._assign_images(image_features or [], input_ids.shape[0], batch_num_images)
-    logits = routing_logits(model, input_ids, attention_mask, per_sample).float()
+    logits = routing_logits(model, input_ids, attention_mask, per_sample, position_ids).float()
     if router_objective(model) == "score":  # predicted score per configuration, the unit the budget is in
         logits = torch.sigmoid(logits)
     if budget:
