@@ -5,9 +5,13 @@ easy family stays at chance in the base stage's validation, is the answer missin
 the LLM not found it yet? This fits a logistic-regression probe per family on the tower's base-view tokens
 (one crop, flattened) of procedural-benchmark images, and on the same tower with random weights as the
 floor (``--classifier mlp``: one hidden layer instead, a stronger reader). Families whose answer depends only on the image: colour / kind / count of the large shapes, side.
+``presence-kinds`` (opt-in): the presence family's question names a kind, so its answer is not the image's alone;
+this probes the image's half of it instead, one binary probe per shape kind ("is a KIND among the 1-3 large shapes?",
+from the scene) on the presence family's images, and reports their mean accuracy and mean majority class.
 
     python benchmarks/frozen_tower_probe.py --checkpoint runs/reproduce/2-base/run/checkpoints/step_00001250
     python benchmarks/frozen_tower_probe.py --tower runs/vision-shape/final   # a vision run's tower alone
+    python benchmarks/frozen_tower_probe.py --checkpoint checkpoints/base --image-size 128 --families shape,presence-kinds
 
 Prints a table and, last, one JSON line.
 """
@@ -58,6 +62,16 @@ def base_view_processor(size: int):
     return process
 
 
+def presence_kind_labels(split: str, n: int, config) -> tuple[list, dict[str, list[bool]]]:
+    """The presence family's images and, per shape kind, whether it is among the image's large shapes."""
+    from visor.data.synth.families import SHAPES
+    from visor.data.synth.generate import generate_items
+
+    items = list(generate_items(split, n, config=config, families=["presence"]))
+    kinds = [{shape["kind"] for shape in item.scene["shapes"]} for item in items]
+    return [item.image for item in items], {k: [k in present for present in kinds] for k in SHAPES}
+
+
 def probe(train_x, train_y, test_x, test_y, classifier: str = "linear") -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
@@ -82,12 +96,14 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--classifier", choices=("linear", "mlp"), default="linear",
                         help="logistic regression, or an MLP with one hidden layer of 256")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="synth canvas in px (default: the benchmark's default; 128 for the shipped models)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from visor.eval.harness import synth_items
-    from visor.model.modeling import VisorForConditionalGeneration
+    from visor.analysis.common import load
     from visor.train.models import image_processor_for
 
     if args.tower:
@@ -95,7 +111,7 @@ def main() -> None:
         processor = base_view_processor(model.image_size)
         tower = model.tower
     else:
-        model = VisorForConditionalGeneration.from_pretrained(args.checkpoint).eval()
+        model = load(args.checkpoint)[0]  # a LLaVA-OV folder (a base stage's) or a VISOR one
         processor = image_processor_for(model.config)
         tower = None
     random_tower = copy.deepcopy(model)
@@ -104,11 +120,28 @@ def main() -> None:
         for p in (random_tower.tower if tower is not None else random_tower.vision_tower).parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    config = DEFAULT_CONFIG.with_image_size(args.image_size) if args.image_size else DEFAULT_CONFIG
     results = {}
     for family in args.families.split(","):
         started = time.time()
-        train = synth_items("train", args.n_train, families=[family])
-        test = synth_items("test", args.n_test, families=[family])
+        if family == "presence-kinds":
+            images_train, by_kind_train = presence_kind_labels("train", args.n_train, config)
+            images_test, by_kind_test = presence_kind_labels("test", args.n_test, config)
+            row = {"majority": float(np.mean([max(np.mean(v), 1 - np.mean(v)) for v in by_kind_test.values()]))}
+            for name, tower in (("trained tower", model), ("random tower", random_tower)):
+                x_train = base_view_features(tower, processor, images_train)
+                x_test = base_view_features(tower, processor, images_test)
+                row[name] = float(np.mean([probe(x_train, by_kind_train[k], x_test, by_kind_test[k], args.classifier)
+                                           for k in by_kind_train]))
+            results[family] = row
+            print(f"{family:<8} trained tower {100 * row['trained tower']:5.1f}%   random tower "
+                  f"{100 * row['random tower']:5.1f}%   majority class {100 * row['majority']:5.1f}%   "
+                  f"({time.time() - started:.0f}s)", flush=True)
+            continue
+        train = synth_items("train", args.n_train, config=config, families=[family])
+        test = synth_items("test", args.n_test, config=config, families=[family])
         labels = ([it.answers[0] for it in train], [it.answers[0] for it in test])
         majority = max(labels[1].count(a) for a in set(labels[1])) / len(labels[1])
         row = {"majority": majority}
