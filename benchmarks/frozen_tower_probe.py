@@ -126,32 +126,24 @@ def main() -> None:
     results = {}
     for family in args.families.split(","):
         started = time.time()
+        # images and, per probe target, their labels: the family's answer, or one target per kind (presence-kinds)
         if family == "presence-kinds":
-            images_train, by_kind_train = presence_kind_labels("train", args.n_train, config)
-            images_test, by_kind_test = presence_kind_labels("test", args.n_test, config)
-            row = {"majority": float(np.mean([max(np.mean(v), 1 - np.mean(v)) for v in by_kind_test.values()]))}
-            for name, tower in (("trained tower", model), ("random tower", random_tower)):
-                x_train = base_view_features(tower, processor, images_train)
-                x_test = base_view_features(tower, processor, images_test)
-                row[name] = float(np.mean([probe(x_train, by_kind_train[k], x_test, by_kind_test[k], args.classifier)
-                                           for k in by_kind_train]))
-            results[family] = row
-            print(f"{family:<8} trained tower {100 * row['trained tower']:5.1f}%   random tower "
-                  f"{100 * row['random tower']:5.1f}%   majority class {100 * row['majority']:5.1f}%   "
-                  f"({time.time() - started:.0f}s)", flush=True)
-            continue
-        train = synth_items("train", args.n_train, config=config, families=[family])
-        test = synth_items("test", args.n_test, config=config, families=[family])
-        labels = ([it.answers[0] for it in train], [it.answers[0] for it in test])
-        majority = max(labels[1].count(a) for a in set(labels[1])) / len(labels[1])
-        row = {"majority": majority}
+            (images_train, targets_train), (images_test, targets_test) = (
+                presence_kind_labels(split, n, config) for split, n in (("train", args.n_train), ("test", args.n_test)))
+        else:
+            train = synth_items("train", args.n_train, config=config, families=[family])
+            test = synth_items("test", args.n_test, config=config, families=[family])
+            images_train, targets_train = [it.images[0] for it in train], {family: [it.answers[0] for it in train]}
+            images_test, targets_test = [it.images[0] for it in test], {family: [it.answers[0] for it in test]}
+        row = {"majority": float(np.mean([max(v.count(a) for a in set(v)) / len(v) for v in targets_test.values()]))}
         for name, tower in (("trained tower", model), ("random tower", random_tower)):
-            x_train = base_view_features(tower, processor, [it.images[0] for it in train])
-            x_test = base_view_features(tower, processor, [it.images[0] for it in test])
-            row[name] = probe(x_train, labels[0], x_test, labels[1], args.classifier)
+            x_train = base_view_features(tower, processor, images_train)
+            x_test = base_view_features(tower, processor, images_test)
+            row[name] = float(np.mean([probe(x_train, targets_train[t], x_test, targets_test[t], args.classifier)
+                                       for t in targets_train]))
         results[family] = row
         print(f"{family:<8} trained tower {100 * row['trained tower']:5.1f}%   random tower {100 * row['random tower']:5.1f}%   "
-              f"majority class {100 * majority:5.1f}%   ({time.time() - started:.0f}s)", flush=True)
+              f"majority class {100 * row['majority']:5.1f}%   ({time.time() - started:.0f}s)", flush=True)
     print(json.dumps({"checkpoint": args.checkpoint or args.tower, "classifier": args.classifier, "n_train": args.n_train,
                       "n_test": args.n_test, "results": results}))
 

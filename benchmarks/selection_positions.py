@@ -58,16 +58,13 @@ def score(model, batcher, items, reducer_spec: str, batch_size: int) -> dict[str
                 rows.append(Sample(item.images, list(item.turns) + [{"from": "gpt", "value": c}]))
                 owner.append(i)
         batch = batcher.train_batch(rows)
-        first = {}
-        for row, i in enumerate(owner):
-            first.setdefault(i, row)
+        rows_of = [[r for r, o in enumerate(owner) if o == i] for i in range(len(chunk))]  # the reference's first
         for mode, reducer in reducers.items():
             p = labelled_probabilities(model(**batch, reducer=reducer), batch["labels"])
-            for i, item in enumerate(chunk):
-                rows_i = [r for r, o in enumerate(owner) if o == i]
-                prob[mode][item.family].append(p[first[i]])
+            for item, item_rows in zip(chunk, rows_of):
+                prob[mode][item.family].append(p[item_rows[0]])
                 if item.family in CHOICES:
-                    right[mode][item.family].append(float(max(rows_i, key=lambda r: p[r]) == first[i]))
+                    right[mode][item.family].append(float(max(item_rows, key=lambda r: p[r]) == item_rows[0]))
     return {"prob": prob, "choice": right}
 
 

@@ -178,7 +178,6 @@ def _generate_group(model, input_ids, attention_mask, features, counts, config, 
     batch = input_ids.shape[0]
     sequences = input_ids
     mask = attention_mask
-    positions = position_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -190,7 +189,7 @@ def _generate_group(model, input_ids, attention_mask, features, counts, config, 
             out = model(
                 sequences, attention_mask=mask, image_features=features, batch_num_images=counts,
                 active_sa=config, use_cache=use_cache, logits_to_keep=1, reducer=reducer, selection=selection,
-                position_ids=positions,
+                position_ids=position_ids,
             )
             selection = out.selection if reducer is not None else None  # ranked once, from the prompt
         cache = out.past_key_values if use_cache else None
@@ -203,8 +202,8 @@ def _generate_group(model, input_ids, attention_mask, features, counts, config, 
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if positions is not None:  # the cached path continues from the prefill's own next position
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        if position_ids is not None:  # the cached path continues from the prefill's own next position
+            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         if eos:
