@@ -25,6 +25,7 @@ from visor.data.synth import (
     SynthConfig,
     SynthDataset,
     SynthStream,
+    TRAINING_FAMILIES,
     dense_targets,
     derive_answer,
     generate_item,
@@ -248,6 +249,36 @@ def test_family_round_robin_and_filter():
     assert fams == list(FAMILIES) * 2
     only = [it.family for it in generate_items("train", 6, families=["dots", "side"])]
     assert only == ["dots", "side"] * 3
+
+
+def test_training_family_kind_color():
+    """``kind_color`` is generated only when named, answers by the named kind, and gives a turn per other kind."""
+    from visor.data.synth.families import COLOR_NAMES, other_queries, question_text
+    from visor.data.synth.config import SHAPES, difficulty_of
+
+    assert "kind_color" in TRAINING_FAMILIES and "kind_color" not in FAMILIES
+    assert difficulty_of("kind_color") == "easy"
+    assert all(it.family in FAMILIES for it in generate_items("test", 3 * len(FAMILIES)))
+    for split in SPLITS:
+        for it in generate_items(split, 20, seed=5, families=["kind_color"]):
+            shapes = it.scene["shapes"]
+            kinds = [s["kind"] for s in shapes]
+            assert 2 <= len(shapes) <= 3 and len(set(kinds)) == len(kinds)
+            assert len({s["color"] for s in shapes}) == len(shapes)
+            query = it.scene["query"]["kind"]
+            assert query in kinds and query in it.question and it.answer in COLOR_NAMES
+            assert it.answer == shapes[kinds.index(query)]["color"] == derive_answer(it.scene)
+            image, _ = render_scene(json.loads(json.dumps(it.scene)))
+            assert _png(image) == it.png_bytes()
+            others = other_queries(it.scene)
+            assert sorted(q["kind"] for q in others) == sorted(k for k in kinds if k != query)
+            for q in others:
+                scene = {**it.scene, "query": q}
+                assert q["kind"] in question_text(scene)
+                assert derive_answer(scene) == shapes[kinds.index(q["kind"])]["color"]
+    mixed = [it.family for it in generate_items("train", 4, families=["presence", "kind_color"])]
+    assert mixed == ["presence", "kind_color"] * 2
+    assert set(SHAPES) == {it.scene["query"]["kind"] for it in generate_items("train", 60, families=["kind_color"])}
 
 
 def test_family_weights_spread_each_family_over_the_cycle():

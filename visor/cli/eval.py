@@ -36,7 +36,7 @@ MAX_REPORTED_PROBLEMS = 20
 
 
 def register(subparsers) -> None:
-    from visor.data.synth.config import FAMILIES
+    from visor.data.synth.config import FAMILIES, TRAINING_FAMILIES
     from visor.data.synth.seeds import SPLITS
     from visor.eval.graders import grader_names
 
@@ -56,7 +56,8 @@ def register(subparsers) -> None:
                         help="items: synth generates N (default 100); a file is cut to its first N records")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="synth: dataset seed (default 0)")
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
-                        help=f"only these families (synth: {' '.join(FAMILIES)}; files: their 'family' field)")
+                        help=f"only these families (synth: {' '.join(FAMILIES)}, and the training-only "
+                             f"{' '.join(TRAINING_FAMILIES)}; files: their 'family' field)")
     add_image_size(parser)
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="folder image paths are relative to (default: the data file's folder)")
@@ -132,11 +133,12 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
     if args.n is not None and args.n < 0:
         raise SystemExit("visor eval: --n must be >= 0")
     if args.data == "synth":
-        from visor.data.synth.config import FAMILIES
+        from visor.data.synth.config import FAMILIES, TRAINING_FAMILIES
 
-        bad = sorted(set(args.families or ()) - set(FAMILIES))
+        known = FAMILIES + TRAINING_FAMILIES
+        bad = sorted(set(args.families or ()) - set(known))
         if bad:
-            raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(FAMILIES)}")
+            raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(known)}")
         config = synth_config_for(args.model, args.image_size, "visor eval")
         n = 100 if args.n is None else args.n
         try:

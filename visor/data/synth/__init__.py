@@ -14,6 +14,7 @@ from visor.data.synth.config import (
     FAMILIES,
     HARD_FAMILIES,
     SHAPES,
+    TRAINING_FAMILIES,
     SynthConfig,
     difficulty_of,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "Glyph",
     "HARD_FAMILIES",
+    "TRAINING_FAMILIES",
     "QUESTION_TEMPLATES",
     "SHAPES",
     "SPLITS",

@@ -17,6 +17,8 @@ Hard families (need the full-resolution tiles): ``code`` (read a 3-5 character p
 ``doc`` (look up a key in a small-print key/value panel), ``chart`` (read the value printed above a
 bar given its small category label), ``dots`` (count 5-15 small dots packed in a small region),
 ``handwriting`` (read a number written with real ``load_digits`` scans of the split's own pool).
+Training only (``TRAINING_FAMILIES``, outside the default round robin): ``kind_color`` (colour of the shape of
+a named kind).
 
 Large shapes in ``color``/``shape`` differ clearly: the largest has >= 1.3x the area of the next and
 no smaller half-extent, so the answer is unambiguous at a glance.
@@ -52,6 +54,7 @@ FAMILY_GRADERS: dict[str, str] = {
     "chart": "relaxed",
     "dots": "exact",
     "handwriting": "exact",
+    "kind_color": "exact",
 }
 
 #: question templates per family; ``{kind}``, ``{key}``, ``{label}`` are filled from the query
@@ -66,6 +69,7 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "chart": ("What is the value of bar {label}?", "How high is bar {label} in the chart?"),
     "dots": ("How many small dots are there?", "Count the small dots."),
     "handwriting": ("What number is handwritten in the image?", "Read the handwritten number."),
+    "kind_color": ("What colour is the {kind}?", "What is the colour of the {kind}?"),
 }
 
 #: every answer word of the closed-vocabulary families (codes and numbers are open, char-level)
@@ -206,6 +210,20 @@ def sample_presence(rng, cfg, split):
                                             "large_min": cfg.large_min}
     scene["query"] = {"template": _ints(rng, 0, 1), "kind": query}
     return scene, "yes" if yes else "no"
+
+
+@_retrying
+def sample_kind_color(rng, cfg, split):
+    """Colour of the shape of a named kind, among 2-3 large shapes of distinct kinds and colours (training only)."""
+    n = _ints(rng, 2, 3)
+    kinds = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
+    colors = [COLOR_NAMES[i] for i in rng.permutation(len(COLOR_NAMES))[:n]]
+    sizes = _ints(rng, cfg.large_min, min(cfg.large_max, cfg.large_min + 14), n)
+    centres = _place_boxes(rng, sizes, cfg.image_size)
+    target = _ints(rng, 0, n - 1)
+    scene = _base_scene("kind_color", cfg) | {"shapes": _shapes(kinds, colors, sizes, centres)}
+    scene["query"] = {"template": _ints(rng, 0, 1), "kind": kinds[target]}
+    return scene, colors[target]
 
 
 @_retrying
@@ -390,6 +408,7 @@ SAMPLERS: dict[str, Callable[[np.random.Generator, SynthConfig, str], tuple[dict
     "chart": sample_chart,
     "dots": sample_dots,
     "handwriting": sample_handwriting,
+    "kind_color": sample_kind_color,
 }
 
 
@@ -406,8 +425,8 @@ def question_text(scene: dict) -> str:
 
 def other_queries(scene: dict) -> list[dict]:
     """The other questions the same scene answers, as ``query`` dicts (template 0): every other key of a
-    document, every other bar of a chart, every other shape kind for presence; none for the families whose
-    scene holds one answer. With :func:`derive_answer` they give extra training turns per image
+    document, every other bar of a chart, every other shape kind for presence, every other drawn kind for
+    kind_color; none for the families whose scene holds one answer. With :func:`derive_answer` they give extra training turns per image
     (``DataSpec.questions_per_image``): more supervision for one pass over the visual tokens."""
     family, query = scene["family"], scene.get("query", {})
     if family == "doc":
@@ -418,6 +437,8 @@ def other_queries(scene: dict) -> list[dict]:
         return [{"template": 0, "label": label} for label in labels if label != query.get("label")]
     if family == "presence":
         return [{"template": 0, "kind": k} for k in SHAPES if k != query.get("kind")]
+    if family == "kind_color":
+        return [{"template": 0, "kind": s["kind"]} for s in scene["shapes"] if s["kind"] != query.get("kind")]
     return []
 
 
@@ -443,6 +464,9 @@ def derive_answer(scene: dict) -> str:
     if family == "presence":
         found = any(s["kind"] == query["kind"] and s["size"] >= scene["large_min"] for s in scene["shapes"])
         return "yes" if found else "no"
+    if family == "kind_color":
+        (shape,) = [s for s in scene["shapes"] if s["kind"] == query["kind"]]
+        return shape["color"]
     if family == "side":
         (large,) = [s for s in scene["shapes"] if s["size"] >= scene["large_min"]]
         return "left" if large["cx"] < scene["size"][0] / 2 else "right"
