@@ -303,6 +303,18 @@ def test_usage_errors_are_clear(work, tmp_path):
     with pytest.raises(SystemExit, match="sa_count must be in 0..1"):
         main(["eval", "--model", str(work["visor"]), "--data", "synth", "--n", "1", "--sa-count", "5",
               "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"unknown synth families \['colour'\]; known: .*handwriting, kind_color"):
+        main(["eval", "--model", str(work["llava"]), "--data", "synth", "--n", "1", "--families", "colour",
+              "--out", str(tmp_path / "o")])
+
+
+def test_training_only_family_evaluates_when_named(work, capsys, tmp_path):
+    line = run_eval(capsys, "--model", str(work["llava"]), "--data", "synth", "--n", "4", "--families",
+                    "kind_color", "presence", "--out", str(tmp_path / "o"))
+    rows = read_predictions(tmp_path / "o")
+    assert [r["family"] for r in rows] == ["kind_color", "presence"] * 2
+    assert line["n_items"] == 4 and set(line["per_family"]) == {"kind_color", "presence"}
+    assert all(r["difficulty"] == "easy" for r in rows)
 
 
 # ---------------------------------------------------------------------- library
