@@ -90,15 +90,19 @@ def main() -> None:
 
     config = DEFAULT_CONFIG.with_image_size(args.image_size) if args.image_size else DEFAULT_CONFIG
     results = {}
-    print(f"{'predictions':<28} {'family':<11} {'n':>5} {'right':>7} {'other cand.':>12} {'neither':>8} {'uniform pick':>13}")
-    for path in args.predictions:
+    # the file name, or its folder too where names repeat (visor eval writes every run's as predictions.jsonl)
+    names = [Path(p).name for p in args.predictions]
+    labels = [n if names.count(n) == 1 else str(Path(*Path(p).parts[-2:])) for n, p in zip(names, args.predictions)]
+    width = max(28, *(len(label) + 1 for label in labels))
+    print(f"{'predictions':<{width}} {'family':<11} {'n':>5} {'right':>7} {'other cand.':>12} {'neither':>8} {'uniform pick':>13}")
+    for path, label in zip(args.predictions, labels):
         records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         table = classify(records, config)
         results[path] = table
         for family in KEYED_FAMILIES:
             if family in table:
                 row = table[family]
-                print(f"{Path(path).name:<28} {family:<11} {row['n']:>5} {100 * row['right']:>6.1f}% "
+                print(f"{label:<{width}} {family:<11} {row['n']:>5} {100 * row['right']:>6.1f}% "
                       f"{100 * row['other_candidate']:>11.1f}% {100 * row['neither']:>7.1f}% {100 * row['uniform_pick']:>12.1f}%")
     print(json.dumps({"image_size": config.image_size, "results": results}))
 

@@ -71,3 +71,21 @@ def test_kind_color_candidates_and_a_wrong_canvas_is_refused():
         script.classify(records, DEFAULT_CONFIG)  # made at 128 px, regenerated at 192: shapes differ
     with pytest.raises(ValueError, match="not a procedural item id"):
         script.parse_item_id("doc-7")
+
+
+def test_cli_names_repeated_file_names_by_folder(tmp_path, monkeypatch, capsys):
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    script = load_benchmark("keyed_selection")
+    records = _records(DEFAULT_CONFIG.with_image_size(128))
+    for run in ("run-a", "run-b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = [str(tmp_path / run / "predictions.jsonl") for run in ("run-a", "run-b")]
+    monkeypatch.setattr("sys.argv", ["keyed_selection.py", *paths, "--image-size", "128"])
+    script.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("run-a/predictions.jsonl") for line in lines)
+    assert any(line.startswith("run-b/predictions.jsonl") for line in lines)
+    summary = json.loads(lines[-1])
+    assert summary["image_size"] == 128 and set(summary["results"]) == set(paths)
