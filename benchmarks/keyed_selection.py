@@ -10,6 +10,8 @@ answers of those families into:
 - ``other candidate``: the value of another row / bar / shape: read correctly, but from the wrong place;
 - ``neither``: not a value of the image: a misreading.
 
+Items the run skipped (their record carries a ``problem``) are left out.
+
 Beside them, ``uniform pick`` is the accuracy of a reader that reads every candidate right and picks one of them at
 random (candidates sharing the reference's value count as right). A model near that line reads and does not choose.
 
