@@ -653,7 +653,7 @@ class Trainer:
 
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     """Loss curve (and validation easy/hard means where present) as a PNG."""
-    from visor.data.synth.config import EASY_FAMILIES
+    from visor.data.synth.config import EASY_FAMILIES, TRAINING_FAMILIES
     from visor.plotting import pyplot
 
     plt = pyplot()
@@ -687,7 +687,8 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
         families = sorted({f for r in nll_evals for f in r["eval"]["answer_nll"]})
         for family in families:
             points = [(r["step"], r["eval"]["answer_nll"][family]) for r in nll_evals if family in r["eval"]["answer_nll"]]
-            ax.plot(*zip(*points), marker=".", label=family, linestyle="--" if family in EASY_FAMILIES else "-")
+            easy = family in EASY_FAMILIES or family in TRAINING_FAMILIES  # dashed: large content
+            ax.plot(*zip(*points), marker=".", label=family, linestyle="--" if easy else "-")
         ax.set_xlabel("step")
         ax.set_ylabel("validation answer loss per token")
         ax.legend(fontsize=7, ncol=2)
