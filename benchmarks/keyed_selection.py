@@ -31,15 +31,13 @@ KEYED_FAMILIES = ("doc", "chart", "kind_color")
 
 
 def candidates(scene: dict) -> list[str]:
-    """Every answer the image offers to its family's keyed question (one per row / bar / shape)."""
-    family = scene["family"]
-    if family == "doc":
-        return [t["text"].partition(": ")[2] for t in scene["texts"] if t["role"] == "doc_row"]
-    if family == "chart":
-        return [str(bar["value"]) for bar in scene["bars"]]
-    if family == "kind_color":
-        return [shape["color"] for shape in scene["shapes"]]
-    raise ValueError(f"{family!r} is not a keyed family ({', '.join(KEYED_FAMILIES)})")
+    """Every answer the image offers to its family's keyed question (one per row / bar / shape): the answer to the
+    scene's own question and to each other question it answers (``families.other_queries``)."""
+    from visor.data.synth.families import derive_answer, other_queries
+
+    if scene["family"] not in KEYED_FAMILIES:
+        raise ValueError(f"{scene['family']!r} is not a keyed family ({', '.join(KEYED_FAMILIES)})")
+    return [derive_answer(scene)] + [derive_answer({**scene, "query": q}) for q in other_queries(scene)]
 
 
 def parse_item_id(item_id: str) -> tuple[str, int, int]:
