@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verbs = parser.add_subparsers(dest="data_verb", metavar="SUBVERB")
     verbs.required = True
 
-    from visor.data.synth.config import FAMILIES, TRAINING_FAMILIES
+    from visor.data.synth.config import ALL_FAMILIES, FAMILIES, TRAINING_FAMILIES
     from visor.data.synth.seeds import MAX_SEED, SPLITS
 
     synth = verbs.add_parser(
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--n", required=True, type=int, metavar="N", help="number of items to write")
     synth.add_argument("--seed", type=int, default=0, metavar="S",
                        help=f"user seed in [0, {MAX_SEED}) (default 0); items are seeded by (split, seed, index)")
-    synth.add_argument("--families", nargs="+", choices=FAMILIES + TRAINING_FAMILIES, default=None, metavar="FAMILY",
+    synth.add_argument("--families", nargs="+", choices=ALL_FAMILIES, default=None, metavar="FAMILY",
                        help=f"families to generate, round robin (default all: {' '.join(FAMILIES)}; "
                             f"training only, when named: {' '.join(TRAINING_FAMILIES)})")
     synth.add_argument("--image-size", type=int, default=None, metavar="PX",

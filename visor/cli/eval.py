@@ -133,12 +133,11 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
     if args.n is not None and args.n < 0:
         raise SystemExit("visor eval: --n must be >= 0")
     if args.data == "synth":
-        from visor.data.synth.config import FAMILIES, TRAINING_FAMILIES
+        from visor.data.synth.config import ALL_FAMILIES
 
-        known = FAMILIES + TRAINING_FAMILIES
-        bad = sorted(set(args.families or ()) - set(known))
+        bad = sorted(set(args.families or ()) - set(ALL_FAMILIES))
         if bad:
-            raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(known)}")
+            raise SystemExit(f"visor eval: unknown synth families {bad}; known: {', '.join(ALL_FAMILIES)}")
         config = synth_config_for(args.model, args.image_size, "visor eval")
         n = 100 if args.n is None else args.n
         try:

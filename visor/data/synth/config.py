@@ -69,6 +69,8 @@ FAMILIES: tuple[str, ...] = EASY_FAMILIES + HARD_FAMILIES
 #: ``kind_color`` ("What colour is the KIND?") asks for a shape by the kind the question names, as ``presence``
 #: does, with a six-way answer the model already reads for the ``color`` family.
 TRAINING_FAMILIES: tuple[str, ...] = ("kind_color",)
+#: every family the generator knows
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + TRAINING_FAMILIES
 
 
 def difficulty_of(family: str) -> str:
@@ -78,7 +80,7 @@ def difficulty_of(family: str) -> str:
         return "easy"
     if family in HARD_FAMILIES:
         return "hard"
-    raise ValueError(f"unknown synth family {family!r}; known: {', '.join(FAMILIES + TRAINING_FAMILIES)}")
+    raise ValueError(f"unknown synth family {family!r}; known: {', '.join(ALL_FAMILIES)}")
 
 
 @dataclass(frozen=True)
