@@ -71,20 +71,29 @@ class SampleSource:
         if self.records is not None:
             record = self.records[index % len(self.records)]
             return Sample(record.load_images(), record.conversations)
+        from visor.data.synth.families import derive_answer, question_text
+
         item = item if item is not None else self.item(index)
         turns = item.conversations()
+        for scene in self.turn_scenes(index, item)[1:]:
+            turns += [{"from": "human", "value": question_text(scene)}, {"from": "gpt", "value": derive_answer(scene)}]
+        return Sample([item.image], turns)
+
+    def turn_scenes(self, index: int, item) -> list[dict]:
+        """The scene of each question turn of the procedural sample at ``index``: the item's own, then up to
+        ``questions_per_image - 1`` more questions about the same scene (``families.other_queries``), in a fixed order
+        per index."""
+        scenes = [item.scene]
         extra = self.recipe.data.questions_per_image - 1
-        if extra > 0:  # more questions about the same scene, in a fixed order per index
+        if extra > 0:
             import numpy as np
 
-            from visor.data.synth.families import derive_answer, other_queries, question_text
+            from visor.data.synth.families import other_queries
 
             queries = other_queries(item.scene)
             order = np.random.default_rng([self.recipe.data.seed, index]).permutation(len(queries))
-            for q in order[:extra]:
-                scene = {**item.scene, "query": queries[int(q)]}
-                turns += [{"from": "human", "value": question_text(scene)}, {"from": "gpt", "value": derive_answer(scene)}]
-        return Sample([item.image], turns)
+            scenes += [{**item.scene, "query": queries[int(q)]} for q in order[:extra]]
+        return scenes
 
 
 def micro_indices(recipe: Recipe, step: int, accum: int, env: DistEnv) -> list[int]:
@@ -136,6 +145,17 @@ class LanguageTask:
             vision = model.config.vision_config
             self.shape_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
         self.shape_ce: list[float] = []  # the head's loss per micro-batch since the last metrics row
+        # a base recipe with a lookup weight supervises where the answer attends (visor.train.lookup)
+        self.lookup_weight = recipe.lookup_weight if recipe.kind == "base" else 0.0
+        self.lookup = None
+        if self.lookup_weight:
+            from visor.train.lookup import LookupSupervision
+
+            vision = model.config.vision_config
+            self.lookup_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+            self.image_token_id = model.config.image_token_id
+            self.lookup = LookupSupervision(model.language_model, recipe.lookup_layers, recipe.lookup_heads)
+        self.lookup_mass: list[float] = []  # mean attention mass on the targets per micro-batch since the last row
 
     def configuration_for_step(self, step: int):
         """The step's ``Configuration`` (resolution + active SA slots); one draw per step (module docstring)."""
@@ -146,18 +166,33 @@ class LanguageTask:
         return self.configuration_for_step(step).active_sa
 
     def batch(self, indices: list[int]) -> dict:
-        if self.shape_weight:
-            from visor.train.auxiliary import crop_shape_targets
-
+        if self.shape_weight or self.lookup_weight:
             items = [self.source.item(i) for i in indices]
             batch = self.batcher.train_batch([self.source.sample(i, item) for i, item in zip(indices, items)])
-            batch["shape_targets"] = torch.cat([crop_shape_targets(item, *self.shape_geometry) for item in items])
+            if self.shape_weight:
+                from visor.train.auxiliary import crop_shape_targets
+
+                batch["shape_targets"] = torch.cat([crop_shape_targets(item, *self.shape_geometry) for item in items])
+            if self.lookup_weight:
+                batch["lookup_targets"] = self._lookup_targets(indices, items, batch)
             return batch
         samples = [self.source.sample(i) for i in indices]
         config = self.configuration_for_step(indices[0] // self.recipe.global_batch) if indices else None
         if config is None or config.tiled:
             return self.batcher.train_batch(samples)
         return self.batcher.train_batch(samples, resolution=config.resolution)
+
+    def _lookup_targets(self, indices: list[int], items: list, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from visor.train.lookup import batch_lookup_targets, image_token_targets, lookup_boxes
+
+        per_row = []
+        for index, item in zip(indices, items):
+            per_turn = []
+            for scene in self.source.turn_scenes(index, item):
+                boxes = lookup_boxes(scene)
+                per_turn.append(image_token_targets(boxes, scene["size"], *self.lookup_geometry) if boxes else None)
+            per_row.append(per_turn)
+        return batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id, per_row)
 
     @staticmethod
     def count(batch: dict) -> int:
@@ -171,16 +206,28 @@ class LanguageTask:
         extra = {"reducer": reducer} if reducer else {}
         batch = dict(batch)
         shape_targets = batch.pop("shape_targets", None)
+        lookup_targets = batch.pop("lookup_targets", None)
+        if lookup_targets is not None:
+            self.lookup.arm(*lookup_targets, batch["attention_mask"])
         out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum", **extra)
-        if shape_targets is None:
-            return out.loss, out.num_loss_tokens
-        from visor.train.auxiliary import shape_head_loss
+        loss = out.loss
+        # auxiliary losses are weighted by the micro-batch's target tokens: divided by the global token count (the
+        # loop), the step's objective is answer loss per token + weight x the token-weighted mean of each one
+        if shape_targets is not None:
+            from visor.train.auxiliary import shape_head_loss
 
-        shape_ce = shape_head_loss(unwrap(model), shape_targets)
-        self.shape_ce.append(float(shape_ce.detach()))
-        # weighted by the micro-batch's target tokens: divided by the global token count (the loop), the step's
-        # objective is answer loss per token + weight x the token-weighted mean of the head's loss
-        return out.loss + self.shape_weight * shape_ce * out.num_loss_tokens, out.num_loss_tokens
+            shape_ce = shape_head_loss(unwrap(model), shape_targets)
+            self.shape_ce.append(float(shape_ce.detach()))
+            loss = loss + self.shape_weight * shape_ce * out.num_loss_tokens
+        if lookup_targets is not None:
+            # None when no turn of the micro-batch names a place; q/k projections get gradients from the answer loss
+            # anyway, so DDP sees the same parameters used either way
+            taken = self.lookup.take()
+            if taken is not None:
+                lookup_loss, masses = taken
+                self.lookup_mass.append(float(masses.mean()))
+                loss = loss + self.lookup_weight * lookup_loss * out.num_loss_tokens
+        return loss, out.num_loss_tokens
 
 
 class DenseVisionTask:
@@ -527,6 +574,9 @@ class Trainer:
                     if getattr(self.task, "shape_ce", None):  # this rank's micro-batches since the last row
                         row["shape_head_ce"] = sum(self.task.shape_ce) / len(self.task.shape_ce)
                         self.task.shape_ce.clear()
+                    if getattr(self.task, "lookup_mass", None):
+                        row["lookup_mass"] = sum(self.task.lookup_mass) / len(self.task.lookup_mass)
+                        self.task.lookup_mass.clear()
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")

@@ -123,6 +123,11 @@ class Recipe:
     # vision: > 0 adds a per-patch shape-kind head (visor.data.synth.dense); base: the same head on the LVLM's tower,
     # its loss added to the answer loss with this weight (visor.train.auxiliary; synth data, tower trained)
     vision_shape_weight: float = 0.0
+    # base, synth data: > 0 adds a loss on where the answer attends in the keyed families (visor.train.lookup): the
+    # first ``lookup_heads`` heads of the ``lookup_layers`` are asked to attend to the place the question names
+    lookup_weight: float = 0.0
+    lookup_layers: list[int] = field(default_factory=lambda: [4])
+    lookup_heads: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -157,6 +162,16 @@ class Recipe:
         if self.vision_shape_weight > 0 and self.kind == "base" and (self.data.source != "synth" or self.freeze_vision):
             raise ValueError("vision_shape_weight in a base recipe needs procedural data (data.source=synth, whose "
                              "scenes give the labels) and a tower that trains (freeze_vision: false)")
+        if self.lookup_weight < 0:
+            raise ValueError(f"lookup_weight must be >= 0, got {self.lookup_weight}")
+        if self.lookup_weight > 0:
+            if self.kind != "base" or self.data.source != "synth":
+                raise ValueError("lookup_weight supervises a base model's attention with the places procedural scenes "
+                                 f"name: only in a base recipe on synth data, not a {self.kind} recipe on "
+                                 f"{self.data.source} data")
+            if any(r != "none" for r in self.reducers or []):
+                raise ValueError("lookup_weight needs every visual token in place (its targets are patches): no "
+                                 f"reducers other than 'none', got {self.reducers}")
         if self.data.family_weights:
             if self.data.source != "synth":
                 raise ValueError("data.family_weights weighs procedural families: only with data.source=synth")

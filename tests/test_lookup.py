@@ -1,0 +1,177 @@
+"""Supervised lookup (visor.train.lookup): the places the scenes name, their image tokens in LLaVA-OV's order, the
+answer query positions, the attention mass the hooks measure, and a base run that learns to attend there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.test_train import TINY_MODEL, tiny_recipe
+from visor.data.synth.config import DEFAULT_CONFIG
+from visor.data.synth.families import derive_answer, other_queries
+from visor.data.synth.generate import generate_item
+from visor.train.lookup import (answer_query_positions, batch_lookup_targets, image_token_targets, lookup_boxes)
+from visor.train.recipe import load_recipe
+
+PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128], [192, 192]]
+
+
+def _inside(point, box) -> bool:
+    x, y = point
+    return box[0] <= x < box[2] and box[1] <= y < box[3]
+
+
+def test_lookup_boxes_hold_the_answer_and_only_it():
+    """Every question of a keyed scene gets one box that holds what answers it (the shape of the named kind, the
+    document row of the key, the chart column of the label) and no other candidate; the rest get none."""
+    config = DEFAULT_CONFIG.with_image_size(128)
+    for family in ("presence", "kind_color", "doc", "chart"):
+        for index in range(12):
+            item = generate_item("train", index, seed=5, config=config, families=[family])
+            for query in [item.scene["query"]] + other_queries(item.scene):
+                scene = {**item.scene, "query": query}
+                boxes, answer = lookup_boxes(scene), derive_answer(scene)
+                if family == "presence" and answer == "no":
+                    assert boxes == []
+                    continue
+                if family in ("presence", "kind_color"):  # a presence image may hold a kind twice
+                    named = [s for s in scene["shapes"] if s["kind"] == query["kind"]]
+                    assert len(boxes) == len(named) >= 1
+                    for box in boxes:
+                        inside = [s for s in scene["shapes"] if _inside((s["cx"], s["cy"]), box)]
+                        assert len(inside) == 1 and inside[0] in named
+                        if family == "kind_color":
+                            assert inside[0]["color"] == answer
+                    continue
+                (box,) = boxes
+                if family == "doc":
+                    rows = [t["text"] for t in scene["texts"] if _inside((t["x"], t["y"] + 1), box)]
+                    assert rows == [f"{query['key']}: {answer}"]
+                else:
+                    texts = [t["text"] for t in scene["texts"] if _inside((t["x"] + 1, t["y"] + 1), box)]
+                    assert sorted(texts) == sorted([answer, query["label"]])
+    for family in ("color", "code", "dots"):
+        assert lookup_boxes(generate_item("train", 0, seed=5, config=config, families=[family]).scene) == []
+
+
+def test_image_token_targets_follow_the_llava_ov_layout():
+    """128 px on a 64 px base view with 8 px patches: 8 x 8 base tokens, then 16 rows of 16 tile patches and a
+    newline. A box over one 8 px patch marks that patch of the tile grid and the 16 px cell of the base view."""
+    from visor.model.vision import image_token_count
+
+    targets = image_token_targets([(8, 16, 16, 24)], (128, 128), 64, 8, PINPOINTS)
+    assert targets.numel() == image_token_count((128, 128), grid_pinpoints=PINPOINTS, base_size=64, patch_size=8,
+                                                vision_aspect_ratio="anyres_max_9", tiled=True, drop_first_token=False)
+    assert targets.nonzero()[:, 0].tolist() == [1 * 8 + 0, 64 + 2 * 17 + 1]
+    wide = image_token_targets([(0, 0, 128, 64)], (128, 64), 64, 8, PINPOINTS)  # 2 tiles side by side, 8 rows
+    assert wide.numel() == 64 + 8 * 17 and int(wide[64:].sum()) == 8 * 16 and int(wide[:64].sum()) == 64
+    with pytest.raises(ValueError, match="grid resolution"):
+        image_token_targets([(0, 0, 8, 8)], (100, 100), 64, 8, PINPOINTS)
+
+
+def test_answer_query_positions_and_batch_targets():
+    labels = torch.tensor([-100, -100, 7, 8, -100, -100, 9, -100])
+    assert answer_query_positions(labels) == [1, 5]
+    ids = torch.tensor([[1, 5, 5, 5, 2, 7, 8, 3, 4, 9, 0], [1, 5, 5, 5, 2, 7, 8, 3, 4, 9, 0]])
+    lab = torch.full_like(ids, -100)
+    lab[:, [5, 6, 9]] = ids[:, [5, 6, 9]]
+    first = torch.tensor([False, True, False])
+    queries, targets = batch_lookup_targets(ids, lab, 5, [[first, None], [None, torch.tensor([True, False, True])]])
+    assert queries.tolist() == [[0, 4], [1, 8]]
+    assert targets[0].nonzero()[:, 0].tolist() == [2] and targets[1].nonzero()[:, 0].tolist() == [1, 3]
+    with pytest.raises(ValueError, match="answer turns"):
+        batch_lookup_targets(ids, lab, 5, [[first], [None, None]])
+    with pytest.raises(ValueError, match="image tokens"):
+        batch_lookup_targets(ids, lab, 5, [[torch.tensor([True, False]), None], [None, None]])
+
+
+def _lookup_trainer(tmp_path, name: str, **overrides):
+    from visor.train.loop import Trainer
+
+    recipe = load_recipe(tiny_recipe(tmp_path, name, model={**TINY_MODEL, "patch_size": 8}, lookup_weight=1.0,
+                                     data={"families": ["doc", "kind_color", "presence"], "questions_per_image": 2,
+                                           "synth_image_size": 128}, **overrides))
+    trainer = Trainer(recipe, progress=False)
+    trainer._build()
+    return trainer
+
+
+def test_lookup_mass_is_the_layers_own_attention(tmp_path):
+    """With every head supervised, the mass the hooks measure is the layer's real attention from the answer query
+    position to the target tokens (``visor.analysis.attention``'s recomputation, mean over heads), for each row of a
+    right-padded batch as for the sample alone; the loss is -log of it, and the hooks do nothing once disarmed."""
+    from visor.analysis.attention import image_attention_share
+    from visor.analysis.common import walk_layers
+
+    trainer = _lookup_trainer(tmp_path, "mass", lookup_layers=[1, 3], lookup_heads=4)
+    task, model = trainer.task, trainer.model
+    torch.manual_seed(0)
+    for p in model.language_model.parameters():  # sharper attention than the fresh init's
+        p.data.add_(0.3 * torch.randn_like(p))
+    indices = [0, 1, 2]
+    batch = task.batch(indices)
+    queries, targets = batch["lookup_targets"]
+    assert queries.shape[0] >= 3 and batch["attention_mask"].sum(-1).unique().numel() > 1  # padded rows
+    task.lookup.arm(queries, targets, batch["attention_mask"])
+    model(**{k: v for k, v in batch.items() if k != "lookup_targets"})
+    loss, masses = task.lookup.take()
+    assert masses.shape == (2, queries.shape[0], 4) and float(loss.detach()) == pytest.approx(
+        float(-torch.log(masses).mean()), rel=1e-5)
+    for k, (row, position) in enumerate(queries.tolist()):
+        alone = task.batch([indices[row]])
+        valid = int(batch["attention_mask"][row].sum())
+        assert torch.equal(alone["input_ids"][0], batch["input_ids"][row, :valid])
+
+        def before(index, kind, streams, k=k, position=position):
+            if index in (1, 3):
+                share, _ = image_attention_share(model.language_model.layers[index], model.language_model.rotary_emb,
+                                                 streams, torch.tensor([position]), targets[k, :valid])
+                assert float(share) == pytest.approx(float(masses[(1, 3).index(index), k].mean()), abs=1e-5)
+
+        with torch.no_grad():
+            walk_layers(model, {k: v for k, v in alone.items() if k != "lookup_targets"}, None, before=before)
+    with pytest.raises(RuntimeError, match="not armed"):
+        task.lookup.take()
+    model(**{k: v for k, v in batch.items() if k != "lookup_targets"})  # disarmed: nothing kept
+    assert task.lookup._masses == []
+
+
+def test_base_run_learns_to_attend_where_the_question_points(tmp_path):
+    """A tiny base run with a lookup weight: the supervised head's mass on the named place rises, the loss adds the
+    weighted term per target token, and the exported model is a plain LLaVA-OV checkpoint."""
+    from safetensors.torch import load_file
+
+    from visor.train.loop import Trainer
+
+    trainer = _lookup_trainer(tmp_path, "learn", lookup_layers=[2], max_steps=30, save_every=30, log_every=5,
+                              optim={"lr": 1e-2, "warmup_steps": 2})
+    batch = trainer.task.batch([0, 1])
+    loss = torch.no_grad()(trainer.task.loss)
+    total, tokens = loss(trainer.model, batch, 0)
+    answer, _ = loss(trainer.model, {k: v for k, v in batch.items() if k != "lookup_targets"}, 0)
+    trainer.task.lookup.arm(*batch["lookup_targets"], batch["attention_mask"])
+    with torch.no_grad():
+        trainer.model(**{k: v for k, v in batch.items() if k != "lookup_targets"})
+    lookup_loss, _ = trainer.task.lookup.take()
+    assert float(total - answer) == pytest.approx(float(lookup_loss) * tokens, rel=1e-4)
+
+    final = Trainer(trainer.recipe, progress=False).train()
+    rows = [json.loads(line) for line in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    masses = [r["lookup_mass"] for r in rows if "lookup_mass" in r]
+    assert len(masses) == 6 and masses[-1] > 2 * masses[0], masses
+    assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))
+
+
+def test_lookup_recipe_checks(tmp_path):
+    with pytest.raises(ValueError, match="lookup_weight"):
+        load_recipe(tiny_recipe(tmp_path, "neg", lookup_weight=-1.0))
+    with pytest.raises(ValueError, match="base recipe on synth"):
+        load_recipe(tiny_recipe(tmp_path, "s1", kind="visor-stage1", init="x", lookup_weight=1.0))
+    with pytest.raises(ValueError, match="reducers"):
+        load_recipe(tiny_recipe(tmp_path, "red", lookup_weight=1.0, freeze_vision=True, reducers=["pooling:2x"]))
+    with pytest.raises(ValueError, match="lookup layers"):
+        _lookup_trainer(tmp_path, "layer", lookup_layers=[6])
+    with pytest.raises(ValueError, match="lookup heads"):
+        _lookup_trainer(tmp_path, "heads", lookup_heads=5)
