@@ -52,6 +52,16 @@ def test_lookup_boxes_hold_the_answer_and_only_it():
                 else:
                     texts = [t["text"] for t in scene["texts"] if _inside((t["x"] + 1, t["y"] + 1), box)]
                     assert sorted(texts) == sorted([answer, query["label"]])
+        if family in ("doc", "chart"):  # the answer region: the value's glyphs only, inside the place
+            for query in [item.scene["query"]] + other_queries(item.scene):
+                scene = {**item.scene, "query": query}
+                (place,), (answer_box,) = lookup_boxes(scene), lookup_boxes(scene, "answer")
+                assert place[0] <= answer_box[0] < answer_box[2] <= place[2] and place[1] <= answer_box[1]
+                held = [t["text"] for t in scene["texts"] if _inside((t["x"] + 1, t["y"] + 1), answer_box)]
+                assert held == ([derive_answer(scene)] if family == "chart" else [])  # a doc value starts mid-row
+                assert answer_box[2] - answer_box[0] < 4 * len(derive_answer(scene)) + 4
+    with pytest.raises(ValueError, match="region"):
+        lookup_boxes(item.scene, "row")
     for family in ("color", "code", "dots"):
         assert lookup_boxes(generate_item("train", 0, seed=5, config=config, families=[family]).scene) == []
 
@@ -162,6 +172,7 @@ def test_base_run_learns_to_attend_where_the_question_points(tmp_path):
     masses = [r["lookup_mass"] for r in rows if "lookup_mass" in r]
     assert len(masses) == 6 and masses[-1] > 2 * masses[0], masses
     assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))
+    assert (tmp_path / "learn" / "loss.png").stat().st_size > 0  # with the mass on a second axis
 
 
 def test_lookup_recipe_checks(tmp_path):
@@ -175,3 +186,29 @@ def test_lookup_recipe_checks(tmp_path):
         _lookup_trainer(tmp_path, "layer", lookup_layers=[6])
     with pytest.raises(ValueError, match="lookup heads"):
         _lookup_trainer(tmp_path, "heads", lookup_heads=5)
+
+
+def test_keyed_lookup_attention_benchmark(tmp_path):
+    """``benchmarks/keyed_lookup_attention.py`` on a tiny saved LLaVA-OV: masses in [0, 1] per layer and head for
+    items that name a place, the first-token check read through the text stream, and no hook left behind."""
+    from tests.tiny import load_benchmark, tiny_benchmark_llava, tiny_image_processor
+    from visor.analysis.common import load
+    from visor.data.batch import Batcher
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    script = load_benchmark("keyed_lookup_attention")
+    model, tok, config = tiny_benchmark_llava(3, seed=0, image_size=64)
+    model.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    tiny_image_processor(config).save_pretrained(str(tmp_path))
+    visor, tokenizer, processor, _ = load(tmp_path)
+    batcher = Batcher.for_model(visor, tokenizer, processor)
+    config128 = DEFAULT_CONFIG.with_image_size(128)
+    result = script.measure(visor, batcher, "presence", 4, config128, seed=2, progress=False)
+    assert result["mass"].shape == (4, 3, 4) and ((result["mass"] >= 0) & (result["mass"] <= 1 + 1e-5)).all()
+    assert (result["uniform"] > 0).all() and (result["uniform"] < 1).all() and result["correct"].dtype == torch.bool
+    summary = script.summarise(result)
+    assert summary["n"] == 4 and len(summary["layers"]) == 3
+    for row in summary["layers"]:
+        assert row["best_head_mass"] >= row["mean_mass"]
+    assert all(not layer.self_attn._forward_pre_hooks for layer in visor.language_model.layers)

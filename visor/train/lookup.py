@@ -33,10 +33,20 @@ KEYED_FAMILIES = ("presence", "kind_color", "doc", "chart")
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in scene pixels, half-open
 
 
-def lookup_boxes(scene: dict) -> list[Box]:
+REGIONS = ("place", "answer")
+
+
+def lookup_boxes(scene: dict, region: str = "place") -> list[Box]:
     """Where the answer to ``scene["query"]`` is drawn (scene pixels); ``[]`` when the question names no place
-    (a family of one answer, or a presence question whose kind is absent)."""
+    (a family of one answer, or a presence question whose kind is absent).
+
+    ``region="place"``: all that belongs to the named place, what names it and what answers (a document's whole
+    ``key: value`` row, a chart's column from the printed value down to the label). ``"answer"``: only the glyphs
+    read as the answer (the row's value, the bar's printed value). A shape is both."""
     from visor.data.synth.render import text_height, text_width
+
+    if region not in REGIONS:
+        raise ValueError(f"lookup region must be one of {REGIONS}, got {region!r}")
 
     family, query = scene["family"], scene.get("query", {})
     if family in ("presence", "kind_color"):
@@ -52,7 +62,12 @@ def lookup_boxes(scene: dict) -> list[Box]:
         rows = [t for t in scene["texts"] if t["role"] == "doc_row" and t["text"].partition(": ")[0] == query["key"]]
         if len(rows) != 1:
             raise ValueError(f"key {query['key']!r} names {len(rows)} rows of the document")
-        return [text_box(rows[0])]
+        row = rows[0]
+        if region == "place":
+            return [text_box(row)]
+        size, gap = int(row["size"]), int(row.get("gap", 1))
+        x0 = row["x"] + text_width(row["text"].partition(": ")[0] + ": ", size, gap) + gap
+        return [(x0, row["y"], row["x"] + text_width(row["text"], size, gap), row["y"] + text_height(size))]
     if family == "chart":
         labels = [t for t in scene["texts"] if t["role"] == "bar_label" and t["text"] == query["label"]]
         if len(labels) != 1:
@@ -62,6 +77,8 @@ def lookup_boxes(scene: dict) -> list[Box]:
         (bar,) = [b for b in scene["bars"] if b["box"][0] <= centre <= b["box"][2]]
         (value,) = [t for t in scene["texts"] if t["role"] == "bar_value"
                     and bar["box"][0] <= (text_box(t)[0] + text_box(t)[2]) / 2 <= bar["box"][2]]
+        if region == "answer":
+            return [text_box(value)]
         # the column from the printed value down to the label: what the answer is read from, and what names it
         return [(min(bar["box"][0], text_box(value)[0]), value["y"], max(bar["box"][2] + 1, text_box(value)[2]), ly1)]
     return []

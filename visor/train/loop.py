@@ -189,7 +189,7 @@ class LanguageTask:
         for index, item in zip(indices, items):
             per_turn = []
             for scene in self.source.turn_scenes(index, item):
-                boxes = lookup_boxes(scene)
+                boxes = lookup_boxes(scene, self.recipe.lookup_region)
                 per_turn.append(image_token_targets(boxes, scene["size"], *self.lookup_geometry) if boxes else None)
             per_row.append(per_turn)
         return batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id, per_row)
@@ -723,6 +723,11 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
+    lookup = [r for r in train if "lookup_mass" in r]
+    if lookup:  # supervised lookup (visor.train.lookup): the attention mass on the place the question names
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in lookup], [100 * r["lookup_mass"] for r in lookup], color="tab:orange")
+        twin.set_ylabel("attention on the named place (%)", color="tab:orange")
     if evals:
         ax = axes[0][1]
         keys = [k for k, v in evals[-1]["eval"].items() if isinstance(v, float) and k.endswith(("_mean", "_acc"))]

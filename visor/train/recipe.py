@@ -128,6 +128,7 @@ class Recipe:
     lookup_weight: float = 0.0
     lookup_layers: list[int] = field(default_factory=lambda: [4])
     lookup_heads: int = 1
+    lookup_region: str = "place"  # "place": the whole named row / column / shape; "answer": the answer's glyphs only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -164,6 +165,10 @@ class Recipe:
                              "scenes give the labels) and a tower that trains (freeze_vision: false)")
         if self.lookup_weight < 0:
             raise ValueError(f"lookup_weight must be >= 0, got {self.lookup_weight}")
+        from visor.train.lookup import REGIONS
+
+        if self.lookup_region not in REGIONS:
+            raise ValueError(f"lookup_region must be one of {REGIONS}, got {self.lookup_region!r}")
         if self.lookup_weight > 0:
             if self.kind != "base" or self.data.source != "synth":
                 raise ValueError("lookup_weight supervises a base model's attention with the places procedural scenes "
