@@ -12,7 +12,10 @@ Per family it prints the first-token accuracy, then per layer the mean mass of t
 the *uniform* share (attention spread evenly over the visible tokens would put this much there), and the accuracy of
 the items on which the best head puts more than half its attention on the place, against the others.
 
-    python benchmarks/keyed_lookup_attention.py checkpoints-focus5/base --image-size 128 --n 100
+    python benchmarks/keyed_lookup_attention.py checkpoints-focus5/base --image-size 128 --n 200
+
+``--region answer`` measures the mass on the answer's glyphs only (a document row's value, a bar's printed value)
+instead of the whole row or column (``visor.train.lookup.lookup_boxes``).
 
 A presence item whose kind is absent names no place and is skipped. bf16 autocast; one JSON line last.
 """
@@ -28,7 +31,8 @@ from tqdm.auto import tqdm
 from visor.train.lookup import KEYED_FAMILIES
 
 
-def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True) -> dict:
+def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True,
+            region: str = "place") -> dict:
     """Masses ``[items, layers, heads]``, first-token correctness ``[items]`` and uniform shares ``[items]`` of the
     first ``n`` test items of ``family`` that name a place."""
     from visor.analysis.common import autocast
@@ -48,7 +52,7 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
         while len(correct) < n:
             item = generate_item("test", index, seed=seed, config=config, families=[family])
             index += 1
-            boxes = lookup_boxes(item.scene)
+            boxes = lookup_boxes(item.scene, region)
             if not boxes:
                 continue
             sample = Sample([item.image], item.conversations())  # the prompt as trained, with its answer
@@ -97,6 +101,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="synth canvas in px (default: the benchmark's; 128 for the shipped models)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the test items")
+    parser.add_argument("--region", choices=("place", "answer"), default="place",
+                        help="place: the named shape, document row or chart column; answer: the value's glyphs only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +119,7 @@ def main() -> None:
     batcher = Batcher.for_model(model, tokenizer, processor)
     report = {}
     for family in args.families:
-        summary = summarise(measure(model, batcher, family, args.n, config, args.seed))
+        summary = summarise(measure(model, batcher, family, args.n, config, args.seed, region=args.region))
         report[family] = summary
         print(f"{family}: first-token accuracy {100 * summary['accuracy']:.1f}% on {summary['n']} items; uniform "
               f"share on the named place {100 * summary['uniform']:.1f}%")
@@ -124,7 +130,7 @@ def main() -> None:
                   f"all heads {100 * row['mean_mass']:5.1f}%  focused (>50%) on {100 * row['focused_share']:3.0f}% "
                   f"of items  {split}")
     print(json.dumps({"checkpoint": args.checkpoint, "image_size": config.image_size, "n": args.n,
-                      "seed": args.seed, "families": report}))
+                      "seed": args.seed, "region": args.region, "families": report}))
 
 
 if __name__ == "__main__":

@@ -211,4 +211,7 @@ def test_keyed_lookup_attention_benchmark(tmp_path):
     assert summary["n"] == 4 and len(summary["layers"]) == 3
     for row in summary["layers"]:
         assert row["best_head_mass"] >= row["mean_mass"]
+    place = script.measure(visor, batcher, "doc", 3, config128, seed=2, progress=False)
+    answer = script.measure(visor, batcher, "doc", 3, config128, seed=2, progress=False, region="answer")
+    assert (answer["uniform"] < place["uniform"]).all() and (answer["mass"] <= place["mass"] + 1e-5).all()
     assert all(not layer.self_attn._forward_pre_hooks for layer in visor.language_model.layers)
