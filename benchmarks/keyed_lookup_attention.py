@@ -32,7 +32,7 @@ from visor.train.lookup import KEYED_FAMILIES
 
 
 def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True,
-            region: str = "place") -> dict:
+            region: str = "place", question_first: bool = False) -> dict:
     """Masses ``[items, layers, heads]``, first-token correctness ``[items]`` and uniform shares ``[items]`` of the
     first ``n`` test items of ``family`` that name a place."""
     from visor.analysis.common import autocast
@@ -55,7 +55,7 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
             boxes = lookup_boxes(item.scene, region)
             if not boxes:
                 continue
-            sample = Sample([item.image], item.conversations())  # the prompt as trained, with its answer
+            sample = Sample([item.image], item.conversations(question_first))  # the prompt as trained, with its answer
             batch = batcher.train_batch([sample])
             targets = image_token_targets(boxes, item.scene["size"], *geometry)
             queries, full = batch_lookup_targets(batch["input_ids"], batch["labels"], model.config.image_token_id,
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="data seed of the test items")
     parser.add_argument("--region", choices=("place", "answer"), default="place",
                         help="place: the named shape, document row or chart column; answer: the value's glyphs only")
+    parser.add_argument("--question-first", action="store_true",
+                        help="the question before the image in the prompt (a model trained with data.question_first)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,7 +121,8 @@ def main() -> None:
     batcher = Batcher.for_model(model, tokenizer, processor)
     report = {}
     for family in args.families:
-        summary = summarise(measure(model, batcher, family, args.n, config, args.seed, region=args.region))
+        summary = summarise(measure(model, batcher, family, args.n, config, args.seed, region=args.region,
+                                            question_first=args.question_first))
         report[family] = summary
         print(f"{family}: first-token accuracy {100 * summary['accuracy']:.1f}% on {summary['n']} items; uniform "
               f"share on the named place {100 * summary['uniform']:.1f}%")
@@ -130,7 +133,7 @@ def main() -> None:
                   f"all heads {100 * row['mean_mass']:5.1f}%  focused (>50%) on {100 * row['focused_share']:3.0f}% "
                   f"of items  {split}")
     print(json.dumps({"checkpoint": args.checkpoint, "image_size": config.image_size, "n": args.n,
-                      "seed": args.seed, "region": args.region, "families": report}))
+                      "seed": args.seed, "region": args.region, "question_first": args.question_first, "families": report}))
 
 
 if __name__ == "__main__":

@@ -373,3 +373,18 @@ def test_with_image_size_scales_large_shapes_and_keeps_small_print():
         assert it.image.size == (128, 128) and derive_answer(it.scene) == it.answer
         for shape in it.scene.get("shapes", []):
             assert shape["size"] <= cfg.large_max
+
+
+def test_question_first_prompt_order():
+    """The image tag opens the human turn by default (LLaVA-OV's order); ``question_first`` moves it after the
+    question, in the training sample, the evaluation items and nothing else."""
+    from visor.eval.harness import synth_items
+
+    item = generate_item("train", 0, seed=1)
+    assert item.conversations()[0]["value"] == f"<image>\n{item.question}"
+    flipped = item.conversations(question_first=True)
+    assert flipped[0]["value"] == f"{item.question}\n<image>" and flipped[1] == item.conversations()[1]
+    default, first = synth_items("val", 2, seed=3), synth_items("val", 2, seed=3, question_first=True)
+    for a, b in zip(default, first):
+        assert a.turns[0]["value"].startswith("<image>") and b.turns[0]["value"].endswith("<image>")
+        assert a.answers == b.answers and a.id == b.id

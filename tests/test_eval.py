@@ -315,6 +315,10 @@ def test_training_only_family_evaluates_when_named(work, capsys, tmp_path):
     assert [r["family"] for r in rows] == ["kind_color", "presence"] * 2
     assert line["n_items"] == 4 and set(line["per_family"]) == {"kind_color", "presence"}
     assert all(r["difficulty"] == "easy" for r in rows)
+    first = run_eval(capsys, "--model", str(work["llava"]), "--data", "synth", "--n", "4", "--families",
+                     "kind_color", "presence", "--question-first", "--out", str(tmp_path / "q"))
+    assert first["n_items"] == 4
+    assert json.loads((tmp_path / "q" / "summary.json").read_text())["data"]["question_first"] is True
 
 
 # ---------------------------------------------------------------------- library

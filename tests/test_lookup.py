@@ -97,12 +97,13 @@ def test_answer_query_positions_and_batch_targets():
         batch_lookup_targets(ids, lab, 5, [[torch.tensor([True, False]), None], [None, None]])
 
 
-def _lookup_trainer(tmp_path, name: str, **overrides):
+def _lookup_trainer(tmp_path, name: str, data: dict | None = None, **overrides):
     from visor.train.loop import Trainer
 
+    data = {"families": ["doc", "kind_color", "presence"], "questions_per_image": 2, "synth_image_size": 128,
+            **(data or {})}
     recipe = load_recipe(tiny_recipe(tmp_path, name, model={**TINY_MODEL, "patch_size": 8}, lookup_weight=1.0,
-                                     data={"families": ["doc", "kind_color", "presence"], "questions_per_image": 2,
-                                           "synth_image_size": 128}, **overrides))
+                                     data=data, **overrides))
     trainer = Trainer(recipe, progress=False)
     trainer._build()
     return trainer
@@ -173,6 +174,21 @@ def test_base_run_learns_to_attend_where_the_question_points(tmp_path):
     assert len(masses) == 6 and masses[-1] > 2 * masses[0], masses
     assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))
     assert (tmp_path / "learn" / "loss.png").stat().st_size > 0  # with the mass on a second axis
+
+
+def test_question_first_recipe(tmp_path):
+    """``data.question_first`` orders the training samples' first turn question-then-image (later turns have no
+    image), the lookup targets still find the image tokens, and LLaVA-format data refuses it."""
+    trainer = _lookup_trainer(tmp_path, "qfirst", data={"question_first": True})
+    sample = trainer.task.source.sample(0)
+    assert sample.turns[0]["value"].endswith("\n<image>") and "<image>" not in sample.turns[2]["value"]
+    batch = trainer.task.batch([0, 1])
+    queries, targets = batch["lookup_targets"]
+    image = batch["input_ids"] == trainer.model.config.image_token_id
+    question_tokens = (~image[0, :int(image[0].nonzero()[0])]).sum()
+    assert question_tokens > 20 and queries.shape[0] >= 2 and (image[queries[:, 0]] | ~targets).all()
+    with pytest.raises(ValueError, match="question_first"):
+        load_recipe(tiny_recipe(tmp_path, "qllava", data={"source": "llava", "path": "x.json", "question_first": True}))
 
 
 def test_lookup_recipe_checks(tmp_path):

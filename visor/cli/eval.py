@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     parser.add_argument("--n", type=int, default=None, metavar="N",
                         help="items: synth generates N (default 100); a file is cut to its first N records")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="synth: dataset seed (default 0)")
+    parser.add_argument("--question-first", action="store_true",
+                        help="synth: the question before the image in the prompt (a model trained with "
+                             "data.question_first)")
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                         help=f"only these families (synth: {' '.join(FAMILIES)}, and the training-only "
                              f"{' '.join(TRAINING_FAMILIES)}; files: their 'family' field)")
@@ -141,11 +144,13 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
         config = synth_config_for(args.model, args.image_size, "visor eval")
         n = 100 if args.n is None else args.n
         try:
-            items = synth_items(args.split, n, seed=args.seed, config=config, families=args.families)
+            items = synth_items(args.split, n, seed=args.seed, config=config, families=args.families,
+                                question_first=args.question_first)
         except ValueError as err:  # e.g. an image size too small for the scenes
             raise SystemExit(f"visor eval: cannot generate synth items with {config}: {err}") from None
         return items, {"source": "synth", "split": args.split, "seed": args.seed, "n": n,
-                       "families": args.families, "synth_config": config.to_dict()}
+                       "families": args.families, "synth_config": config.to_dict(),
+                       "question_first": args.question_first}
     path = Path(args.data)
     if path.is_dir():
         folder = path

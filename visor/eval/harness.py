@@ -129,9 +129,11 @@ class EvalResult:
 
 
 # ---------------------------------------------------------------------- datasets
-def synth_items(split: str, n: int, seed: int = 0, config=None, families: Sequence[str] | None = None) -> list[EvalItem]:
+def synth_items(split: str, n: int, seed: int = 0, config=None, families: Sequence[str] | None = None,
+                question_first: bool = False) -> list[EvalItem]:
     """Items of the procedural benchmark, generated on the fly (deterministic in split/seed/index;
-    identical to what ``visor data synth`` writes with the same arguments)."""
+    identical to what ``visor data synth`` writes with the same arguments). ``question_first``: the prompt puts
+    the question before the image (``SynthItem.conversations``)."""
     from visor.data.synth.config import DEFAULT_CONFIG
     from visor.data.synth.generate import generate_item
 
@@ -141,7 +143,7 @@ def synth_items(split: str, n: int, seed: int = 0, config=None, families: Sequen
         item = generate_item(split, index, seed=seed, config=config, families=families)
         items.append(EvalItem(
             id=item.id, family=item.family, difficulty=item.difficulty, grader=item.grader,
-            images=[item.image], turns=item.conversations()[:1], answers=[item.answer],
+            images=[item.image], turns=item.conversations(question_first)[:1], answers=[item.answer],
         ))
     return items
 

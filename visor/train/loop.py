@@ -74,7 +74,7 @@ class SampleSource:
         from visor.data.synth.families import derive_answer, question_text
 
         item = item if item is not None else self.item(index)
-        turns = item.conversations()
+        turns = item.conversations(self.recipe.data.question_first)
         for scene in self.turn_scenes(index, item)[1:]:
             turns += [{"from": "human", "value": question_text(scene)}, {"from": "gpt", "value": derive_answer(scene)}]
         return Sample([item.image], turns)
@@ -635,7 +635,7 @@ class Trainer:
                 items = llava_items(data.val_path, data.image_root)[0][: n or data.val_n]
             else:
                 items = synth_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe),
-                                    families=data.families)
+                                    families=data.families, question_first=data.question_first)
             from visor.eval.likelihood import answer_nll_by_family
 
             with _autocast(self.recipe, self.env):

@@ -61,6 +61,9 @@ class DataSpec:
     seed: int = 0  # synth: dataset seed (splits derive disjoint seeds from it)
     val_n: int = 200  # validation items evaluated periodically
     questions_per_image: int = 1  # synth training: up to this many question turns per image (families.other_queries)
+    # synth: the first question before the image instead of after it (SynthItem.conversations), in training and in
+    # the periodic validation; evaluate such a model with `visor eval --question-first`
+    question_first: bool = False
     workers: int = 1  # background processes generating/processing samples
 
 
@@ -183,6 +186,9 @@ class Recipe:
             from visor.data.synth.generate import family_cycle
 
             family_cycle(self.data.families, self.data.family_weights)  # raises on unknown names, bad weights
+        if self.data.question_first and self.data.source != "synth":
+            raise ValueError("data.question_first orders procedural prompts: only with data.source=synth (a LLaVA "
+                             "file brings its own turns)")
         if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source != "synth"):
             raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth data (a LLaVA "
                              f"file brings its own turns), got {self.data.questions_per_image}")

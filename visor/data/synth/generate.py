@@ -72,10 +72,13 @@ class SynthItem:
         self.image.save(buf, format="PNG")
         return buf.getvalue()
 
-    def conversations(self) -> list[dict[str, str]]:
-        """The LLaVA conversation: one human turn with the image tag, one gpt turn."""
+    def conversations(self, question_first: bool = False) -> list[dict[str, str]]:
+        """The LLaVA conversation: one human turn with the image tag, one gpt turn. The image comes first, as in
+        LLaVA-OV's own data; ``question_first`` puts the question before it, so the visual tokens can attend to the
+        question in self-attention layers (an experiment: ``docs/training-log.md``)."""
+        human = f"{self.question}\n{IMAGE_TAG}" if question_first else f"{IMAGE_TAG}\n{self.question}"
         return [
-            {"from": "human", "value": f"{IMAGE_TAG}\n{self.question}"},
+            {"from": "human", "value": human},
             {"from": "gpt", "value": self.answer},
         ]
 
