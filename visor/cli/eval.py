@@ -145,12 +145,12 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
         n = 100 if args.n is None else args.n
         try:
             items = synth_items(args.split, n, seed=args.seed, config=config, families=args.families,
-                                question_first=args.question_first)
+                                question_first=getattr(args, "question_first", False))
         except ValueError as err:  # e.g. an image size too small for the scenes
             raise SystemExit(f"visor eval: cannot generate synth items with {config}: {err}") from None
         return items, {"source": "synth", "split": args.split, "seed": args.seed, "n": n,
                        "families": args.families, "synth_config": config.to_dict(),
-                       "question_first": args.question_first}
+                       "question_first": getattr(args, "question_first", False)}
     path = Path(args.data)
     if path.is_dir():
         folder = path
