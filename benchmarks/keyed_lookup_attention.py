@@ -32,9 +32,10 @@ from visor.train.lookup import KEYED_FAMILIES
 
 
 def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True,
-            region: str = "place", question_first: bool = False) -> dict:
-    """Masses ``[items, layers, heads]``, first-token correctness ``[items]`` and uniform shares ``[items]`` of the
-    first ``n`` test items of ``family`` that name a place."""
+            region: str = "place", question_first: bool = False, split: str = "test", keep_context: bool = False) -> dict:
+    """Masses ``[items, layers, heads]``, first-token correctness ``[items]``, uniform shares ``[items]`` and the
+    answers' first tokens ``[items]`` of the first ``n`` items of ``split`` of ``family`` that name a place; with
+    ``keep_context`` also what each head reads there, ``[items, layers, heads, head_dim]``."""
     from visor.analysis.common import autocast
     from visor.data.batch import Sample
     from visor.data.synth.generate import generate_item
@@ -42,15 +43,16 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
                                     image_token_targets, lookup_boxes)
 
     decoder = model.language_model
-    lookup = LookupSupervision(decoder, list(range(len(decoder.layers))), decoder.layers[0].self_attn.num_heads)
+    lookup = LookupSupervision(decoder, list(range(len(decoder.layers))), decoder.layers[0].self_attn.num_heads,
+                               keep_context=keep_context)
     vision = model.config.vision_config
     geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
-    masses, correct, uniform = [], [], []
+    masses, correct, uniform, answers, contexts = [], [], [], [], []
     index = 0
     bar = tqdm(total=n, desc=family, disable=not progress, leave=False)
     try:
         while len(correct) < n:
-            item = generate_item("test", index, seed=seed, config=config, families=[family])
+            item = generate_item(split, index, seed=seed, config=config, families=[family])
             index += 1
             boxes = lookup_boxes(item.scene, region)
             if not boxes:
@@ -67,13 +69,53 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
             _, mass = lookup.take()
             masses.append(mass[:, 0].float())  # [layers, heads]
             (slot,) = (out.text_index[0] == position).nonzero()[:, 0].tolist()  # logits cover the text stream
-            correct.append(bool(out.logits[0, slot].argmax() == batch["labels"][0, position + 1]))
+            answers.append(int(batch["labels"][0, position + 1]))
+            correct.append(bool(out.logits[0, slot].argmax() == answers[-1]))
+            if keep_context:
+                contexts.append(lookup.contexts()[:, 0])
             uniform.append(float(full[0].sum()) / (position + 1))
             bar.update(1)
     finally:
         lookup.remove()
         bar.close()
-    return {"mass": torch.stack(masses), "correct": torch.tensor(correct), "uniform": torch.tensor(uniform)}
+    result = {"mass": torch.stack(masses), "correct": torch.tensor(correct), "uniform": torch.tensor(uniform),
+              "answer": torch.tensor(answers)}
+    if keep_context:
+        result["context"] = torch.stack(contexts)
+    return result
+
+
+def readout(train: dict, test: dict, layer: int, head: int, epochs: int = 200, lr: float = 0.05) -> dict:
+    """A linear probe from what one head reads at the answer's token to the answer's first token, fitted on
+    ``train`` and scored on ``test`` (``measure(..., keep_context=True)`` results): does the head carry the answer?
+    Reported beside the model's own first-token accuracy, on every test item and on those where the head puts more
+    than half its attention on the place."""
+    classes = sorted(set(train["answer"].tolist()) | set(test["answer"].tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def features(result):
+        x = result["context"][:, layer, head]
+        return x, torch.tensor([index[a] for a in result["answer"].tolist()])
+
+    x_train, y_train = features(train)
+    x_test, y_test = features(test)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    probe = torch.nn.Linear(x_train.shape[1], len(classes))
+    optimiser = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
+    torch.manual_seed(0)
+    for _ in range(epochs):  # full batch: a few thousand items of head_dim features
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(probe((x_train - mean) / std), y_train).backward()
+        optimiser.step()
+    with torch.no_grad():
+        right = probe((x_test - mean) / std).argmax(-1) == y_test
+    focused = test["mass"][:, layer, head] > 0.5
+    share = lambda hits, where: float(hits[where].float().mean()) if where.any() else None  # noqa: E731
+    every = torch.ones_like(focused)
+    return {"layer": layer, "head": head, "n_train": len(y_train), "n_test": len(y_test),
+            "probe_accuracy": share(right, every), "probe_accuracy_focused": share(right, focused),
+            "model_accuracy": share(test["correct"], every), "model_accuracy_focused": share(test["correct"], focused),
+            "focused_share": float(focused.float().mean())}
 
 
 def summarise(result: dict) -> dict:
@@ -105,6 +147,10 @@ def main() -> None:
                         help="place: the named shape, document row or chart column; answer: the value's glyphs only")
     parser.add_argument("--question-first", action="store_true",
                         help="the question before the image in the prompt (a model trained with data.question_first)")
+    parser.add_argument("--readout", default=None, metavar="LAYER:HEAD",
+                        help="also fit a linear probe from what that head reads to the answer (on --n-train train "
+                             "items) and score it on the test items: does the head carry the answer?")
+    parser.add_argument("--n-train", type=int, default=1500, help="train items per family for --readout")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,10 +165,25 @@ def main() -> None:
                          "self-attention (a LLaVA-OV baseline)")
     config = DEFAULT_CONFIG.with_image_size(args.image_size) if args.image_size else DEFAULT_CONFIG
     batcher = Batcher.for_model(model, tokenizer, processor)
+    head_spec = None
+    if args.readout:
+        try:
+            head_spec = tuple(int(v) for v in args.readout.split(":"))
+            if len(head_spec) != 2:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--readout must be LAYER:HEAD, got {args.readout!r}") from None
+        layers, heads = model.plan.num_layers, model.language_model.layers[0].self_attn.num_heads
+        if not (0 <= head_spec[0] < layers and 0 <= head_spec[1] < heads):
+            raise SystemExit(f"--readout {args.readout}: layers are 0..{layers - 1}, heads 0..{heads - 1}")
     report = {}
     for family in args.families:
-        summary = summarise(measure(model, batcher, family, args.n, config, args.seed, region=args.region,
-                                            question_first=args.question_first))
+        options = dict(region=args.region, question_first=args.question_first, keep_context=head_spec is not None)
+        result = measure(model, batcher, family, args.n, config, args.seed, **options)
+        summary = summarise(result)
+        if head_spec is not None:
+            train = measure(model, batcher, family, args.n_train, config, args.seed, split="train", **options)
+            summary["readout"] = readout(train, result, *head_spec)
         report[family] = summary
         print(f"{family}: first-token accuracy {100 * summary['accuracy']:.1f}% on {summary['n']} items; uniform "
               f"share on the named place {100 * summary['uniform']:.1f}%")
@@ -132,6 +193,13 @@ def main() -> None:
             print(f"  layer {row['layer']}: best head {row['best_head']} {100 * row['best_head_mass']:5.1f}%  "
                   f"all heads {100 * row['mean_mass']:5.1f}%  focused (>50%) on {100 * row['focused_share']:3.0f}% "
                   f"of items  {split}")
+        if "readout" in summary:
+            r = summary["readout"]
+            pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            print(f"  readout of layer {r['layer']} head {r['head']} ({r['n_train']} train items): a linear probe reads "
+                  f"the answer from it on {pct(r['probe_accuracy'])} of the test items, {pct(r['probe_accuracy_focused'])} "
+                  f"of those it looks at the place in ({pct(r['focused_share'])}); the model answers "
+                  f"{pct(r['model_accuracy'])} and {pct(r['model_accuracy_focused'])}")
     print(json.dumps({"checkpoint": args.checkpoint, "image_size": config.image_size, "n": args.n,
                       "seed": args.seed, "region": args.region, "question_first": args.question_first, "families": report}))
 

@@ -125,9 +125,17 @@ def test_lookup_mass_is_the_layers_own_attention(tmp_path):
     batch = task.batch(indices)
     queries, targets = batch["lookup_targets"]
     assert queries.shape[0] >= 3 and batch["attention_mask"].sum(-1).unique().numel() > 1  # padded rows
+    task.lookup.keep_context = True
+    seen = {}  # what o_proj reads in layer 1: every head's attention output, as the model's own SDPA computed it
+    handle = model.language_model.layers[1].self_attn.o_proj.register_forward_hook(
+        lambda module, args, output: seen.update(o_in=args[0].detach()))  # returns None: the output stays
     task.lookup.arm(queries, targets, batch["attention_mask"])
     model(**{k: v for k, v in batch.items() if k != "lookup_targets"})
+    handle.remove()
     loss, masses = task.lookup.take()
+    contexts = task.lookup.contexts()  # [layers, K, heads, head_dim]
+    o_in = seen["o_in"][queries[:, 0], queries[:, 1]].view(queries.shape[0], 4, -1)
+    assert torch.allclose(contexts[0], o_in, atol=1e-5)
     assert masses.shape == (2, queries.shape[0], 4) and float(loss.detach()) == pytest.approx(
         float(-torch.log(masses).mean()), rel=1e-5)
     for k, (row, position) in enumerate(queries.tolist()):
@@ -231,3 +239,25 @@ def test_keyed_lookup_attention_benchmark(tmp_path):
     answer = script.measure(visor, batcher, "doc", 3, config128, seed=2, progress=False, region="answer")
     assert (answer["uniform"] < place["uniform"]).all() and (answer["mass"] <= place["mass"] + 1e-5).all()
     assert all(not layer.self_attn._forward_pre_hooks for layer in visor.language_model.layers)
+
+
+def test_readout_finds_an_answer_a_head_carries():
+    """``readout`` fits a linear probe from one head's context to the answer token: near perfect when that head's
+    context holds the answer, near chance when only another head's does; split by where the head looks."""
+    from tests.tiny import load_benchmark
+
+    script = load_benchmark("keyed_lookup_attention")
+    gen = torch.Generator().manual_seed(0)
+
+    def fake(n: int) -> dict:
+        answers = torch.randint(0, 5, (n,), generator=gen)
+        context = torch.randn(n, 2, 3, 8, generator=gen)  # items, layers, heads, head_dim
+        context[torch.arange(n), 1, 2, answers] += 3.0  # layer 1, head 2 carries the answer
+        mass = torch.rand(n, 2, 3, generator=gen)
+        return {"context": context, "answer": answers + 100, "mass": mass, "correct": mass[:, 1, 2] > 0.5}
+
+    train, test = fake(400), fake(200)
+    carried = script.readout(train, test, 1, 2)
+    assert carried["probe_accuracy"] > 0.9 and carried["n_test"] == 200
+    assert carried["model_accuracy_focused"] == 1.0 and 0.3 < carried["focused_share"] < 0.7
+    assert script.readout(train, test, 0, 2)["probe_accuracy"] < 0.4  # five answers: chance is 0.2

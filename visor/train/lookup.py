@@ -150,7 +150,7 @@ class LookupSupervision:
     """Forward pre-hooks on chosen decoder layers' self-attention that measure, while armed, the attention mass the
     query positions' first ``heads`` heads put on their targets (module docstring)."""
 
-    def __init__(self, decoder: nn.Module, layers: Sequence[int], heads: int = 1) -> None:
+    def __init__(self, decoder: nn.Module, layers: Sequence[int], heads: int = 1, keep_context: bool = False) -> None:
         n_layers = len(decoder.layers)
         bad = [i for i in layers if not 0 <= int(i) < n_layers]
         if bad or not layers:
@@ -160,6 +160,8 @@ class LookupSupervision:
             raise ValueError(f"lookup heads must be in 1..{n_heads}, got {heads}")
         self.heads = int(heads)
         self.layers = [int(i) for i in layers]
+        self.keep_context = keep_context  # also keep what the supervised heads read (their attention output)
+        self._contexts: list[torch.Tensor] = []
         self._armed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._masses: list[torch.Tensor] = []
         self._handles = [decoder.layers[i].self_attn.register_forward_pre_hook(self._capture) for i in self.layers]
@@ -167,7 +169,7 @@ class LookupSupervision:
     def arm(self, queries: torch.Tensor, targets: torch.Tensor, key_valid: torch.Tensor) -> None:
         """Measure the next forward: ``queries`` [K, 2] (row, position), ``targets`` [K, N] bool, ``key_valid``
         [B, N] bool (the batch's attention mask)."""
-        self._masses = []
+        self._masses, self._contexts = [], []
         self._armed = (queries, targets, key_valid.bool())
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -184,6 +186,13 @@ class LookupSupervision:
                                "(a plan whose supervised layers are not self-attention?)")
         mass = torch.stack(masses)  # [layers, K, heads]
         return -torch.log(mass.clamp_min(1e-6)).mean(), mass.detach()
+
+    def contexts(self) -> torch.Tensor:
+        """With ``keep_context``: what the supervised heads of the last armed forward read, their attention output
+        before ``o_proj`` at each query position, ``[layers, K, heads, head_dim]`` (detached, fp32)."""
+        if not self._contexts:
+            raise RuntimeError("no context kept: build with keep_context=True and arm before the forward")
+        return torch.stack(self._contexts)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -209,8 +218,13 @@ class LookupSupervision:
         kv_index = torch.arange(heads, device=device) // groups  # the kv head each supervised head reads
         k = attn.k_proj(x).view(x.shape[0], n, k_heads, head_dim).transpose(1, 2)  # [B, kv, N, d]
         k = apply_rope(k, cos, sin)[rows][:, kv_index]  # [K, h, N, d]
-        logits = torch.einsum("khd,khnd->khn", q.float(), k.float()) / math.sqrt(head_dim)
         keys = torch.arange(n, device=device)
         allowed = (keys[None] <= positions[:, None]) & key_valid.to(device)[rows]  # [K, N]
-        probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
-        self._masses.append((probs * targets.to(device)[:, None].float()).sum(-1))  # [K, h]
+        with torch.autocast(device.type, enabled=False):  # fp32 logits and softmax under a bf16 autocast too
+            logits = torch.einsum("khd,khnd->khn", q.float(), k.float()) / math.sqrt(head_dim)
+            probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+            self._masses.append((probs * targets.to(device)[:, None].float()).sum(-1))  # [K, h]
+        if self.keep_context:
+            v = attn.v_proj(x).view(x.shape[0], n, k_heads, head_dim).transpose(1, 2)[rows][:, kv_index]  # [K, h, N, d]
+            with torch.autocast(device.type, enabled=False):
+                self._contexts.append(torch.einsum("khn,khnd->khd", probs.detach(), v.detach().float()))
