@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KEYED_FAMILIES = ("kind_color", "presence", "doc", "chart")
+from visor.train.lookup import KEYED_FAMILIES
 
 
 def vocabularies(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -39,8 +39,7 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
     from visor.analysis.common import autocast
     from visor.data.batch import Sample
     from visor.data.synth.generate import generate_item
-    from visor.train.lookup import (LookupSupervision, answer_query_positions, batch_lookup_targets,
-                                    image_token_targets, lookup_boxes)
+    from visor.train.lookup import LookupSupervision, batch_lookup_targets, image_token_targets, lookup_boxes
 
     decoder = model.language_model
     lookup = LookupSupervision(decoder, list(range(len(decoder.layers))), decoder.layers[0].self_attn.num_heads,
@@ -62,7 +61,7 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
             targets = image_token_targets(boxes, item.scene["size"], *geometry)
             queries, full = batch_lookup_targets(batch["input_ids"], batch["labels"], model.config.image_token_id,
                                                  [[targets]])
-            (position,) = answer_query_positions(batch["labels"][0])
+            position = int(queries[0, 1])  # one turn: the token that predicts the answer
             lookup.arm(queries, full, batch["attention_mask"])
             with torch.no_grad(), autocast("bf16"):
                 out = model(**batch)

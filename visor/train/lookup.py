@@ -75,8 +75,8 @@ def lookup_boxes(scene: dict, region: str = "place") -> list[Box]:
         lx0, _, lx1, ly1 = text_box(labels[0])
         centre = (lx0 + lx1) / 2
         (bar,) = [b for b in scene["bars"] if b["box"][0] <= centre <= b["box"][2]]
-        (value,) = [t for t in scene["texts"] if t["role"] == "bar_value"
-                    and bar["box"][0] <= (text_box(t)[0] + text_box(t)[2]) / 2 <= bar["box"][2]]
+        (value,) = [t for t, (x0, _, x1, _) in ((t, text_box(t)) for t in scene["texts"] if t["role"] == "bar_value")
+                    if bar["box"][0] <= (x0 + x1) / 2 <= bar["box"][2]]
         if region == "answer":
             return [text_box(value)]
         # the column from the printed value down to the label: what the answer is read from, and what names it

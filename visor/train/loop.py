@@ -141,9 +141,9 @@ class LanguageTask:
         self.viable = [c.active_sa for c in self.configurations]
         # a base recipe with a shape weight trains a per-patch shape head on the tower (visor.train.auxiliary)
         self.shape_weight = recipe.vision_shape_weight if recipe.kind == "base" else 0.0
-        if self.shape_weight:
-            vision = model.config.vision_config
-            self.shape_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+        # (base view size, patch size, anyres grid): how scene pixels map to crops and tokens, for both heads' targets
+        vision = model.config.vision_config
+        self.crop_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
         self.shape_ce: list[float] = []  # the head's loss per micro-batch since the last metrics row
         # a base recipe with a lookup weight supervises where the answer attends (visor.train.lookup)
         self.lookup_weight = recipe.lookup_weight if recipe.kind == "base" else 0.0
@@ -151,8 +151,6 @@ class LanguageTask:
         if self.lookup_weight:
             from visor.train.lookup import LookupSupervision
 
-            vision = model.config.vision_config
-            self.lookup_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
             self.image_token_id = model.config.image_token_id
             self.lookup = LookupSupervision(model.language_model, recipe.lookup_layers, recipe.lookup_heads)
         self.lookup_mass: list[float] = []  # mean attention mass on the targets per micro-batch since the last row
@@ -172,7 +170,7 @@ class LanguageTask:
             if self.shape_weight:
                 from visor.train.auxiliary import crop_shape_targets
 
-                batch["shape_targets"] = torch.cat([crop_shape_targets(item, *self.shape_geometry) for item in items])
+                batch["shape_targets"] = torch.cat([crop_shape_targets(item, *self.crop_geometry) for item in items])
             if self.lookup_weight:
                 batch["lookup_targets"] = self._lookup_targets(indices, items, batch)
             return batch
@@ -190,7 +188,7 @@ class LanguageTask:
             per_turn = []
             for scene in self.source.turn_scenes(index, item):
                 boxes = lookup_boxes(scene, self.recipe.lookup_region)
-                per_turn.append(image_token_targets(boxes, scene["size"], *self.lookup_geometry) if boxes else None)
+                per_turn.append(image_token_targets(boxes, scene["size"], *self.crop_geometry) if boxes else None)
             per_row.append(per_turn)
         return batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id, per_row)
 
