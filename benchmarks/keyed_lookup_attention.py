@@ -17,6 +17,11 @@ the items on which the best head puts more than half its attention on the place,
 ``--region answer`` measures the mass on the answer's glyphs only (a document row's value, a bar's printed value)
 instead of the whole row or column (``visor.train.lookup.lookup_boxes``).
 
+``--questions`` asks every candidate's question about the same image: does the answer change with the question?
+``--copying`` asks which heads the answer is read from: it measures every head's attention on every candidate (each
+row of a document, bar of a chart, shape of a kind_color scene) and, on the items where a head looks at one of them,
+how often the model's prediction is that candidate's value.
+
 A presence item whose kind is absent names no place and is skipped. bf16 autocast; one JSON line last.
 """
 
@@ -32,21 +37,26 @@ from visor.train.lookup import KEYED_FAMILIES
 
 
 def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True,
-            region: str = "place", question_first: bool = False, split: str = "test", keep_context: bool = False) -> dict:
-    """Masses ``[items, layers, heads]``, first-token correctness ``[items]``, uniform shares ``[items]`` and the
-    answers' first tokens ``[items]`` of the first ``n`` items of ``split`` of ``family`` that name a place; with
-    ``keep_context`` also what each head reads there, ``[items, layers, heads, head_dim]``."""
+            region: str = "place", question_first: bool = False, split: str = "test", keep_context: bool = False,
+            candidates: bool = False) -> dict:
+    """Masses ``[items, layers, heads]``, first-token correctness ``[items]``, uniform shares ``[items]``, the
+    answers' first tokens ``[items]`` and the greedy predictions ``[items]`` of the first ``n`` items of ``split`` of
+    ``family`` that name a place; with ``keep_context`` also what each head reads there, ``[items, layers, heads,
+    head_dim]``; with ``candidates`` (doc, chart, kind_color) also, per item, the masses on every candidate place
+    ``[layers, candidates, heads]`` (the named one first) and the first token each would be answered with."""
     from visor.analysis.common import autocast
     from visor.data.batch import Sample
     from visor.data.synth.generate import generate_item
-    from visor.train.lookup import LookupSupervision, batch_lookup_targets, image_token_targets, lookup_boxes
+    from visor.train.lookup import (LookupSupervision, batch_lookup_targets, image_token_targets, lookup_boxes,
+                                    lookup_candidates)
 
     decoder = model.language_model
     lookup = LookupSupervision(decoder, list(range(len(decoder.layers))), decoder.layers[0].self_attn.num_heads,
                                keep_context=keep_context)
     vision = model.config.vision_config
     geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
-    masses, correct, uniform, answers, contexts = [], [], [], [], []
+    masses, correct, uniform, answers, contexts, predictions = [], [], [], [], [], []
+    candidate_masses, candidate_tokens = [], []
     index = 0
     bar = tqdm(total=n, desc=family, disable=not progress, leave=False)
     try:
@@ -62,14 +72,30 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
             queries, full = batch_lookup_targets(batch["input_ids"], batch["labels"], model.config.image_token_id,
                                                  [[targets]])
             position = int(queries[0, 1])  # one turn: the token that predicts the answer
+            answer = int(batch["labels"][0, position + 1])
+            if candidates:  # every candidate place at the same query position, the named one first
+                places = lookup_candidates(item.scene, region)
+                tokens = [batcher.tokenizer.encode(text, add_special_tokens=False)[0] for _, text in places]
+                if not places or tokens[0] != answer:
+                    raise ValueError(f"{family}: candidates need a family read from a place, whose answer's first "
+                                     "token the tokenizer gives alone")
+                image = (batch["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+                full = torch.zeros(len(places), full.shape[1], dtype=torch.bool)
+                for row, (place, _) in enumerate(places):
+                    full[row, image[image_token_targets(place, item.scene["size"], *geometry)]] = True
+                queries = queries.expand(len(places), 2)
             lookup.arm(queries, full, batch["attention_mask"])
             with torch.no_grad(), autocast("bf16"):
                 out = model(**batch)
             _, mass = lookup.take()
             masses.append(mass[:, 0].float())  # [layers, heads]
+            if candidates:
+                candidate_masses.append(mass.float())
+                candidate_tokens.append(torch.tensor(tokens))
             (slot,) = (out.text_index[0] == position).nonzero()[:, 0].tolist()  # logits cover the text stream
-            answers.append(int(batch["labels"][0, position + 1]))
-            correct.append(bool(out.logits[0, slot].argmax() == answers[-1]))
+            answers.append(answer)
+            predictions.append(int(out.logits[0, slot].argmax()))
+            correct.append(predictions[-1] == answer)
             if keep_context:
                 contexts.append(lookup.contexts()[:, 0])
             uniform.append(float(full[0].sum()) / (position + 1))
@@ -78,10 +104,56 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
         lookup.remove()
         bar.close()
     result = {"mass": torch.stack(masses), "correct": torch.tensor(correct), "uniform": torch.tensor(uniform),
-              "answer": torch.tensor(answers)}
+              "answer": torch.tensor(answers), "prediction": torch.tensor(predictions)}
+    if candidates:
+        result["candidate_mass"], result["candidate_token"] = candidate_masses, candidate_tokens
     if keep_context:
         result["context"] = torch.stack(contexts)
     return result
+
+
+def question_sensitivity(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True,
+                         question_first: bool = False) -> dict:
+    """Does the answer depend on the question? For the first ``n`` test images of ``family`` whose candidates
+    (every row, bar or shape a question could name) have distinct answers, ask every candidate's question about the
+    same image and take the greedy first token of each answer. A model that looks where the question points gives
+    a different answer to each; one that reads a candidate chosen by the image alone gives the same to all.
+    Returns ``images``, ``same_answer`` (the share of images given one answer for every question), ``accuracy``
+    (first-token, over every question) and ``distinct`` (mean distinct answers per image over the candidates)."""
+    import dataclasses
+
+    from visor.analysis.common import autocast
+    from visor.data.batch import Sample
+    from visor.data.synth.families import derive_answer, other_queries, question_text
+    from visor.data.synth.generate import generate_item
+
+    same, right, asked, distinct, images, index = 0, 0, 0, [], 0, 0
+    bar = tqdm(total=n, desc=f"{family} questions", disable=not progress, leave=False)
+    while images < n:
+        item = generate_item("test", index, seed=seed, config=config, families=[family])
+        index += 1
+        scenes = [{**item.scene, "query": q} for q in [item.scene["query"]] + other_queries(item.scene)]
+        answers = [derive_answer(scene) for scene in scenes]
+        if len(set(answers)) != len(answers) or len(answers) < 2:
+            continue
+        predictions = []
+        for scene, answer in zip(scenes, answers):
+            asked_item = dataclasses.replace(item, scene=scene, question=question_text(scene), answer=answer)
+            batch = batcher.train_batch([Sample([item.image], asked_item.conversations(question_first))])
+            position = int((batch["labels"][0] != -100).nonzero()[0, 0]) - 1  # predicts the answer's first token
+            with torch.no_grad(), autocast("bf16"):
+                out = model(**batch)
+            (slot,) = (out.text_index[0] == position).nonzero()[:, 0].tolist()
+            predictions.append(int(out.logits[0, slot].argmax()))
+            right += predictions[-1] == int(batch["labels"][0, position + 1])
+            asked += 1
+        same += len(set(predictions)) == 1
+        distinct.append(len(set(predictions)) / len(predictions))
+        images += 1
+        bar.update(1)
+    bar.close()
+    return {"images": images, "same_answer": same / images, "accuracy": right / asked,
+            "distinct": sum(distinct) / images}
 
 
 def readout(train: dict, test: dict, layer: int, head: int, epochs: int = 200, lr: float = 0.05) -> dict:
@@ -117,6 +189,32 @@ def readout(train: dict, test: dict, layer: int, head: int, epochs: int = 200, l
             "focused_share": float(focused.float().mean())}
 
 
+def copying(result: dict, min_focused: float = 0.1) -> list[dict]:
+    """Which heads does the answer copy from? Per layer and head, on the items where the head puts more than half its
+    attention on one candidate place (``measure(..., candidates=True)``), how often the model's prediction is that
+    candidate's answer (``agreement``), beside what a head looking at a candidate drawn independently of the
+    prediction would reach (``chance``: the share of the item's candidates answered with the prediction) and how
+    often the focused candidate is the named one. Heads focused on fewer than ``min_focused`` of the items are left
+    out; sorted by agreement above chance."""
+    rows = []
+    n_layers, n_heads = result["mass"].shape[1:]
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            agree, chance, named = [], [], []
+            for mass, tokens, prediction in zip(result["candidate_mass"], result["candidate_token"],
+                                                result["prediction"].tolist()):
+                best_mass, best = mass[layer, :, head].max(0)
+                if best_mass > 0.5:
+                    agree.append(int(tokens[best]) == prediction)
+                    chance.append(float((tokens == prediction).float().mean()))
+                    named.append(int(best) == 0)
+            if len(agree) >= min_focused * len(result["prediction"]):
+                share = lambda values: sum(values) / len(values)  # noqa: E731
+                rows.append({"layer": layer, "head": head, "focused_share": len(agree) / len(result["prediction"]),
+                             "agreement": share(agree), "chance": share(chance), "named": share(named)})
+    return sorted(rows, key=lambda r: r["chance"] - r["agreement"])
+
+
 def summarise(result: dict) -> dict:
     """Per layer: the best head (by mean mass), its mean mass, the mean over heads, and the accuracy of the items
     on which that head puts more / not more than half its attention on the place."""
@@ -150,6 +248,12 @@ def main() -> None:
                         help="also fit a linear probe from what that head reads to the answer (on --n-train train "
                              "items) and score it on the test items: does the head carry the answer?")
     parser.add_argument("--n-train", type=int, default=1500, help="train items per family for --readout")
+    parser.add_argument("--questions", action="store_true",
+                        help="also ask every candidate's question about the same test images: does the answer change "
+                             "with the question?")
+    parser.add_argument("--copying", action="store_true",
+                        help="also measure which heads the answer is copied from: per head, how often the prediction "
+                             "is the value of the candidate (any row, bar or shape) it looks at (not presence)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,8 +282,14 @@ def main() -> None:
     report = {}
     for family in args.families:
         options = dict(region=args.region, question_first=args.question_first, keep_context=head_spec is not None)
-        result = measure(model, batcher, family, args.n, config, args.seed, **options)
+        with_candidates = args.copying and family != "presence"
+        result = measure(model, batcher, family, args.n, config, args.seed, candidates=with_candidates, **options)
         summary = summarise(result)
+        if with_candidates:
+            summary["copying"] = copying(result)
+        if args.questions and family != "presence":
+            summary["questions"] = question_sensitivity(model, batcher, family, args.n, config, args.seed,
+                                                        question_first=args.question_first)
         if head_spec is not None:
             train = measure(model, batcher, family, args.n_train, config, args.seed, split="train", **options)
             summary["readout"] = readout(train, result, *head_spec)
@@ -192,6 +302,17 @@ def main() -> None:
             print(f"  layer {row['layer']}: best head {row['best_head']} {100 * row['best_head_mass']:5.1f}%  "
                   f"all heads {100 * row['mean_mass']:5.1f}%  focused (>50%) on {100 * row['focused_share']:3.0f}% "
                   f"of items  {split}")
+        if "questions" in summary:
+            q = summary["questions"]
+            print(f"  every candidate's question about the same {q['images']} images: one answer for all of them on "
+                  f"{100 * q['same_answer']:.1f}% of the images; distinct answers per question "
+                  f"{100 * q['distinct']:.1f}%; first-token accuracy {100 * q['accuracy']:.1f}%")
+        if "copying" in summary:
+            print("  heads the answer is copied from (prediction = the value of the candidate the head looks at):")
+            for r in summary["copying"][:8]:
+                print(f"    layer {r['layer']} head {r['head']}: focused on one candidate in {100 * r['focused_share']:3.0f}% "
+                      f"of items; prediction is its value in {100 * r['agreement']:5.1f}% (chance {100 * r['chance']:4.1f}%); "
+                      f"it is the named one in {100 * r['named']:4.1f}%")
         if "readout" in summary:
             r = summary["readout"]
             pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731

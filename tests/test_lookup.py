@@ -12,7 +12,8 @@ from tests.test_train import TINY_MODEL, tiny_recipe
 from visor.data.synth.config import DEFAULT_CONFIG
 from visor.data.synth.families import derive_answer, other_queries
 from visor.data.synth.generate import generate_item
-from visor.train.lookup import (answer_query_positions, batch_lookup_targets, image_token_targets, lookup_boxes)
+from visor.train.lookup import (answer_query_positions, batch_lookup_targets, image_token_targets, lookup_boxes,
+                                lookup_candidates)
 from visor.train.recipe import load_recipe
 
 PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128], [192, 192]]
@@ -66,6 +67,23 @@ def test_lookup_boxes_hold_the_answer_and_only_it():
         assert lookup_boxes(generate_item("train", 0, seed=5, config=config, families=[family]).scene) == []
 
 
+def test_lookup_candidates_name_every_place_the_question_could():
+    """The candidates of a keyed scene are every row, bar or shape a question could name, the named one first, each
+    with the boxes and answer a question naming it gets; presence (answered yes or no) and one-answer families have
+    none."""
+    config = DEFAULT_CONFIG.with_image_size(128)
+    for family, count in (("doc", lambda s: sum(t["role"] == "doc_row" for t in s["texts"])),
+                          ("chart", lambda s: len(s["bars"])), ("kind_color", lambda s: len(s["shapes"]))):
+        for index in range(6):
+            item = generate_item("test", index, seed=3, config=config, families=[family])
+            candidates = lookup_candidates(item.scene, "answer")
+            assert len(candidates) == count(item.scene) >= 2
+            assert candidates[0] == (lookup_boxes(item.scene, "answer"), item.answer)
+            assert len({tuple(boxes[0]) for boxes, _ in candidates}) == len(candidates)  # one place each
+    for family in ("presence", "color", "code"):
+        assert lookup_candidates(generate_item("test", 0, seed=3, config=config, families=[family]).scene) == []
+
+
 def test_image_token_targets_follow_the_llava_ov_layout():
     """128 px on a 64 px base view with 8 px patches: 8 x 8 base tokens, then 16 rows of 16 tile patches and a
     newline. A box over one 8 px patch marks that patch of the tile grid and the 16 px cell of the base view."""
@@ -115,6 +133,7 @@ def test_lookup_mass_is_the_layers_own_attention(tmp_path):
     right-padded batch as for the sample alone; the loss is -log of it, and the hooks do nothing once disarmed."""
     from visor.analysis.attention import image_attention_share
     from visor.analysis.common import walk_layers
+    from visor.train.lookup import LookupSupervision
 
     trainer = _lookup_trainer(tmp_path, "mass", lookup_layers=[1, 3], lookup_heads=4)
     task, model = trainer.task, trainer.model
@@ -151,10 +170,18 @@ def test_lookup_mass_is_the_layers_own_attention(tmp_path):
 
         with torch.no_grad():
             walk_layers(model, {k: v for k, v in alone.items() if k != "lookup_targets"}, None, before=before)
+    chosen = LookupSupervision(model.language_model, [3, 1], [3, 0], keep_context=True)  # heads by index
+    chosen.arm(queries, targets, batch["attention_mask"])
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "lookup_targets"})
+    _, picked = chosen.take()
+    chosen.remove()
+    assert torch.allclose(picked, masses[[1, 0]][:, :, [3, 0]], atol=1e-6)
+    assert torch.allclose(chosen.contexts()[1], contexts[0][:, [3, 0]], atol=1e-6)
     with pytest.raises(RuntimeError, match="not armed"):
         task.lookup.take()
     model(**{k: v for k, v in batch.items() if k != "lookup_targets"})  # disarmed: nothing kept
-    assert task.lookup._masses == []
+    assert task.lookup._masses == {}
 
 
 def test_base_run_learns_to_attend_where_the_question_points(tmp_path):
@@ -210,6 +237,10 @@ def test_lookup_recipe_checks(tmp_path):
         _lookup_trainer(tmp_path, "layer", lookup_layers=[6])
     with pytest.raises(ValueError, match="lookup heads"):
         _lookup_trainer(tmp_path, "heads", lookup_heads=5)
+    for heads in ([1, 1], [4], []):
+        with pytest.raises(ValueError, match="distinct head indices"):
+            _lookup_trainer(tmp_path, "ids", lookup_heads=heads)
+    assert _lookup_trainer(tmp_path, "ids", lookup_heads=[3, 1]).task.lookup.heads.tolist() == [3, 1]
 
 
 def test_keyed_lookup_attention_benchmark(tmp_path):
@@ -238,7 +269,43 @@ def test_keyed_lookup_attention_benchmark(tmp_path):
     place = script.measure(visor, batcher, "doc", 3, config128, seed=2, progress=False)
     answer = script.measure(visor, batcher, "doc", 3, config128, seed=2, progress=False, region="answer")
     assert (answer["uniform"] < place["uniform"]).all() and (answer["mass"] <= place["mass"] + 1e-5).all()
+    candidates = script.measure(visor, batcher, "doc", 3, config128, seed=2, progress=False, region="answer",
+                                candidates=True)
+    assert torch.equal(candidates["mass"], answer["mass"]) and torch.equal(candidates["correct"], answer["correct"])
+    for mass, tokens, named, first in zip(candidates["candidate_mass"], candidates["candidate_token"],
+                                          answer["mass"], answer["answer"].tolist()):
+        assert mass.shape == (3, len(tokens), 4) and torch.allclose(mass[:, 0], named) and int(tokens[0]) == first
+        assert float(mass.sum(1).max()) <= 1 + 1e-5  # candidates are disjoint places
+    assert (candidates["correct"] == (candidates["prediction"] == candidates["answer"])).all()
+    with pytest.raises(ValueError, match="candidates"):
+        script.measure(visor, batcher, "presence", 1, config128, seed=2, progress=False, candidates=True)
+    sensitivity = script.question_sensitivity(visor, batcher, "chart", 3, config128, seed=2, progress=False)
+    assert sensitivity["images"] == 3 and 0 <= sensitivity["same_answer"] <= 1 and 0 <= sensitivity["accuracy"] <= 1
+    assert 0.25 <= sensitivity["distinct"] <= 1  # 2-4 bars: one answer for all gives a quarter at least
     assert all(not layer.self_attn._forward_pre_hooks for layer in visor.language_model.layers)
+
+
+def test_copying_finds_the_head_the_answer_is_read_from():
+    """``copying`` ranks first the head whose focused candidate's answer is the prediction, with its agreement above
+    chance, and leaves out a head that looks at no candidate."""
+    from tests.tiny import load_benchmark
+
+    script = load_benchmark("keyed_lookup_attention")
+    gen = torch.Generator().manual_seed(0)
+    masses, tokens, predictions = [], [], []
+    for _ in range(200):
+        n = int(torch.randint(2, 5, (1,), generator=gen))
+        token = torch.randperm(10, generator=gen)[:n] + 100
+        mass = torch.zeros(2, n, 3)  # layers, candidates, heads
+        mass[:, :, :2] = torch.nn.functional.one_hot(torch.randint(0, n, (2, 2), generator=gen), n).float().transpose(1, 2) * 0.9
+        copied = int(mass[1, :, 1].argmax())  # layer 1 head 1 is read from; head 2 looks at none of them
+        masses.append(mass), tokens.append(token), predictions.append(int(token[copied]))
+    result = {"mass": torch.stack([m[:, 0] for m in masses]), "candidate_mass": masses, "candidate_token": tokens,
+              "prediction": torch.tensor(predictions)}
+    rows = script.copying(result)
+    assert (rows[0]["layer"], rows[0]["head"]) == (1, 1) and rows[0]["agreement"] == 1.0
+    assert rows[0]["focused_share"] == 1.0 and 0.25 < rows[0]["chance"] < 0.5
+    assert all(r["agreement"] < 0.6 for r in rows[1:]) and len(rows) == 4  # heads 2 never focused: left out
 
 
 def test_readout_finds_an_answer_a_head_carries():

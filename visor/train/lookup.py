@@ -14,8 +14,9 @@ tokens whose patches overlap the place (:func:`image_token_targets`, in LLaVA-OV
 layer a forward pre-hook on the layer's self-attention recomputes the attention of the query positions from the
 layer's own (normed) input, q/k projections and RoPE, causal and padding masks, softmax in fp32 (as
 ``visor.analysis.attention`` does, here with gradients), and keeps the attention mass each supervised head puts on
-the targets. The loss is ``-log(mass)``, averaged over query positions, heads and layers. Only the first
-``heads`` heads of a layer are supervised, so the others keep whatever the answer loss gives them.
+the targets. The loss is ``-log(mass)``, averaged over query positions, heads and layers. Only the chosen heads of a
+layer are supervised (the first ``heads``, or a list of indices), so the others keep whatever the answer loss gives
+them.
 
 The model's forward is untouched (its SDPA kernel stays): the hooks recompute what they need, inside the forward, so
 DDP sees one forward. Nothing is added to the model; the checkpoint stays a plain LLaVA-OV model.
@@ -84,6 +85,22 @@ def lookup_boxes(scene: dict, region: str = "place") -> list[Box]:
     return []
 
 
+def lookup_candidates(scene: dict, region: str = "place") -> list[tuple[list[Box], str]]:
+    """Every place the question of a keyed scene could have named, the named one first, as ``(boxes, answer)``: each
+    row of a document, each bar of a chart, each shape of a kind_color scene, with what a question naming it would
+    be answered. ``[]`` for a family whose answer is not read from the place (presence answers yes or no) or whose
+    scene holds one answer. Used to see which candidate a model's answer was read from."""
+    from visor.data.synth.families import derive_answer, other_queries
+
+    if scene["family"] not in ("kind_color", "doc", "chart"):
+        return []
+    candidates = []
+    for query in [scene["query"]] + other_queries(scene):
+        named = {**scene, "query": query}
+        candidates.append((lookup_boxes(named, region), derive_answer(named)))
+    return candidates
+
+
 def _overlap_grid(boxes: Sequence[Box], rows: int, cols: int, cell_w: float, cell_h: float) -> torch.Tensor:
     """[rows, cols] bool: cells (of ``cell_w`` x ``cell_h`` scene pixels) that overlap a box with positive area."""
     mask = torch.zeros(rows, cols, dtype=torch.bool)
@@ -148,35 +165,42 @@ def batch_lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, image_to
 
 class LookupSupervision:
     """Forward pre-hooks on chosen decoder layers' self-attention that measure, while armed, the attention mass the
-    query positions' first ``heads`` heads put on their targets (module docstring)."""
+    query positions' supervised heads put on their targets (module docstring). ``heads``: a count (the first
+    ``heads`` heads of each layer) or a list of head indices (those heads of each layer)."""
 
-    def __init__(self, decoder: nn.Module, layers: Sequence[int], heads: int = 1, keep_context: bool = False) -> None:
+    def __init__(self, decoder: nn.Module, layers: Sequence[int], heads: int | Sequence[int] = 1,
+                 keep_context: bool = False) -> None:
         n_layers = len(decoder.layers)
         bad = [i for i in layers if not 0 <= int(i) < n_layers]
         if bad or not layers:
             raise ValueError(f"lookup layers must be a non-empty list of layer indices below {n_layers}, got {list(layers)}")
         n_heads = decoder.layers[0].self_attn.num_heads
-        if not 1 <= heads <= n_heads:
-            raise ValueError(f"lookup heads must be in 1..{n_heads}, got {heads}")
-        self.heads = int(heads)
+        if isinstance(heads, int):  # the first ``heads`` heads
+            if not 1 <= heads <= n_heads:
+                raise ValueError(f"lookup heads must be in 1..{n_heads}, got {heads}")
+            heads = range(heads)
+        elif not heads or len(set(heads)) != len(heads) or any(not 0 <= int(h) < n_heads for h in heads):
+            raise ValueError(f"lookup heads must be a count or distinct head indices below {n_heads}, got {list(heads)}")
+        self.heads = torch.tensor([int(h) for h in heads])  # supervised head indices, the same in every layer
         self.layers = [int(i) for i in layers]
         self.keep_context = keep_context  # also keep what the supervised heads read (their attention output)
-        self._contexts: list[torch.Tensor] = []
+        self._contexts: dict[int, torch.Tensor] = {}  # keyed by layer: the forward runs them in depth order
         self._armed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._masses: list[torch.Tensor] = []
-        self._handles = [decoder.layers[i].self_attn.register_forward_pre_hook(self._capture) for i in self.layers]
+        self._masses: dict[int, torch.Tensor] = {}
+        self._handles = [decoder.layers[i].self_attn.register_forward_pre_hook(
+            lambda attn, args, layer=i: self._capture(attn, args, layer)) for i in self.layers]
 
     def arm(self, queries: torch.Tensor, targets: torch.Tensor, key_valid: torch.Tensor) -> None:
         """Measure the next forward: ``queries`` [K, 2] (row, position), ``targets`` [K, N] bool, ``key_valid``
         [B, N] bool (the batch's attention mask)."""
-        self._masses, self._contexts = [], []
+        self._masses, self._contexts = {}, {}
         self._armed = (queries, targets, key_valid.bool())
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(loss, masses)`` of the armed forward, then disarm: the loss (a scalar with gradients) and the detached
         attention masses on the targets, ``[layers, K, heads]``; ``None`` if the forward had no query position."""
         armed, masses = self._armed, self._masses
-        self._armed, self._masses = None, []
+        self._armed, self._masses = None, {}
         if armed is None:
             raise RuntimeError("lookup supervision was not armed before the forward")
         if armed[0].shape[0] == 0:
@@ -184,7 +208,7 @@ class LookupSupervision:
         if len(masses) != len(self.layers):
             raise RuntimeError(f"the forward ran {len(masses)} of the {len(self.layers)} supervised layers' attention "
                                "(a plan whose supervised layers are not self-attention?)")
-        mass = torch.stack(masses)  # [layers, K, heads]
+        mass = torch.stack([masses[i] for i in self.layers])  # [layers, K, heads], in the order given
         return -torch.log(mass.clamp_min(1e-6)).mean(), mass.detach()
 
     def contexts(self) -> torch.Tensor:
@@ -192,13 +216,13 @@ class LookupSupervision:
         before ``o_proj`` at each query position, ``[layers, K, heads, head_dim]`` (detached, fp32)."""
         if not self._contexts:
             raise RuntimeError("no context kept: build with keep_context=True and arm before the forward")
-        return torch.stack(self._contexts)
+        return torch.stack([self._contexts[i] for i in self.layers])
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
-    def _capture(self, attn: nn.Module, args: tuple) -> None:
+    def _capture(self, attn: nn.Module, args: tuple, layer: int) -> None:
         if self._armed is None:
             return  # evaluation, generation, or a checkpointed layer's recomputation in backward (after take())
         queries, targets, key_valid = self._armed
@@ -210,12 +234,12 @@ class LookupSupervision:
 
         device = x.device
         rows, positions = queries[:, 0].to(device), queries[:, 1].to(device)
-        k_heads, head_dim, heads = attn.num_kv_heads, attn.head_dim, self.heads
+        k_heads, head_dim, heads = attn.num_kv_heads, attn.head_dim, self.heads.to(device)
         n = x.shape[1]
-        q = attn.q_proj(x[rows, positions]).view(-1, attn.num_heads, head_dim)[:, :heads]  # [K, h, d]
+        q = attn.q_proj(x[rows, positions]).view(-1, attn.num_heads, head_dim)[:, heads]  # [K, h, d]
         q = apply_rope(q[:, :, None], cos[rows, positions][:, None], sin[rows, positions][:, None])[:, :, 0]
         groups = attn.num_heads // k_heads
-        kv_index = torch.arange(heads, device=device) // groups  # the kv head each supervised head reads
+        kv_index = heads // groups  # the kv head each supervised head reads
         k = attn.k_proj(x).view(x.shape[0], n, k_heads, head_dim).transpose(1, 2)  # [B, kv, N, d]
         k = apply_rope(k, cos, sin)[rows][:, kv_index]  # [K, h, N, d]
         keys = torch.arange(n, device=device)
@@ -223,8 +247,8 @@ class LookupSupervision:
         with torch.autocast(device.type, enabled=False):  # fp32 logits and softmax under a bf16 autocast too
             logits = torch.einsum("khd,khnd->khn", q.float(), k.float()) / math.sqrt(head_dim)
             probs = torch.softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
-            self._masses.append((probs * targets.to(device)[:, None].float()).sum(-1))  # [K, h]
+            self._masses[layer] = (probs * targets.to(device)[:, None].float()).sum(-1)  # [K, h]
         if self.keep_context:
             v = attn.v_proj(x).view(x.shape[0], n, k_heads, head_dim).transpose(1, 2)[rows][:, kv_index]  # [K, h, N, d]
             with torch.autocast(device.type, enabled=False):
-                self._contexts.append(torch.einsum("khn,khnd->khd", probs.detach(), v.detach().float()))
+                self._contexts[layer] = torch.einsum("khn,khnd->khd", probs.detach(), v.detach().float())

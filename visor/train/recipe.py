@@ -127,10 +127,10 @@ class Recipe:
     # its loss added to the answer loss with this weight (visor.train.auxiliary; synth data, tower trained)
     vision_shape_weight: float = 0.0
     # base, synth data: > 0 adds a loss on where the answer attends in the keyed families (visor.train.lookup): the
-    # first ``lookup_heads`` heads of the ``lookup_layers`` are asked to attend to the place the question names
+    # ``lookup_heads`` of the ``lookup_layers`` are asked to attend to the place the question names
     lookup_weight: float = 0.0
     lookup_layers: list[int] = field(default_factory=lambda: [4])
-    lookup_heads: int = 1
+    lookup_heads: int | list[int] = 1  # a count (the first heads of each layer) or head indices (those of each layer)
     lookup_region: str = "place"  # "place": the whole named row / column / shape; "answer": the answer's glyphs only
 
     def __post_init__(self) -> None:
