@@ -120,8 +120,8 @@ def _lookup_trainer(tmp_path, name: str, data: dict | None = None, **overrides):
 
     data = {"families": ["doc", "kind_color", "presence"], "questions_per_image": 2, "synth_image_size": 128,
             **(data or {})}
-    recipe = load_recipe(tiny_recipe(tmp_path, name, model={**TINY_MODEL, "patch_size": 8}, lookup_weight=1.0,
-                                     data=data, **overrides))
+    overrides = {"lookup_weight": 1.0, **overrides}
+    recipe = load_recipe(tiny_recipe(tmp_path, name, model={**TINY_MODEL, "patch_size": 8}, data=data, **overrides))
     trainer = Trainer(recipe, progress=False)
     trainer._build()
     return trainer
@@ -328,3 +328,81 @@ def test_readout_finds_an_answer_a_head_carries():
     assert carried["probe_accuracy"] > 0.9 and carried["n_test"] == 200
     assert carried["model_accuracy_focused"] == 1.0 and 0.3 < carried["focused_share"] < 0.7
     assert script.readout(train, test, 0, 2)["probe_accuracy"] < 0.4  # five answers: chance is 0.2
+
+
+def test_mark_loss_is_a_balanced_bce_on_the_image_tokens():
+    """``mark_loss``: the mean BCE over the place's tokens and over the other image tokens, averaged; text tokens
+    and unmarked rows do not count; targets off the image are refused; no marked row gives a zero that keeps the
+    head in the graph."""
+    from torch import nn
+
+    from visor.train.marking import ATTRIBUTE, PlaceMarkHead, mark_loss
+
+    model = nn.Module()
+    head = PlaceMarkHead(4, 1)
+    setattr(model, ATTRIBUTE, head)
+    logits = torch.tensor([[0.0, 2.0, -1.0, 3.0, -2.0, 9.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    image = torch.tensor([[False, True, True, True, True, False], [False, True, True, True, True, False]])
+    targets = torch.tensor([[False, True, False, False, False, False]])
+    head._logits = logits
+    loss, balanced = mark_loss(model, torch.tensor([0]), targets, image)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    inside = bce(torch.tensor([2.0]), torch.tensor([1.0]))
+    outside = bce(torch.tensor([-1.0, 3.0, -2.0]), torch.zeros(3))
+    assert float(loss) == pytest.approx(float(0.5 * (inside + outside)), rel=1e-6)
+    assert balanced == pytest.approx(0.5 * (1.0 + 2 / 3))
+    head._logits = logits
+    with pytest.raises(ValueError, match="image tokens"):
+        mark_loss(model, torch.tensor([0]), torch.tensor([[True, False, False, False, False, False]]), image)
+    head._logits = logits.requires_grad_()
+    empty, _ = mark_loss(model, torch.zeros(0, dtype=torch.long), torch.zeros(0, 6, dtype=torch.bool), image)
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+    with pytest.raises(RuntimeError, match="no forward"):
+        mark_loss(model, torch.tensor([0]), targets, image)
+
+
+def test_base_run_learns_to_mark_the_named_place(tmp_path):
+    """A tiny question-first base run with a mark weight: the head reads the first turn's place only (a later turn's
+    question comes after the image), its loss falls, it is logged and plotted, and the export drops it."""
+    from safetensors.torch import load_file
+
+    from visor.train.loop import Trainer
+    from visor.train.marking import ATTRIBUTE
+
+    trainer = _lookup_trainer(tmp_path, "mark", data={"question_first": True}, lookup_weight=0.0, mark_weight=1.0,
+                              mark_layer=2, max_steps=30, save_every=30, log_every=5,
+                              optim={"lr": 1e-2, "warmup_steps": 2})
+    task = trainer.task
+    indices = [0, 1, 2, 3]
+    batch = task.batch(indices)
+    rows, targets = batch["mark_targets"]
+    assert "lookup_targets" not in batch and rows.numel() >= 2 and rows.unique().numel() == rows.numel()
+    per_row = task._turn_targets(indices, [task.source.item(i) for i in indices])
+    image = batch["input_ids"] == trainer.model.config.image_token_id
+    for row, target in zip(rows.tolist(), targets):
+        assert torch.equal(target[image[row]], per_row[row][0])  # the first turn's place, on the row's image tokens
+    assert all(turns[0] is None for row, turns in enumerate(per_row) if row not in rows.tolist())
+    total, tokens = task.loss(trainer.model, batch, 0)
+    answer, _ = task.loss(trainer.model, {k: v for k, v in batch.items() if k != "mark_targets"}, 0)
+    getattr(trainer.model, ATTRIBUTE).take()  # the second forward's capture, unused without targets
+    assert float((total - answer).detach()) == pytest.approx(task.mark_loss[0] * tokens, rel=1e-3)
+
+    final = Trainer(trainer.recipe, progress=False).train()
+    rows = [json.loads(line) for line in (tmp_path / "mark" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["mark_loss"] for r in rows if "mark_loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert all(0 <= r["mark_accuracy"] <= 1 for r in rows if "mark_accuracy" in r)
+    assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))
+    assert (tmp_path / "mark" / "loss.png").stat().st_size > 0
+
+
+def test_mark_recipe_checks(tmp_path):
+    with pytest.raises(ValueError, match="question_first"):
+        load_recipe(tiny_recipe(tmp_path, "mq", mark_weight=1.0))
+    with pytest.raises(ValueError, match="mark_weight must be"):
+        load_recipe(tiny_recipe(tmp_path, "mneg", mark_weight=-1.0))
+    with pytest.raises(ValueError, match="base recipe on synth"):
+        load_recipe(tiny_recipe(tmp_path, "ms1", kind="visor-stage1", init="x", mark_weight=1.0,
+                                data={"question_first": True}))
+    with pytest.raises(ValueError, match="mark_layer"):
+        _lookup_trainer(tmp_path, "ml", data={"question_first": True}, lookup_weight=0.0, mark_weight=1.0, mark_layer=0)

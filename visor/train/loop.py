@@ -151,9 +151,14 @@ class LanguageTask:
         if self.lookup_weight:
             from visor.train.lookup import LookupSupervision
 
-            self.image_token_id = model.config.image_token_id
             self.lookup = LookupSupervision(model.language_model, recipe.lookup_layers, recipe.lookup_heads)
         self.lookup_mass: list[float] = []  # mean attention mass on the targets per micro-batch since the last row
+        # a base recipe with a mark weight asks the visual tokens to mark the named place (visor.train.marking)
+        self.mark_weight = recipe.mark_weight if recipe.kind == "base" else 0.0
+        self.mark_loss: list[float] = []  # the mark head's loss per micro-batch since the last metrics row
+        self.mark_accuracy: list[float] = []  # and its balanced accuracy over the image tokens
+        if self.lookup_weight or self.mark_weight:
+            self.image_token_id = model.config.image_token_id
 
     def configuration_for_step(self, step: int):
         """The step's ``Configuration`` (resolution + active SA slots); one draw per step (module docstring)."""
@@ -164,15 +169,25 @@ class LanguageTask:
         return self.configuration_for_step(step).active_sa
 
     def batch(self, indices: list[int]) -> dict:
-        if self.shape_weight or self.lookup_weight:
+        if self.shape_weight or self.lookup_weight or self.mark_weight:
             items = [self.source.item(i) for i in indices]
             batch = self.batcher.train_batch([self.source.sample(i, item) for i, item in zip(indices, items)])
             if self.shape_weight:
                 from visor.train.auxiliary import crop_shape_targets
 
                 batch["shape_targets"] = torch.cat([crop_shape_targets(item, *self.crop_geometry) for item in items])
-            if self.lookup_weight:
-                batch["lookup_targets"] = self._lookup_targets(indices, items, batch)
+            if self.lookup_weight or self.mark_weight:
+                from visor.train.lookup import batch_lookup_targets
+
+                per_row = self._turn_targets(indices, items)
+                if self.lookup_weight:
+                    batch["lookup_targets"] = batch_lookup_targets(batch["input_ids"], batch["labels"],
+                                                                   self.image_token_id, per_row)
+                if self.mark_weight:  # the first turn only: its question is the one before the image
+                    first = [[turns[0]] + [None] * (len(turns) - 1) for turns in per_row]
+                    queries, targets = batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id,
+                                                            first)
+                    batch["mark_targets"] = (queries[:, 0], targets)
             return batch
         samples = [self.source.sample(i) for i in indices]
         config = self.configuration_for_step(indices[0] // self.recipe.global_batch) if indices else None
@@ -180,8 +195,9 @@ class LanguageTask:
             return self.batcher.train_batch(samples)
         return self.batcher.train_batch(samples, resolution=config.resolution)
 
-    def _lookup_targets(self, indices: list[int], items: list, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        from visor.train.lookup import batch_lookup_targets, image_token_targets, lookup_boxes
+    def _turn_targets(self, indices: list[int], items: list) -> list[list[torch.Tensor | None]]:
+        """Per row, per question turn: the image tokens of the place the question names (``None``: names none)."""
+        from visor.train.lookup import image_token_targets, lookup_boxes
 
         per_row = []
         for index, item in zip(indices, items):
@@ -190,7 +206,7 @@ class LanguageTask:
                 boxes = lookup_boxes(scene, self.recipe.lookup_region)
                 per_turn.append(image_token_targets(boxes, scene["size"], *self.crop_geometry) if boxes else None)
             per_row.append(per_turn)
-        return batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id, per_row)
+        return per_row
 
     @staticmethod
     def count(batch: dict) -> int:
@@ -205,6 +221,7 @@ class LanguageTask:
         batch = dict(batch)
         shape_targets = batch.pop("shape_targets", None)
         lookup_targets = batch.pop("lookup_targets", None)
+        mark_targets = batch.pop("mark_targets", None)
         if lookup_targets is not None:
             self.lookup.arm(*lookup_targets, batch["attention_mask"])
         out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum", **extra)
@@ -225,6 +242,14 @@ class LanguageTask:
                 lookup_loss, masses = taken
                 self.lookup_mass.append(float(masses.mean()))
                 loss = loss + self.lookup_weight * lookup_loss * out.num_loss_tokens
+        if mark_targets is not None:
+            from visor.train.marking import mark_loss
+
+            marked, accuracy = mark_loss(unwrap(model), *mark_targets, batch["input_ids"] == self.image_token_id)
+            if mark_targets[0].numel():
+                self.mark_loss.append(float(marked.detach()))
+                self.mark_accuracy.append(accuracy)
+            loss = loss + self.mark_weight * marked * out.num_loss_tokens
         return loss, out.num_loss_tokens
 
 
@@ -425,6 +450,10 @@ class Trainer:
                 from visor.train.auxiliary import attach_shape_head
 
                 attach_shape_head(model)
+            if recipe.kind == "base" and recipe.mark_weight > 0:
+                from visor.train.marking import attach_mark_head
+
+                attach_mark_head(model, recipe.mark_layer)
             self.image_processor = models.image_processor_for(model.config)
             self.task = LanguageTask(recipe, model, self.tokenizer, self.image_processor)
         if recipe.grad_checkpointing and hasattr(model, "language_model"):
@@ -575,6 +604,11 @@ class Trainer:
                     if getattr(self.task, "lookup_mass", None):
                         row["lookup_mass"] = sum(self.task.lookup_mass) / len(self.task.lookup_mass)
                         self.task.lookup_mass.clear()
+                    if getattr(self.task, "mark_loss", None):
+                        row["mark_loss"] = sum(self.task.mark_loss) / len(self.task.mark_loss)
+                        row["mark_accuracy"] = sum(self.task.mark_accuracy) / len(self.task.mark_accuracy)
+                        self.task.mark_loss.clear()
+                        self.task.mark_accuracy.clear()
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")
@@ -722,10 +756,17 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     lookup = [r for r in train if "lookup_mass" in r]
-    if lookup:  # supervised lookup (visor.train.lookup): the attention mass on the place the question names
+    marks = [r for r in train if "mark_accuracy" in r]
+    if lookup or marks:  # supervised lookup and marking (visor.train.lookup, visor.train.marking), in percent
         twin = ax.twinx()
-        twin.plot([r["step"] for r in lookup], [100 * r["lookup_mass"] for r in lookup], color="tab:orange")
-        twin.set_ylabel("attention on the named place (%)", color="tab:orange")
+        if lookup:  # the attention mass on the place the question names
+            twin.plot([r["step"] for r in lookup], [100 * r["lookup_mass"] for r in lookup], color="tab:orange",
+                      label="attention on the named place")
+        if marks:  # the mark head's balanced accuracy over the image tokens (50: a constant guess)
+            twin.plot([r["step"] for r in marks], [100 * r["mark_accuracy"] for r in marks], color="tab:green",
+                      label="marking, balanced accuracy")
+        twin.set_ylabel("%")
+        twin.legend(loc="upper right", fontsize="small")
     if evals:
         ax = axes[0][1]
         keys = [k for k, v in evals[-1]["eval"].items() if isinstance(v, float) and k.endswith(("_mean", "_acc"))]
