@@ -336,12 +336,12 @@ def test_mark_loss_is_a_balanced_bce_on_the_image_tokens():
     head in the graph."""
     from torch import nn
 
-    from visor.train.marking import ATTRIBUTE, PlaceMarkHead, mark_loss
+    from visor.train.marking import ATTRIBUTE, TokenHead, mark_loss
 
     model = nn.Module()
-    head = PlaceMarkHead(4, 1)
+    head = TokenHead(4, 1)
     setattr(model, ATTRIBUTE, head)
-    logits = torch.tensor([[0.0, 2.0, -1.0, 3.0, -2.0, 9.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    logits = torch.tensor([[0.0, 2.0, -1.0, 3.0, -2.0, 9.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])[..., None]
     image = torch.tensor([[False, True, True, True, True, False], [False, True, True, True, True, False]])
     targets = torch.tensor([[False, True, False, False, False, False]])
     head._logits = logits
@@ -359,6 +359,9 @@ def test_mark_loss_is_a_balanced_bce_on_the_image_tokens():
     assert float(empty.detach()) == 0.0 and empty.requires_grad
     with pytest.raises(RuntimeError, match="no forward"):
         mark_loss(model, torch.tensor([0]), targets, image)
+    head.eval()
+    head.capture(None, (torch.randn(1, 6, 4),))  # evaluation: nothing kept
+    assert head._logits is None
 
 
 def test_base_run_learns_to_mark_the_named_place(tmp_path):
@@ -399,10 +402,78 @@ def test_base_run_learns_to_mark_the_named_place(tmp_path):
 def test_mark_recipe_checks(tmp_path):
     with pytest.raises(ValueError, match="question_first"):
         load_recipe(tiny_recipe(tmp_path, "mq", mark_weight=1.0))
-    with pytest.raises(ValueError, match="mark_weight must be"):
-        load_recipe(tiny_recipe(tmp_path, "mneg", mark_weight=-1.0))
+    for weights in ({"mark_weight": -1.0}, {"tag_weight": -0.5}):
+        with pytest.raises(ValueError, match="tag_weight must be >= 0"):
+            load_recipe(tiny_recipe(tmp_path, "mneg", **weights))
+    with pytest.raises(ValueError, match="base recipe on synth"):
+        load_recipe(tiny_recipe(tmp_path, "tllava", tag_weight=1.0, data={"source": "llava", "path": "x.json"}))
     with pytest.raises(ValueError, match="base recipe on synth"):
         load_recipe(tiny_recipe(tmp_path, "ms1", kind="visor-stage1", init="x", mark_weight=1.0,
                                 data={"question_first": True}))
     with pytest.raises(ValueError, match="mark_layer"):
         _lookup_trainer(tmp_path, "ml", data={"question_first": True}, lookup_weight=0.0, mark_weight=1.0, mark_layer=0)
+
+
+def test_tags_name_every_place_by_its_question_word():
+    """``image_token_tags``: each document row's tokens carry its key, each chart column's its label, each shape's its
+    kind; a patch two places share is left out (-100), the rest is 0; a family without places is all 0."""
+    from visor.train.marking import TAGS, image_token_tags, place_tags
+    from visor.train.lookup import image_token_targets
+
+    config = DEFAULT_CONFIG.with_image_size(128)
+    geometry = (64, 8, [[64 * i, 64 * j] for i in range(1, 4) for j in range(1, 4)])
+    for family in ("doc", "chart", "kind_color", "presence"):
+        for index in range(4):
+            scene = generate_item("train", index, seed=4, config=config, families=[family]).scene
+            tags = place_tags(scene)
+            names = {TAGS[t - 1] for _, t in tags}
+            if family == "doc":
+                assert names == {t["text"].partition(": ")[0] for t in scene["texts"] if t["role"] == "doc_row"}
+            elif family == "chart":
+                assert names == {b["label"] for b in scene["bars"]}
+            else:
+                assert names == {s["kind"] for s in scene["shapes"]}
+            labels = image_token_tags(scene, geometry)
+            assert labels.numel() == 64 + 16 * 17
+            for boxes, tag in tags:
+                inside = labels[image_token_targets(boxes, scene["size"], *geometry)]
+                assert ((inside == tag) | (inside == -100)).all() and (inside == tag).any()
+            assert set(labels.unique().tolist()) <= {-100, 0} | {t for _, t in tags}
+    plain = generate_item("train", 0, seed=4, config=config, families=["code"]).scene
+    assert place_tags(plain) == [] and (image_token_tags(plain, geometry) == 0).all()
+
+
+def test_tag_loss_and_a_run_that_learns_the_tags(tmp_path):
+    """``tag_loss`` is the mean CE over tagged tokens and over untagged ones, averaged (ignored positions out); a tiny
+    image-first run with a tag weight lowers it, logs it, and exports no head."""
+    from safetensors.torch import load_file
+    from torch import nn
+
+    from visor.train.loop import Trainer
+    from visor.train.marking import TAG_ATTRIBUTE, TokenHead, tag_loss
+
+    model = nn.Module()
+    head = TokenHead(4, 1, outputs=3)
+    setattr(model, TAG_ATTRIBUTE, head)
+    logits = torch.randn(1, 5, 3)
+    labels = torch.tensor([[-100, 2, 0, 0, 1]])
+    head._logits = logits
+    loss, accuracy = tag_loss(model, labels)
+    ce = torch.nn.functional.cross_entropy
+    expected = 0.5 * (ce(logits[0, [1, 4]], torch.tensor([2, 1])) + ce(logits[0, [2, 3]], torch.tensor([0, 0])))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert accuracy == float((logits[0, [1, 4]].argmax(-1) == torch.tensor([2, 1])).float().mean())
+    head._logits = logits
+    with pytest.raises(ValueError, match="do not match"):
+        tag_loss(model, labels[:, :4])
+
+    trainer = _lookup_trainer(tmp_path, "tag", lookup_weight=0.0, tag_weight=1.0, mark_layer=2, max_steps=30,
+                              save_every=30, log_every=5, optim={"lr": 1e-2, "warmup_steps": 2})
+    batch = trainer.task.batch([0, 1])
+    image = batch["input_ids"] == trainer.model.config.image_token_id
+    assert ((batch["tag_labels"] >= 0) <= image).all() and (batch["tag_labels"] > 0).any()
+    final = Trainer(trainer.recipe, progress=False).train()
+    rows = [json.loads(line) for line in (tmp_path / "tag" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["tag_loss"] for r in rows if "tag_loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))

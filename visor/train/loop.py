@@ -157,7 +157,11 @@ class LanguageTask:
         self.mark_weight = recipe.mark_weight if recipe.kind == "base" else 0.0
         self.mark_loss: list[float] = []  # the mark head's loss per micro-batch since the last metrics row
         self.mark_accuracy: list[float] = []  # and its balanced accuracy over the image tokens
-        if self.lookup_weight or self.mark_weight:
+        # and with a tag weight, which place each visual token belongs to (visor.train.marking)
+        self.tag_weight = recipe.tag_weight if recipe.kind == "base" else 0.0
+        self.tag_loss: list[float] = []
+        self.tag_accuracy: list[float] = []  # on the tokens of a place
+        if self.lookup_weight or self.mark_weight or self.tag_weight:
             self.image_token_id = model.config.image_token_id
 
     def configuration_for_step(self, step: int):
@@ -169,7 +173,7 @@ class LanguageTask:
         return self.configuration_for_step(step).active_sa
 
     def batch(self, indices: list[int]) -> dict:
-        if self.shape_weight or self.lookup_weight or self.mark_weight:
+        if self.shape_weight or self.lookup_weight or self.mark_weight or self.tag_weight:
             items = [self.source.item(i) for i in indices]
             batch = self.batcher.train_batch([self.source.sample(i, item) for i, item in zip(indices, items)])
             if self.shape_weight:
@@ -188,12 +192,27 @@ class LanguageTask:
                     queries, targets = batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id,
                                                             first)
                     batch["mark_targets"] = (queries[:, 0], targets)
+            if self.tag_weight:
+                batch["tag_labels"] = self._tag_labels(items, batch["input_ids"])
             return batch
         samples = [self.source.sample(i) for i in indices]
         config = self.configuration_for_step(indices[0] // self.recipe.global_batch) if indices else None
         if config is None or config.tiled:
             return self.batcher.train_batch(samples)
         return self.batcher.train_batch(samples, resolution=config.resolution)
+
+    def _tag_labels(self, items: list, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, N] per-token tags (``visor.train.marking.image_token_tags``) on each row's image tokens, -100 elsewhere."""
+        from visor.train.marking import image_token_tags
+
+        labels = torch.full_like(input_ids, -100)
+        for row, item in enumerate(items):
+            image = input_ids[row] == self.image_token_id
+            tags = image_token_tags(item.scene, self.crop_geometry, self.recipe.lookup_region)
+            if int(image.sum()) != tags.numel():
+                raise ValueError(f"row {row} holds {int(image.sum())} image tokens, its tags {tags.numel()}")
+            labels[row, image] = tags
+        return labels
 
     def _turn_targets(self, indices: list[int], items: list) -> list[list[torch.Tensor | None]]:
         """Per row, per question turn: the image tokens of the place the question names (``None``: names none)."""
@@ -222,6 +241,7 @@ class LanguageTask:
         shape_targets = batch.pop("shape_targets", None)
         lookup_targets = batch.pop("lookup_targets", None)
         mark_targets = batch.pop("mark_targets", None)
+        tag_labels = batch.pop("tag_labels", None)
         if lookup_targets is not None:
             self.lookup.arm(*lookup_targets, batch["attention_mask"])
         out = model(**batch, active_sa=self.config_for_step(step), loss_reduction="sum", **extra)
@@ -250,6 +270,14 @@ class LanguageTask:
                 self.mark_loss.append(float(marked.detach()))
                 self.mark_accuracy.append(accuracy)
             loss = loss + self.mark_weight * marked * out.num_loss_tokens
+        if tag_labels is not None:
+            from visor.train.marking import tag_loss
+
+            tagged, accuracy = tag_loss(unwrap(model), tag_labels)
+            if accuracy == accuracy:  # not NaN: the micro-batch holds a tagged token
+                self.tag_loss.append(float(tagged.detach()))
+                self.tag_accuracy.append(accuracy)
+            loss = loss + self.tag_weight * tagged * out.num_loss_tokens
         return loss, out.num_loss_tokens
 
 
@@ -450,10 +478,13 @@ class Trainer:
                 from visor.train.auxiliary import attach_shape_head
 
                 attach_shape_head(model)
-            if recipe.kind == "base" and recipe.mark_weight > 0:
-                from visor.train.marking import attach_mark_head
+            if recipe.kind == "base" and (recipe.mark_weight > 0 or recipe.tag_weight > 0):
+                from visor.train.marking import TAG_ATTRIBUTE, TAGS, attach_token_head
 
-                attach_mark_head(model, recipe.mark_layer)
+                if recipe.mark_weight > 0:
+                    attach_token_head(model, recipe.mark_layer)
+                if recipe.tag_weight > 0:
+                    attach_token_head(model, recipe.mark_layer, TAG_ATTRIBUTE, len(TAGS) + 1)
             self.image_processor = models.image_processor_for(model.config)
             self.task = LanguageTask(recipe, model, self.tokenizer, self.image_processor)
         if recipe.grad_checkpointing and hasattr(model, "language_model"):
@@ -609,6 +640,11 @@ class Trainer:
                         row["mark_accuracy"] = sum(self.task.mark_accuracy) / len(self.task.mark_accuracy)
                         self.task.mark_loss.clear()
                         self.task.mark_accuracy.clear()
+                    if getattr(self.task, "tag_loss", None):
+                        row["tag_loss"] = sum(self.task.tag_loss) / len(self.task.tag_loss)
+                        row["tag_accuracy"] = sum(self.task.tag_accuracy) / len(self.task.tag_accuracy)
+                        self.task.tag_loss.clear()
+                        self.task.tag_accuracy.clear()
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")
@@ -757,7 +793,8 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     lookup = [r for r in train if "lookup_mass" in r]
     marks = [r for r in train if "mark_accuracy" in r]
-    if lookup or marks:  # supervised lookup and marking (visor.train.lookup, visor.train.marking), in percent
+    tags = [r for r in train if "tag_accuracy" in r]
+    if lookup or marks or tags:  # supervised lookup, marking and tagging (visor.train.lookup, .marking), in percent
         twin = ax.twinx()
         if lookup:  # the attention mass on the place the question names
             twin.plot([r["step"] for r in lookup], [100 * r["lookup_mass"] for r in lookup], color="tab:orange",
@@ -765,6 +802,9 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
         if marks:  # the mark head's balanced accuracy over the image tokens (50: a constant guess)
             twin.plot([r["step"] for r in marks], [100 * r["mark_accuracy"] for r in marks], color="tab:green",
                       label="marking, balanced accuracy")
+        if tags:  # the tag head's accuracy on the tokens of a place
+            twin.plot([r["step"] for r in tags], [100 * r["tag_accuracy"] for r in tags], color="tab:purple",
+                      label="tags of the places' tokens")
         twin.set_ylabel("%")
         twin.legend(loc="upper right", fontsize="small")
     if evals:

@@ -13,7 +13,16 @@ cross-entropy (the mean over the place's tokens and the mean over the others, av
 among hundreds counts as much as the rest. The answer then needs one hop: attend to the marked tokens.
 
 Only the first question turn is marked: the visual tokens see that question alone (a later turn comes after the
-image). The head lives on the model as ``aux_mark_head`` while training and is never exported
+image).
+
+*Tagging* (``tag_weight``) is the same step without the question: every visual token of a keyed scene is asked which
+place it belongs to, by the name a question would use (a document row's key, a bar's label, a shape's kind;
+:data:`TAGS`), so the answer's lookup becomes one hop (the question's word against the tokens' tags) in LLaVA-OV's
+own prompt order, with the image first. A linear read-out on the same layer input, cross-entropy over ``len(TAGS) +
+1`` classes (0: no place), balanced between the tokens of a place and the rest; a patch that two places overlap is
+left out.
+
+The heads live on the model as ``aux_mark_head`` / ``aux_tag_head`` while training and are never exported
 (``visor.train.auxiliary.drop_auxiliary``): the checkpoint stays a plain LLaVA-OV model.
 """
 
@@ -24,40 +33,86 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTRIBUTE = "aux_mark_head"
+TAG_ATTRIBUTE = "aux_tag_head"
 
 
-class PlaceMarkHead(nn.Module):
-    """A linear per-token logit on a decoder layer's normed input, captured while the model trains."""
+def _tags() -> tuple[str, ...]:
+    from visor.data.synth.config import BAR_LABELS, DOC_KEYS, SHAPES
 
-    def __init__(self, hidden: int, layer: int) -> None:
+    return tuple(DOC_KEYS) + tuple(BAR_LABELS) + tuple(SHAPES)
+
+
+TAGS: tuple[str, ...] = _tags()  # class i + 1 of the tag head; 0 is "no place"
+
+
+class TokenHead(nn.Module):
+    """A linear per-token read-out (``outputs`` logits) on a decoder layer's normed input, captured while the model
+    trains."""
+
+    def __init__(self, hidden: int, layer: int, outputs: int = 1) -> None:
         super().__init__()
         self.layer = int(layer)
-        self.proj = nn.Linear(hidden, 1)
+        self.proj = nn.Linear(hidden, outputs)
         self._logits: torch.Tensor | None = None
 
     def capture(self, attn: nn.Module, args: tuple) -> None:
         if self.training:  # evaluation and generation run the layer too; nothing to keep there
-            self._logits = self.proj(args[0]).squeeze(-1)  # [B, N]
+            self._logits = self.proj(args[0])  # [B, N, outputs]
 
     def take(self) -> torch.Tensor:
-        """The logits of the layer's last forward in training mode, ``[B, N]``, once."""
+        """The logits of the layer's last forward in training mode, ``[B, N, outputs]``, once."""
         if self._logits is None:
-            raise RuntimeError("the mark head saw no forward of its layer in training mode since its last read")
+            raise RuntimeError("the token head saw no forward of its layer in training mode since its last read")
         logits, self._logits = self._logits, None
         return logits
 
 
-def attach_mark_head(model: nn.Module, layer: int) -> PlaceMarkHead:
-    """Add a :class:`PlaceMarkHead` to a base model (``model.aux_mark_head``), fed by decoder layer ``layer``'s
-    self-attention input. Layer 0 reads the embeddings, before any token has seen the question, so it is refused."""
+def attach_token_head(model: nn.Module, layer: int, attribute: str = ATTRIBUTE, outputs: int = 1) -> TokenHead:
+    """Add a :class:`TokenHead` to a base model (as ``model.<attribute>``), fed by decoder layer ``layer``'s
+    self-attention input. Layer 0 reads the embeddings, before any token has seen another, so it is refused."""
     decoder = model.language_model
     if not 1 <= layer < len(decoder.layers):
-        raise ValueError(f"mark_layer must be in 1..{len(decoder.layers) - 1} (the input of that layer is marked; "
-                         f"layer 0's input has not seen the question), got {layer}")
-    head = PlaceMarkHead(model.config.text_config.hidden_size, layer)
-    setattr(model, ATTRIBUTE, head)
+        raise ValueError(f"mark_layer must be in 1..{len(decoder.layers) - 1} (the input of that layer is read; "
+                         f"layer 0's input has seen no other token), got {layer}")
+    head = TokenHead(model.config.text_config.hidden_size, layer, outputs)
+    setattr(model, attribute, head)
     decoder.layers[layer].self_attn.register_forward_pre_hook(head.capture)
     return head
+
+
+def place_tags(scene: dict, region: str = "place") -> list[tuple[list, int]]:
+    """Every place of a keyed scene with its tag, ``(boxes, class)`` (class ``TAGS.index(name) + 1``): the rows of
+    a document by key, the columns of a chart by label, the shapes by kind (presence and kind_color). ``[]`` for
+    other families."""
+    from visor.data.synth.families import other_queries
+    from visor.train.lookup import lookup_boxes
+
+    if scene["family"] not in ("presence", "kind_color", "doc", "chart"):
+        return []
+    tagged = []
+    for query in [scene["query"]] + other_queries(scene):
+        boxes = lookup_boxes({**scene, "query": query}, region)
+        if boxes:  # presence asks for kinds the image may not hold
+            name = query.get("key") or query.get("label") or query["kind"]
+            tagged.append((boxes, TAGS.index(name) + 1))
+    return tagged
+
+
+def image_token_tags(scene: dict, geometry: tuple, region: str = "place") -> torch.Tensor:
+    """``[image tokens]`` int64 over one image's LLaVA-OV token sequence (``visor.train.lookup.image_token_targets``):
+    the tag of the place each token's patch overlaps, 0 for none, -100 for a patch two places share."""
+    from visor.train.lookup import image_token_targets
+
+    masks = [(image_token_targets(boxes, scene["size"], *geometry), tag) for boxes, tag in place_tags(scene, region)]
+    if not masks:
+        return image_token_targets([], scene["size"], *geometry).long()  # all zero: no place
+    labels = torch.zeros_like(masks[0][0], dtype=torch.long)
+    count = torch.zeros_like(labels)
+    for mask, tag in masks:
+        labels[mask] = tag
+        count += mask.long()
+    labels[count > 1] = -100
+    return labels
 
 
 def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
@@ -65,7 +120,7 @@ def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
     """Balanced BCE of the captured logits on the image tokens of ``rows`` (``image_mask`` [B, N]: the batch's image
     positions), and the balanced accuracy (the mean of the shares of the place's tokens and of the others classified
     right; 0.5 for a constant guess). ``targets`` [R, N] mark the named place."""
-    logits = getattr(model, ATTRIBUTE).take()
+    logits = getattr(model, ATTRIBUTE).take()[..., 0]
     if rows.numel() == 0:
         return logits.sum() * 0.0, float("nan")  # keeps the head in the graph (DDP sees its parameters used)
     logits = logits[rows.to(logits.device)].float()
@@ -81,3 +136,20 @@ def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
     marked = logits.detach() > 0
     balanced = 0.5 * (marked[positive].float().mean() + (~marked[negative]).float().mean())
     return loss, float(balanced)
+
+
+def tag_loss(model: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Balanced cross-entropy of the tag head's captured logits against ``labels`` [B, N] (-100: not an image token
+    or a shared patch; 0: no place; else a tag): the mean over the tagged tokens and the mean over the untagged ones,
+    averaged; and the accuracy on the tagged tokens (detached)."""
+    logits = getattr(model, TAG_ATTRIBUTE).take().float()
+    labels = labels.to(logits.device)
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"tag labels {tuple(labels.shape)} do not match the batch {tuple(logits.shape[:2])}")
+    tagged, untagged = labels > 0, labels == 0
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none").view_as(labels)
+    parts = [losses[where].mean() for where in (tagged, untagged) if where.any()]
+    if not parts:
+        return logits.sum() * 0.0, float("nan")
+    accuracy = float((logits.detach().argmax(-1) == labels)[tagged].float().mean()) if tagged.any() else float("nan")
+    return sum(parts) / len(parts), accuracy

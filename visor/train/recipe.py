@@ -136,6 +136,9 @@ class Recipe:
     # tokens to mark the place the first question names (visor.train.marking; the region is ``lookup_region``)
     mark_weight: float = 0.0
     mark_layer: int = 4
+    # base, synth data: > 0 adds a per-token head on the input of ``mark_layer`` that asks every visual token which
+    # place it belongs to, by the word a question names it with (visor.train.marking: tagging; any prompt order)
+    tag_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -176,19 +179,20 @@ class Recipe:
 
         if self.lookup_region not in REGIONS:
             raise ValueError(f"lookup_region must be one of {REGIONS}, got {self.lookup_region!r}")
-        if self.mark_weight < 0:
-            raise ValueError(f"mark_weight must be >= 0, got {self.mark_weight}")
+        if self.mark_weight < 0 or self.tag_weight < 0:
+            raise ValueError(f"mark_weight and tag_weight must be >= 0, got {self.mark_weight}, {self.tag_weight}")
         if self.mark_weight > 0 and not self.data.question_first:
             raise ValueError("mark_weight asks the visual tokens to mark the place the question names: they see the "
                              "question only with data.question_first: true")
-        if self.lookup_weight > 0 or self.mark_weight > 0:
+        if self.lookup_weight > 0 or self.mark_weight > 0 or self.tag_weight > 0:
             if self.kind != "base" or self.data.source != "synth":
-                raise ValueError("lookup_weight and mark_weight supervise a base model with the places procedural "
+                raise ValueError("lookup_weight, mark_weight and tag_weight supervise a base model with the places "
+                                 "procedural "
                                  f"scenes name: only in a base recipe on synth data, not a {self.kind} recipe on "
                                  f"{self.data.source} data")
             if any(r != "none" for r in self.reducers or []):
-                raise ValueError("lookup_weight and mark_weight need every visual token in place (their targets are "
-                                 "patches): no "
+                raise ValueError("lookup_weight, mark_weight and tag_weight need every visual token in place (their "
+                                 "targets are patches): no "
                                  f"reducers other than 'none', got {self.reducers}")
         if self.data.family_weights:
             if self.data.source != "synth":
