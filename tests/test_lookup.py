@@ -345,23 +345,39 @@ def test_mark_loss_is_a_balanced_bce_on_the_image_tokens():
     image = torch.tensor([[False, True, True, True, True, False], [False, True, True, True, True, False]])
     targets = torch.tensor([[False, True, False, False, False, False]])
     head._logits = logits
-    loss, balanced = mark_loss(model, torch.tensor([0]), targets, image)
+    loss, balanced, choice = mark_loss(model, torch.tensor([0]), targets, image)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     inside = bce(torch.tensor([2.0]), torch.tensor([1.0]))
     outside = bce(torch.tensor([-1.0, 3.0, -2.0]), torch.zeros(3))
     assert float(loss) == pytest.approx(float(0.5 * (inside + outside)), rel=1e-6)
-    assert balanced == pytest.approx(0.5 * (1.0 + 2 / 3))
+    assert balanced == pytest.approx(0.5 * (1.0 + 2 / 3)) and choice != choice  # NaN: no candidates given
     head._logits = logits
     with pytest.raises(ValueError, match="image tokens"):
         mark_loss(model, torch.tensor([0]), torch.tensor([[True, False, False, False, False, False]]), image)
     head._logits = logits.requires_grad_()
-    empty, _ = mark_loss(model, torch.zeros(0, dtype=torch.long), torch.zeros(0, 6, dtype=torch.bool), image)
+    empty, _, _ = mark_loss(model, torch.zeros(0, dtype=torch.long), torch.zeros(0, 6, dtype=torch.bool), image)
     assert float(empty.detach()) == 0.0 and empty.requires_grad
     with pytest.raises(RuntimeError, match="no forward"):
         mark_loss(model, torch.tensor([0]), targets, image)
     head.eval()
     head.capture(None, (torch.randn(1, 6, 4),))  # evaluation: nothing kept
     assert head._logits is None
+
+
+def test_mark_choice_asks_whether_the_named_place_outscores_the_others():
+    """``mark_choice``: per row, the named place (candidate 0) against the others by mean logit; rows without
+    candidates are left out. A marker that marks every candidate alike scores well on the balanced accuracy and
+    fails here."""
+    from visor.train.marking import mark_choice
+
+    logits = torch.tensor([[0.0, 4.0, 4.0, -3.0, -3.0], [0.0, 1.0, 3.0, 2.0, 0.0], [0.0, 5.0, 5.0, 5.0, 5.0]])
+    place = lambda *cols: torch.tensor([c in cols for c in range(5)])  # noqa: E731
+    named_first = torch.stack([place(1, 2), place(3, 4)])  # row 0: the named place outscores
+    named_loses = torch.stack([place(1), place(2), place(3)])  # row 1: another candidate outscores
+    assert mark_choice(logits, [named_first, named_loses, None]) == 0.5
+    assert mark_choice(logits, [None, None, None]) != mark_choice(logits, [None, None, None])  # NaN
+    blind = torch.stack([place(1), place(2)])  # row 2 marks every candidate alike: a tie is not a choice
+    assert mark_choice(logits[2:], [blind]) == 0.0
 
 
 def test_base_run_learns_to_mark_the_named_place(tmp_path):
@@ -378,7 +394,10 @@ def test_base_run_learns_to_mark_the_named_place(tmp_path):
     task = trainer.task
     indices = [0, 1, 2, 3]
     batch = task.batch(indices)
-    rows, targets = batch["mark_targets"]
+    rows, targets, candidates = batch["mark_targets"]
+    assert len(candidates) == rows.numel()
+    for target, places in zip(targets, candidates):  # the named place first among the question's candidates
+        assert places is None or (places.shape[0] >= 2 and torch.equal(places[0], target))
     assert "lookup_targets" not in batch and rows.numel() >= 2 and rows.unique().numel() == rows.numel()
     per_row = task._turn_targets(indices, [task.source.item(i) for i in indices])
     image = batch["input_ids"] == trainer.model.config.image_token_id
@@ -395,6 +414,7 @@ def test_base_run_learns_to_mark_the_named_place(tmp_path):
     losses = [r["mark_loss"] for r in rows if "mark_loss" in r]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
     assert all(0 <= r["mark_accuracy"] <= 1 for r in rows if "mark_accuracy" in r)
+    assert any("mark_choice" in r for r in rows) and all(0 <= r["mark_choice"] <= 1 for r in rows if "mark_choice" in r)
     assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))
     assert (tmp_path / "mark" / "loss.png").stat().st_size > 0
 

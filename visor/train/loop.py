@@ -157,6 +157,7 @@ class LanguageTask:
         self.mark_weight = recipe.mark_weight if recipe.kind == "base" else 0.0
         self.mark_loss: list[float] = []  # the mark head's loss per micro-batch since the last metrics row
         self.mark_accuracy: list[float] = []  # and its balanced accuracy over the image tokens
+        self.mark_choice: list[float] = []  # and whether the named place outscores the other candidates
         # and with a tag weight, which place each visual token belongs to (visor.train.marking)
         self.tag_weight = recipe.tag_weight if recipe.kind == "base" else 0.0
         self.tag_loss: list[float] = []
@@ -191,7 +192,8 @@ class LanguageTask:
                     first = [[turns[0]] + [None] * (len(turns) - 1) for turns in per_row]
                     queries, targets = batch_lookup_targets(batch["input_ids"], batch["labels"], self.image_token_id,
                                                             first)
-                    batch["mark_targets"] = (queries[:, 0], targets)
+                    candidates = self._first_turn_candidates(indices, items, batch["input_ids"])
+                    batch["mark_targets"] = (queries[:, 0], targets, [candidates[int(r)] for r in queries[:, 0]])
             if self.tag_weight:
                 batch["tag_labels"] = self._tag_labels(items, batch["input_ids"])
             return batch
@@ -213,6 +215,26 @@ class LanguageTask:
                 raise ValueError(f"row {row} holds {int(image.sum())} image tokens, its tags {tags.numel()}")
             labels[row, image] = tags
         return labels
+
+    def _first_turn_candidates(self, indices: list[int], items: list,
+                               input_ids: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per row, [C, N] masks of every place the first question could have named, the named one first
+        (``visor.train.lookup.lookup_candidates``); ``None`` where it names fewer than two (presence)."""
+        from visor.train.lookup import image_token_targets, lookup_candidates
+
+        per_row = []
+        for row, (index, item) in enumerate(zip(indices, items)):
+            scene = self.source.turn_scenes(index, item)[0]
+            places = lookup_candidates(scene, self.recipe.lookup_region)
+            if len(places) < 2:
+                per_row.append(None)
+                continue
+            image = (input_ids[row] == self.image_token_id).nonzero()[:, 0]
+            masks = torch.zeros(len(places), input_ids.shape[1], dtype=torch.bool)
+            for c, (boxes, _) in enumerate(places):
+                masks[c, image[image_token_targets(boxes, scene["size"], *self.crop_geometry)]] = True
+            per_row.append(masks)
+        return per_row
 
     def _turn_targets(self, indices: list[int], items: list) -> list[list[torch.Tensor | None]]:
         """Per row, per question turn: the image tokens of the place the question names (``None``: names none)."""
@@ -265,10 +287,14 @@ class LanguageTask:
         if mark_targets is not None:
             from visor.train.marking import mark_loss
 
-            marked, accuracy = mark_loss(unwrap(model), *mark_targets, batch["input_ids"] == self.image_token_id)
-            if mark_targets[0].numel():
+            rows, targets, candidates = mark_targets
+            marked, accuracy, choice = mark_loss(unwrap(model), rows, targets,
+                                                 batch["input_ids"] == self.image_token_id, candidates)
+            if rows.numel():
                 self.mark_loss.append(float(marked.detach()))
                 self.mark_accuracy.append(accuracy)
+            if choice == choice:  # not NaN: a marked row had candidates to choose among
+                self.mark_choice.append(choice)
             loss = loss + self.mark_weight * marked * out.num_loss_tokens
         if tag_labels is not None:
             from visor.train.marking import tag_loss
@@ -640,6 +666,9 @@ class Trainer:
                         row["mark_accuracy"] = sum(self.task.mark_accuracy) / len(self.task.mark_accuracy)
                         self.task.mark_loss.clear()
                         self.task.mark_accuracy.clear()
+                    if getattr(self.task, "mark_choice", None):
+                        row["mark_choice"] = sum(self.task.mark_choice) / len(self.task.mark_choice)
+                        self.task.mark_choice.clear()
                     if getattr(self.task, "tag_loss", None):
                         row["tag_loss"] = sum(self.task.tag_loss) / len(self.task.tag_loss)
                         row["tag_accuracy"] = sum(self.task.tag_accuracy) / len(self.task.tag_accuracy)
@@ -802,6 +831,10 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
         if marks:  # the mark head's balanced accuracy over the image tokens (50: a constant guess)
             twin.plot([r["step"] for r in marks], [100 * r["mark_accuracy"] for r in marks], color="tab:green",
                       label="marking, balanced accuracy")
+        choices = [r for r in train if "mark_choice" in r]
+        if choices:  # does the named place outscore the other rows, bars or shapes (chance 1 / candidates)
+            twin.plot([r["step"] for r in choices], [100 * r["mark_choice"] for r in choices], color="tab:olive",
+                      label="marking, named place chosen")
         if tags:  # the tag head's accuracy on the tokens of a place
             twin.plot([r["step"] for r in tags], [100 * r["tag_accuracy"] for r in tags], color="tab:purple",
                       label="tags of the places' tokens")

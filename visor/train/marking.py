@@ -115,14 +115,17 @@ def image_token_tags(scene: dict, geometry: tuple, region: str = "place") -> tor
     return labels
 
 
-def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
-              image_mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, image_mask: torch.Tensor,
+              candidates: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, float, float]:
     """Balanced BCE of the captured logits on the image tokens of ``rows`` (``image_mask`` [B, N]: the batch's image
-    positions), and the balanced accuracy (the mean of the shares of the place's tokens and of the others classified
-    right; 0.5 for a constant guess). ``targets`` [R, N] mark the named place."""
+    positions), the balanced accuracy (the mean of the shares of the place's tokens and of the others classified
+    right; 0.5 for a constant guess), and the choice (:func:`mark_choice`; NaN without ``candidates``).
+    ``targets`` [R, N] mark the named place; ``candidates[r]`` [C, N] every place row ``r``'s question could have
+    named, the named one first (``None``: fewer than two)."""
     logits = getattr(model, ATTRIBUTE).take()[..., 0]
     if rows.numel() == 0:
-        return logits.sum() * 0.0, float("nan")  # keeps the head in the graph (DDP sees its parameters used)
+        # keeps the head in the graph (DDP sees its parameters used)
+        return logits.sum() * 0.0, float("nan"), float("nan")
     logits = logits[rows.to(logits.device)].float()
     targets = targets.to(logits.device)
     image = image_mask.to(logits.device)[rows.to(logits.device)]
@@ -135,7 +138,25 @@ def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
     loss = 0.5 * (losses[positive].mean() + losses[negative].mean())
     marked = logits.detach() > 0
     balanced = 0.5 * (marked[positive].float().mean() + (~marked[negative]).float().mean())
-    return loss, float(balanced)
+    choice = mark_choice(logits.detach(), candidates) if candidates is not None else float("nan")
+    return loss, float(balanced), choice
+
+
+def mark_choice(logits: torch.Tensor, candidates: list[torch.Tensor | None]) -> float:
+    """The share of rows whose named place gets a higher mean logit than every other place the question could have
+    named (``candidates[r]`` [C, N], the named one first; rows with ``None`` are left out; NaN if all are).
+
+    Why beside the balanced accuracy: a marker blind to the question that marks every row, bar or shape already
+    scores well above 0.5 there (most negatives are background); only this tells whether the question reached the
+    visual tokens. Chance is the mean of 1 / C."""
+    right = []
+    for row, masks in enumerate(candidates):
+        if masks is None:
+            continue
+        masks = masks.to(logits.device)
+        means = (logits[row].unsqueeze(0) * masks).sum(1) / masks.sum(1).clamp(min=1)
+        right.append(float(bool(means[0] > means[1:].max())))  # strictly: a tie (a blind marker) is no choice
+    return sum(right) / len(right) if right else float("nan")
 
 
 def tag_loss(model: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
