@@ -419,6 +419,23 @@ def test_base_run_learns_to_mark_the_named_place(tmp_path):
     assert (tmp_path / "mark" / "loss.png").stat().st_size > 0
 
 
+def test_tag_and_mark_heads_read_their_own_layers(tmp_path):
+    """``tag_layer`` puts the tag head below the mark head (left out, it reads ``mark_layer``); one batch carries
+    both targets and one forward feeds both heads."""
+    from visor.train.marking import ATTRIBUTE, TAG_ATTRIBUTE
+
+    trainer = _lookup_trainer(tmp_path, "both", data={"question_first": True}, lookup_weight=0.0, mark_weight=1.0,
+                              mark_layer=3, tag_weight=1.0, tag_layer=1)
+    model = trainer.model
+    assert getattr(model, ATTRIBUTE).layer == 3 and getattr(model, TAG_ATTRIBUTE).layer == 1
+    batch = trainer.task.batch([0, 1, 2, 3])
+    assert "mark_targets" in batch and "tag_labels" in batch
+    trainer.task.loss(model, batch, 0)
+    assert len(trainer.task.mark_loss) == 1 and len(trainer.task.tag_loss) == 1
+    default = _lookup_trainer(tmp_path, "same", lookup_weight=0.0, tag_weight=1.0, mark_layer=2)
+    assert getattr(default.model, TAG_ATTRIBUTE).layer == 2
+
+
 def test_mark_recipe_checks(tmp_path):
     with pytest.raises(ValueError, match="question_first"):
         load_recipe(tiny_recipe(tmp_path, "mq", mark_weight=1.0))

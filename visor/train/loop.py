@@ -510,7 +510,8 @@ class Trainer:
                 if recipe.mark_weight > 0:
                     attach_token_head(model, recipe.mark_layer)
                 if recipe.tag_weight > 0:
-                    attach_token_head(model, recipe.mark_layer, TAG_ATTRIBUTE, len(TAGS) + 1)
+                    tag_layer = recipe.mark_layer if recipe.tag_layer is None else recipe.tag_layer
+                    attach_token_head(model, tag_layer, TAG_ATTRIBUTE, len(TAGS) + 1)
             self.image_processor = models.image_processor_for(model.config)
             self.task = LanguageTask(recipe, model, self.tokenizer, self.image_processor)
         if recipe.grad_checkpointing and hasattr(model, "language_model"):

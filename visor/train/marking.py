@@ -72,8 +72,8 @@ def attach_token_head(model: nn.Module, layer: int, attribute: str = ATTRIBUTE, 
     self-attention input. Layer 0 reads the embeddings, before any token has seen another, so it is refused."""
     decoder = model.language_model
     if not 1 <= layer < len(decoder.layers):
-        raise ValueError(f"mark_layer must be in 1..{len(decoder.layers) - 1} (the input of that layer is read; "
-                         f"layer 0's input has seen no other token), got {layer}")
+        raise ValueError(f"mark_layer and tag_layer must be in 1..{len(decoder.layers) - 1} (the input of that layer "
+                         f"is read; layer 0's input has seen no other token), got {layer}")
     head = TokenHead(model.config.text_config.hidden_size, layer, outputs)
     setattr(model, attribute, head)
     decoder.layers[layer].self_attn.register_forward_pre_hook(head.capture)

@@ -136,9 +136,11 @@ class Recipe:
     # tokens to mark the place the first question names (visor.train.marking; the region is ``lookup_region``)
     mark_weight: float = 0.0
     mark_layer: int = 4
-    # base, synth data: > 0 adds a per-token head on the input of ``mark_layer`` that asks every visual token which
-    # place it belongs to, by the word a question names it with (visor.train.marking: tagging; any prompt order)
+    # base, synth data: > 0 adds a per-token head on the input of ``tag_layer`` (None: ``mark_layer``) that asks every
+    # visual token which place it belongs to, by the word a question names it with (visor.train.marking: tagging;
+    # any prompt order). With marking too, a tag layer below the mark layer leaves layers to match tag and question
     tag_weight: float = 0.0
+    tag_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
