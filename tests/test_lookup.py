@@ -419,6 +419,46 @@ def test_base_run_learns_to_mark_the_named_place(tmp_path):
     assert (tmp_path / "mark" / "loss.png").stat().st_size > 0
 
 
+def test_token_heads_benchmark_reads_the_heads_per_family(tmp_path):
+    """``benchmarks/token_heads.py`` loads a run's last resume checkpoint with its heads and scores them per family
+    on training indices the run never reached: every marked kind_color, doc or chart item gets a choice among its
+    places, presence none; chances are 1 / places; a run without heads, or a start inside the run, is refused."""
+    from tests.tiny import load_benchmark
+
+    script = load_benchmark("token_heads")
+    trainer = _lookup_trainer(tmp_path, "heads", data={"question_first": True}, lookup_weight=0.0, mark_weight=1.0,
+                              mark_layer=3, tag_weight=1.0, tag_layer=1, max_steps=4, save_every=2, log_every=2)
+    from visor.train.loop import Trainer
+
+    Trainer(trainer.recipe, progress=False).train()
+    run = tmp_path / "heads"
+    result = script.read_heads(run, n=12, start=1000, batch_size=4, progress=False)
+    assert result["checkpoint"].endswith("step_00000004")
+    families = result["families"]
+    expected = {}
+    for index in range(1000, 1012):
+        family = trainer.task.source.item(index).scene["family"]
+        expected[family] = expected.get(family, 0) + 1
+    assert set(families) == set(expected)
+    for family, entry in families.items():
+        assert 0 <= entry["tag_token_accuracy"] <= 1
+        if family == "presence":  # marked only where the kind is there, and never a choice: one answer, no places
+            assert "mark_choice" not in entry
+        else:
+            assert 0 <= entry["mark_balanced"] <= 1
+            assert entry["mark_choice_n"] == expected[family] and 0 <= entry["mark_choice"] <= 1
+            assert 1 / 4 <= entry["mark_chance"] <= 1 / 2 and 1 / 4 <= entry["tag_chance"] <= 1 / 2
+    assert "kind_color" in script.format_report(result)
+    with pytest.raises(ValueError, match="never reached"):
+        script.read_heads(run, n=4, start=0, progress=False)
+    recipe = json.loads((run / "final" / "recipe.json").read_text())
+    (tmp_path / "plain" / "final").mkdir(parents=True)
+    (tmp_path / "plain" / "final" / "recipe.json").write_text(json.dumps({**recipe, "mark_weight": 0.0,
+                                                                          "tag_weight": 0.0}))
+    with pytest.raises(ValueError, match="neither a mark head nor a tag head"):
+        script.read_heads(tmp_path / "plain", n=4, progress=False)
+
+
 def test_tag_and_mark_heads_read_their_own_layers(tmp_path):
     """``tag_layer`` puts the tag head below the mark head (left out, it reads ``mark_layer``); one batch carries
     both targets and one forward feeds both heads."""
