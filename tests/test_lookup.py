@@ -380,6 +380,39 @@ def test_mark_choice_asks_whether_the_named_place_outscores_the_others():
     assert mark_choice(logits[2:], [blind]) == 0.0
 
 
+def test_choice_loss_is_a_cross_entropy_among_the_places(tmp_path):
+    """``choice_loss``: per row, softmax over the candidates' mean logits, the named one (first) as the class; rows
+    without candidates are left out; ``mark_loss(choice_weight=w)`` adds w times it, and its gradient raises the
+    named place against the others. A recipe with the weight and no marking is refused."""
+    from torch import nn
+
+    from visor.train.marking import ATTRIBUTE, TokenHead, choice_loss, mark_loss
+
+    place = lambda *cols: torch.tensor([c in cols for c in range(5)])  # noqa: E731
+    logits = torch.tensor([[0.0, 4.0, 2.0, -3.0, 1.0], [0.0, 1.0, 3.0, 2.0, 0.0]], requires_grad=True)
+    candidates = [torch.stack([place(1, 2), place(3, 4)]), None]
+    expected = -torch.log_softmax(torch.tensor([3.0, -1.0]), 0)[0]
+    loss = choice_loss(logits, candidates)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    loss.backward()
+    assert (logits.grad[0, [1, 2]] < 0).all() and (logits.grad[0, [3, 4]] > 0).all() and (logits.grad[1] == 0).all()
+    with pytest.raises(ValueError, match="a row with candidates"):
+        choice_loss(logits, [None, None])
+
+    model = nn.Module()
+    head = TokenHead(4, 1)
+    setattr(model, ATTRIBUTE, head)
+    image = torch.tensor([[False, True, True, True, True]])
+    targets = place(1, 2)[None]
+    head._logits = logits.detach()[:1, :, None]
+    plain, _, _ = mark_loss(model, torch.tensor([0]), targets, image, candidates[:1])
+    head._logits = logits.detach()[:1, :, None]
+    weighted, _, _ = mark_loss(model, torch.tensor([0]), targets, image, candidates[:1], choice_weight=0.5)
+    assert float(weighted - plain) == pytest.approx(0.5 * float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="mark_choice_weight"):
+        load_recipe(tiny_recipe(tmp_path, "mcw", mark_choice_weight=1.0))
+
+
 def test_base_run_learns_to_mark_the_named_place(tmp_path):
     """A tiny question-first base run with a mark weight: the head reads the first turn's place only (a later turn's
     question comes after the image), its loss falls, it is logged and plotted, and the export drops it."""

@@ -289,7 +289,8 @@ class LanguageTask:
 
             rows, targets, candidates = mark_targets
             marked, accuracy, choice = mark_loss(unwrap(model), rows, targets,
-                                                 batch["input_ids"] == self.image_token_id, candidates)
+                                                 batch["input_ids"] == self.image_token_id, candidates,
+                                                 self.recipe.mark_choice_weight)
             if rows.numel():
                 self.mark_loss.append(float(marked.detach()))
                 self.mark_accuracy.append(accuracy)

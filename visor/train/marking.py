@@ -116,12 +116,17 @@ def image_token_tags(scene: dict, geometry: tuple, region: str = "place") -> tor
 
 
 def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, image_mask: torch.Tensor,
-              candidates: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, float, float]:
+              candidates: list[torch.Tensor | None] | None = None,
+              choice_weight: float = 0.0) -> tuple[torch.Tensor, float, float]:
     """Balanced BCE of the captured logits on the image tokens of ``rows`` (``image_mask`` [B, N]: the batch's image
     positions), the balanced accuracy (the mean of the shares of the place's tokens and of the others classified
     right; 0.5 for a constant guess), and the choice (:func:`mark_choice`; NaN without ``candidates``).
     ``targets`` [R, N] mark the named place; ``candidates[r]`` [C, N] every place row ``r``'s question could have
-    named, the named one first (``None``: fewer than two)."""
+    named, the named one first (``None``: fewer than two).
+
+    ``choice_weight`` > 0 adds that weight times a cross-entropy over each row's candidates, their mean logits as
+    scores and the named one as the class (:func:`choice_loss`): the BCE alone is met by marking every place, since
+    the other places are few among the negatives; this term is met only by telling them apart."""
     logits = getattr(model, ATTRIBUTE).take()[..., 0]
     if rows.numel() == 0:
         # keeps the head in the graph (DDP sees its parameters used)
@@ -139,7 +144,25 @@ def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, image
     marked = logits.detach() > 0
     balanced = 0.5 * (marked[positive].float().mean() + (~marked[negative]).float().mean())
     choice = mark_choice(logits.detach(), candidates) if candidates is not None else float("nan")
+    if choice_weight > 0 and candidates is not None and any(c is not None for c in candidates):
+        loss = loss + choice_weight * choice_loss(logits, candidates)
     return loss, float(balanced), choice
+
+
+def _candidate_means(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[C] mean logit over each candidate's tokens (``logits`` [N], ``masks`` [C, N])."""
+    masks = masks.to(logits.device)
+    return (logits.unsqueeze(0) * masks).sum(1) / masks.sum(1).clamp(min=1)
+
+
+def choice_loss(logits: torch.Tensor, candidates: list[torch.Tensor | None]) -> torch.Tensor:
+    """Mean over the rows with candidates of the cross-entropy of the named place (candidate 0) against the others,
+    each scored by its mean logit (``logits`` [R, N], ``candidates[r]`` [C, N] or ``None``)."""
+    losses = [F.cross_entropy(_candidate_means(logits[row], masks)[None], logits.new_zeros(1, dtype=torch.long))
+              for row, masks in enumerate(candidates) if masks is not None]
+    if not losses:
+        raise ValueError("choice_loss needs a row with candidates")
+    return torch.stack(losses).mean()
 
 
 def mark_choice(logits: torch.Tensor, candidates: list[torch.Tensor | None]) -> float:
@@ -153,8 +176,7 @@ def mark_choice(logits: torch.Tensor, candidates: list[torch.Tensor | None]) -> 
     for row, masks in enumerate(candidates):
         if masks is None:
             continue
-        masks = masks.to(logits.device)
-        means = (logits[row].unsqueeze(0) * masks).sum(1) / masks.sum(1).clamp(min=1)
+        means = _candidate_means(logits[row], masks)
         right.append(float(bool(means[0] > means[1:].max())))  # strictly: a tie (a blind marker) is no choice
     return sum(right) / len(right) if right else float("nan")
 

@@ -136,6 +136,9 @@ class Recipe:
     # tokens to mark the place the first question names (visor.train.marking; the region is ``lookup_region``)
     mark_weight: float = 0.0
     mark_layer: int = 4
+    # with marking: > 0 adds a cross-entropy among the places the question could have named, scored by the head's mean
+    # logit over each (visor.train.marking.choice_loss): the balanced BCE alone is met by marking every place
+    mark_choice_weight: float = 0.0
     # base, synth data: > 0 adds a per-token head on the input of ``tag_layer`` (None: ``mark_layer``) that asks every
     # visual token which place it belongs to, by the word a question names it with (visor.train.marking: tagging;
     # any prompt order). With marking too, a tag layer below the mark layer leaves layers to match tag and question
@@ -183,6 +186,9 @@ class Recipe:
             raise ValueError(f"lookup_region must be one of {REGIONS}, got {self.lookup_region!r}")
         if self.mark_weight < 0 or self.tag_weight < 0:
             raise ValueError(f"mark_weight and tag_weight must be >= 0, got {self.mark_weight}, {self.tag_weight}")
+        if self.mark_choice_weight < 0 or (self.mark_choice_weight > 0 and self.mark_weight <= 0):
+            raise ValueError(f"mark_choice_weight must be >= 0 and needs mark_weight > 0, got {self.mark_choice_weight} "
+                             f"with mark_weight {self.mark_weight}")
         if self.mark_weight > 0 and not self.data.question_first:
             raise ValueError("mark_weight asks the visual tokens to mark the place the question names: they see the "
                              "question only with data.question_first: true")
