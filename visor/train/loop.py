@@ -657,25 +657,15 @@ class Trainer:
                             row["resolution"] = self.task.configuration_for_step(step - 1).resolution
                     if recipe.reducers:
                         row["reducer"] = sample_reducer(recipe, step - 1) or "none"
-                    if getattr(self.task, "shape_ce", None):  # this rank's micro-batches since the last row
-                        row["shape_head_ce"] = sum(self.task.shape_ce) / len(self.task.shape_ce)
-                        self.task.shape_ce.clear()
-                    if getattr(self.task, "lookup_mass", None):
-                        row["lookup_mass"] = sum(self.task.lookup_mass) / len(self.task.lookup_mass)
-                        self.task.lookup_mass.clear()
-                    if getattr(self.task, "mark_loss", None):
-                        row["mark_loss"] = sum(self.task.mark_loss) / len(self.task.mark_loss)
-                        row["mark_accuracy"] = sum(self.task.mark_accuracy) / len(self.task.mark_accuracy)
-                        self.task.mark_loss.clear()
-                        self.task.mark_accuracy.clear()
-                    if getattr(self.task, "mark_choice", None):
-                        row["mark_choice"] = sum(self.task.mark_choice) / len(self.task.mark_choice)
-                        self.task.mark_choice.clear()
-                    if getattr(self.task, "tag_loss", None):
-                        row["tag_loss"] = sum(self.task.tag_loss) / len(self.task.tag_loss)
-                        row["tag_accuracy"] = sum(self.task.tag_accuracy) / len(self.task.tag_accuracy)
-                        self.task.tag_loss.clear()
-                        self.task.tag_accuracy.clear()
+                    # the auxiliary losses' metrics, per micro-batch of this rank since the last row, averaged
+                    for attribute, key in (("shape_ce", "shape_head_ce"), ("lookup_mass", "lookup_mass"),
+                                           ("mark_loss", "mark_loss"), ("mark_accuracy", "mark_accuracy"),
+                                           ("mark_choice", "mark_choice"), ("tag_loss", "tag_loss"),
+                                           ("tag_accuracy", "tag_accuracy")):
+                        values = getattr(self.task, attribute, None)
+                        if values:
+                            row[key] = sum(values) / len(values)
+                            values.clear()
                     self._metric(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", samples_s=f"{row['samples_per_s']:.1f}",
                                     tokens_s=f"{row['target_tokens_per_s']:.0f}")
