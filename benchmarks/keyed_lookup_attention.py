@@ -119,7 +119,48 @@ def question_sensitivity(model, batcher, family: str, n: int, config, seed: int 
     same image and take the greedy first token of each answer. A model that looks where the question points gives
     a different answer to each; one that reads a candidate chosen by the image alone gives the same to all.
     Returns ``images``, ``same_answer`` (the share of images given one answer for every question), ``accuracy``
-    (first-token, over every question) and ``distinct`` (mean distinct answers per image over the candidates)."""
+    (first-token, over every question), ``distinct`` (mean distinct answers per image over the candidates) and
+    ``reach``: per decoder layer, how much the visual states entering it move when the question changes (the mean
+    over the image tokens of ``|x_other - x_named|``, over the mean ``|x_named|``, averaged over the other questions
+    and the images). With the image first it is 0 in every layer (the image tokens never see the question); with the
+    question first it says how far the question reaches into the visual tokens."""
+    same, right, asked, distinct, images, index = 0, 0, 0, [], 0, 0
+    layers = model.language_model.layers
+    entering: dict[int, torch.Tensor] = {}  # layer -> its self-attention input, of the last forward
+    handles = [layer.self_attn.register_forward_pre_hook(
+        lambda attn, args, i=i: entering.__setitem__(i, args[0].detach())) for i, layer in enumerate(layers)]
+    reach = torch.zeros(len(layers))
+    bar = tqdm(total=n, desc=f"{family} questions", disable=not progress, leave=False)
+    try:
+        while images < n:
+            results: list = []
+            index = _ask_every_question(model, batcher, family, config, seed, question_first, index, entering, results)
+            if not results:
+                continue
+            predictions = [prediction for prediction, _, _ in results]
+            right += sum(prediction == target for prediction, target, _ in results)
+            asked += len(results)
+            named = results[0][2]  # [layers, image tokens, hidden] under the named question
+            scale = named.norm(dim=-1).mean(-1).clamp_min(1e-12)  # [layers]
+            reach += torch.stack([(states - named).norm(dim=-1).mean(-1) / scale
+                                  for _, _, states in results[1:]]).mean(0)
+            same += len(set(predictions)) == 1
+            distinct.append(len(set(predictions)) / len(predictions))
+            images += 1
+            bar.update(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    bar.close()
+    return {"images": images, "same_answer": same / images, "accuracy": right / asked,
+            "distinct": sum(distinct) / images, "reach": (reach / images).tolist()}
+
+
+def _ask_every_question(model, batcher, family: str, config, seed: int, question_first: bool, index: int,
+                        entering: dict, results: list) -> int:
+    """Test item ``index`` of ``family``: if its candidates have distinct answers, ask each candidate's question
+    (the named one first) and append ``(greedy first token, reference first token, [layers, image tokens, hidden]
+    visual states entering each layer)`` to ``results``. Returns the next index."""
     import dataclasses
 
     from visor.analysis.common import autocast
@@ -127,33 +168,22 @@ def question_sensitivity(model, batcher, family: str, n: int, config, seed: int 
     from visor.data.synth.families import derive_answer, other_queries, question_text
     from visor.data.synth.generate import generate_item
 
-    same, right, asked, distinct, images, index = 0, 0, 0, [], 0, 0
-    bar = tqdm(total=n, desc=f"{family} questions", disable=not progress, leave=False)
-    while images < n:
-        item = generate_item("test", index, seed=seed, config=config, families=[family])
-        index += 1
-        scenes = [{**item.scene, "query": q} for q in [item.scene["query"]] + other_queries(item.scene)]
-        answers = [derive_answer(scene) for scene in scenes]
-        if len(set(answers)) != len(answers) or len(answers) < 2:
-            continue
-        predictions = []
-        for scene, answer in zip(scenes, answers):
-            asked_item = dataclasses.replace(item, scene=scene, question=question_text(scene), answer=answer)
-            batch = batcher.train_batch([Sample([item.image], asked_item.conversations(question_first))])
-            position = int((batch["labels"][0] != -100).nonzero()[0, 0]) - 1  # predicts the answer's first token
-            with torch.no_grad(), autocast("bf16"):
-                out = model(**batch)
-            (slot,) = (out.text_index[0] == position).nonzero()[:, 0].tolist()
-            predictions.append(int(out.logits[0, slot].argmax()))
-            right += predictions[-1] == int(batch["labels"][0, position + 1])
-            asked += 1
-        same += len(set(predictions)) == 1
-        distinct.append(len(set(predictions)) / len(predictions))
-        images += 1
-        bar.update(1)
-    bar.close()
-    return {"images": images, "same_answer": same / images, "accuracy": right / asked,
-            "distinct": sum(distinct) / images}
+    item = generate_item("test", index, seed=seed, config=config, families=[family])
+    scenes = [{**item.scene, "query": q} for q in [item.scene["query"]] + other_queries(item.scene)]
+    answers = [derive_answer(scene) for scene in scenes]
+    if len(set(answers)) != len(answers) or len(answers) < 2:
+        return index + 1
+    for scene, answer in zip(scenes, answers):
+        asked_item = dataclasses.replace(item, scene=scene, question=question_text(scene), answer=answer)
+        batch = batcher.train_batch([Sample([item.image], asked_item.conversations(question_first))])
+        position = int((batch["labels"][0] != -100).nonzero()[0, 0]) - 1  # predicts the answer's first token
+        with torch.no_grad(), autocast("bf16"):
+            out = model(**batch)
+        (slot,) = (out.text_index[0] == position).nonzero()[:, 0].tolist()
+        image = batch["input_ids"][0] == model.config.image_token_id
+        states = torch.stack([entering[i][0, image].float() for i in range(len(entering))])
+        results.append((int(out.logits[0, slot].argmax()), int(batch["labels"][0, position + 1]), states))
+    return index + 1
 
 
 def readout(train: dict, test: dict, layer: int, head: int, epochs: int = 200, lr: float = 0.05) -> dict:
@@ -307,6 +337,8 @@ def main() -> None:
             print(f"  every candidate's question about the same {q['images']} images: one answer for all of them on "
                   f"{100 * q['same_answer']:.1f}% of the images; distinct answers per question "
                   f"{100 * q['distinct']:.1f}%; first-token accuracy {100 * q['accuracy']:.1f}%")
+            print("  the visual states entering each layer move, when the question changes, by "
+                  + "  ".join(f"{i}: {100 * v:.2f}%" for i, v in enumerate(q["reach"])))
         if "copying" in summary:
             print("  heads the answer is copied from (prediction = the value of the candidate the head looks at):")
             for r in summary["copying"][:8]:

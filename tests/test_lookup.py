@@ -282,6 +282,10 @@ def test_keyed_lookup_attention_benchmark(tmp_path):
     sensitivity = script.question_sensitivity(visor, batcher, "chart", 3, config128, seed=2, progress=False)
     assert sensitivity["images"] == 3 and 0 <= sensitivity["same_answer"] <= 1 and 0 <= sensitivity["accuracy"] <= 1
     assert 0.25 <= sensitivity["distinct"] <= 1  # 2-4 bars: one answer for all gives a quarter at least
+    assert sensitivity["reach"] == [0.0] * len(visor.language_model.layers)  # image first: the question never reaches
+    first = script.question_sensitivity(visor, batcher, "chart", 3, config128, seed=2, progress=False,
+                                        question_first=True)
+    assert first["reach"][0] == 0.0 and all(v > 1e-4 for v in first["reach"][1:])  # layer 0 reads the embeddings
     assert all(not layer.self_attn._forward_pre_hooks for layer in visor.language_model.layers)
 
 
