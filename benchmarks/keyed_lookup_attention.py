@@ -133,8 +133,8 @@ def question_sensitivity(model, batcher, family: str, n: int, config, seed: int 
     bar = tqdm(total=n, desc=f"{family} questions", disable=not progress, leave=False)
     try:
         while images < n:
-            results: list = []
-            index = _ask_every_question(model, batcher, family, config, seed, question_first, index, entering, results)
+            results = _ask_every_question(model, batcher, family, config, seed, question_first, index, entering)
+            index += 1
             if not results:
                 continue
             predictions = [prediction for prediction, _, _ in results]
@@ -157,10 +157,10 @@ def question_sensitivity(model, batcher, family: str, n: int, config, seed: int 
 
 
 def _ask_every_question(model, batcher, family: str, config, seed: int, question_first: bool, index: int,
-                        entering: dict, results: list) -> int:
+                        entering: dict) -> list[tuple[int, int, torch.Tensor]]:
     """Test item ``index`` of ``family``: if its candidates have distinct answers, ask each candidate's question
-    (the named one first) and append ``(greedy first token, reference first token, [layers, image tokens, hidden]
-    visual states entering each layer)`` to ``results``. Returns the next index."""
+    (the named one first) and return per question ``(greedy first token, reference first token, [layers, image
+    tokens, hidden] visual states entering each layer, read from ``entering``)``; else ``[]``."""
     import dataclasses
 
     from visor.analysis.common import autocast
@@ -172,7 +172,8 @@ def _ask_every_question(model, batcher, family: str, config, seed: int, question
     scenes = [{**item.scene, "query": q} for q in [item.scene["query"]] + other_queries(item.scene)]
     answers = [derive_answer(scene) for scene in scenes]
     if len(set(answers)) != len(answers) or len(answers) < 2:
-        return index + 1
+        return []
+    results = []
     for scene, answer in zip(scenes, answers):
         asked_item = dataclasses.replace(item, scene=scene, question=question_text(scene), answer=answer)
         batch = batcher.train_batch([Sample([item.image], asked_item.conversations(question_first))])
@@ -183,7 +184,7 @@ def _ask_every_question(model, batcher, family: str, config, seed: int, question
         image = batch["input_ids"][0] == model.config.image_token_id
         states = torch.stack([entering[i][0, image].float() for i in range(len(entering))])
         results.append((int(out.logits[0, slot].argmax()), int(batch["labels"][0, position + 1]), states))
-    return index + 1
+    return results
 
 
 def readout(train: dict, test: dict, layer: int, head: int, epochs: int = 200, lr: float = 0.05) -> dict:
