@@ -50,7 +50,7 @@ def read_heads(run: str | Path, n: int = 400, start: int = 100_000, checkpoint: 
 
     from visor.precision import autocast
     from visor.train.loop import Trainer
-    from visor.train.marking import ATTRIBUTE, TAG_ATTRIBUTE, mark_choice, mark_loss
+    from visor.train.marking import ATTRIBUTE, TAG_ATTRIBUTE, balanced_accuracy, mark_choice
     from visor.train.recipe import load_recipe
 
     run = Path(run)
@@ -82,17 +82,15 @@ def read_heads(run: str | Path, n: int = 400, start: int = 100_000, checkpoint: 
             model(**batch)
         families = [task.source.item(i).scene["family"] for i in indices]
         if marks is not None:
-            logits = marks.take()
+            logits = marks.take()[..., 0].float()
             rows, targets, candidates = mark_targets
             image = batch["input_ids"] == model.config.image_token_id
             for j, row in enumerate(rows.tolist()):
-                marks._logits = logits  # mark_loss takes the captured logits once per call
-                _, balanced, _ = mark_loss(model, rows[j:j + 1], targets[j:j + 1], image)
                 entry = stats.setdefault(families[row], {})
-                entry.setdefault("mark_balanced", []).append(balanced)
+                entry.setdefault("mark_balanced", []).append(
+                    balanced_accuracy(logits[row], targets[j], image[row] & ~targets[j]))
                 if candidates[j] is not None:
-                    entry.setdefault("mark_choice", []).append(mark_choice(logits[row:row + 1, :, 0].float(),
-                                                                           [candidates[j]]))
+                    entry.setdefault("mark_choice", []).append(mark_choice(logits[row:row + 1], [candidates[j]]))
                     entry.setdefault("mark_chance", []).append(1 / candidates[j].shape[0])
         if tags is not None:
             log_probs = tags.take().float().log_softmax(-1)

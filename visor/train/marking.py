@@ -141,12 +141,18 @@ def mark_loss(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, image
         raise ValueError("every marked row needs tokens inside and outside the named place")
     losses = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
     loss = 0.5 * (losses[positive].mean() + losses[negative].mean())
-    marked = logits.detach() > 0
-    balanced = 0.5 * (marked[positive].float().mean() + (~marked[negative]).float().mean())
+    balanced = balanced_accuracy(logits.detach(), positive, negative)
     choice = mark_choice(logits.detach(), candidates) if candidates is not None else float("nan")
     if choice_weight > 0 and candidates is not None and any(c is not None for c in candidates):
         loss = loss + choice_weight * choice_loss(logits, candidates)
-    return loss, float(balanced), choice
+    return loss, balanced, choice
+
+
+def balanced_accuracy(logits: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """The mean of the shares of ``positive`` tokens marked (logit > 0) and of ``negative`` tokens left unmarked
+    (0.5 for a constant guess); ``logits`` and the two masks have one shape."""
+    marked = logits > 0
+    return float(0.5 * (marked[positive].float().mean() + (~marked[negative]).float().mean()))
 
 
 def _candidate_means(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
