@@ -1,0 +1,179 @@
+"""Does the language model learn the keyed lookup when every visual token says plainly which place it belongs to?
+
+The baselines answer the keyed families (a shape by its kind, a document row by its key, a bar by its label) at the
+pick-at-random floor, and every continuation of them stayed there. ``benchmarks/token_key_probe.py`` shows the
+visual tokens carry the shapes' kinds only partly after the projector. This separates the two candidate causes:
+it continues a baseline on one keyed family with an *oracle key* added to the visual features, a fixed random
+direction per place tag (``visor.train.marking.image_token_tags``: the shape's kind, the row's key, the bar's
+label), scaled to ``--oracle`` times the visual features' mean norm, on every token of that place, in training and
+in evaluation alike. If the answer then leaves the floor, the language model can learn the lookup and the missing
+piece is a clear key in the visual tokens; if it does not, the lookup itself does not form at this length and
+learning rate. ``--oracle 0`` is the control (the same continuation without the key).
+
+The model, the trainable parameters and the batches are those of the recipe (default: focus5's continuation recipe
+with the projector training, as the keyed runs of ``docs/training-log.md``); one process, plain AdamW, no
+checkpoints (a diagnostic of minutes, not a training run: nothing is saved but the metrics).
+
+    python benchmarks/oracle_key_lookup.py checkpoints-focus5/base --family kind_color --oracle 1.0 --steps 400 \\
+        --out runs/oracle-kind-1
+
+Evaluation: first-token accuracy of the answer on ``--n-eval`` test items (teacher-forced prompt), with the
+uniform pick (mean of 1 / candidate places). Rows go to ``OUT/metrics.jsonl``; one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from visor.train.lookup import KEYED_FAMILIES
+
+
+class OracleKeys:
+    """Adds a fixed direction per place tag to each image's packed visual features (wrapping ``encode_images``)."""
+
+    def __init__(self, model, scale: float, seed: int = 0) -> None:
+        from visor.train.marking import TAGS
+
+        generator = torch.Generator().manual_seed(seed)
+        hidden = model.config.text_config.hidden_size
+        directions = torch.randn(len(TAGS) + 1, hidden, generator=generator)
+        directions = directions / directions.norm(dim=-1, keepdim=True)
+        directions[0] = 0.0  # "no place" gets nothing
+        self.directions, self.scale = directions, float(scale)
+        self.tags: list[torch.Tensor] = []  # per image of the next forward, [tokens] tag ids (<= 0: none)
+        self.feature_norm: float | None = None
+        self._encode = model.encode_images
+        model.encode_images = self.encode_images
+
+    def encode_images(self, *args, **kwargs) -> list[torch.Tensor]:
+        features = self._encode(*args, **kwargs)
+        if self.scale == 0:
+            return features
+        if len(features) != len(self.tags):
+            raise RuntimeError(f"{len(features)} images encoded, tags were set for {len(self.tags)}")
+        if self.feature_norm is None:  # fixed on the first batch, so the key's size never follows training
+            self.feature_norm = float(torch.cat(features).detach().float().norm(dim=-1).mean())
+        out = []
+        for image, tags in zip(features, self.tags):
+            keys = self.directions[tags.clamp(min=0)] * (self.scale * self.feature_norm)
+            out.append(image + keys.to(image.dtype))
+        return out
+
+
+def first_token_accuracy(model, batcher, oracle: OracleKeys, items, geometry, precision: str) -> tuple[float, float]:
+    """``(accuracy, uniform pick)`` of the answer's first token over ``items``, one prompt at a time."""
+    from visor.data.batch import Sample
+    from visor.precision import autocast
+    from visor.train.lookup import answer_query_positions, lookup_candidates
+    from visor.train.marking import image_token_tags
+
+    model.eval()
+    hits, uniform = [], []
+    with torch.no_grad():
+        for item in items:
+            batch = batcher.train_batch([Sample([item.image], item.conversations())])  # question and answer
+            oracle.tags = [image_token_tags(item.scene, geometry)]
+            position = answer_query_positions(batch["labels"][0])[0]
+            with autocast(precision):
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            (slot,) = (out.text_index[0] == position).nonzero()[:, 0].tolist()
+            hits.append(int(out.logits[0, slot].argmax()) == int(batch["labels"][0, position + 1]))
+            uniform.append(1 / max(1, len(lookup_candidates(item.scene))))
+    model.train()
+    return sum(hits) / len(hits), sum(uniform) / len(uniform)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="the LLaVA-OV baseline to continue")
+    parser.add_argument("--family", choices=KEYED_FAMILIES, default="kind_color")
+    parser.add_argument("--oracle", type=float, default=1.0, help="the key's norm over the features' mean norm; 0: control")
+    parser.add_argument("--recipe", default="recipes/base-tiny-focus5.yaml")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--n-eval", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--seed", type=int, default=8, help="data seed")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="folder for metrics.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from visor.data.synth.config import DEFAULT_CONFIG
+    from visor.data.synth.generate import generate_item
+    from visor.precision import autocast
+    from visor.train.loop import Trainer
+    from visor.train.marking import image_token_tags
+    from visor.train.recipe import load_recipe
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overrides = [f"init={args.checkpoint}", "reducers=null", f"data.families=[{args.family}]",
+                 "data.family_weights=null", f"data.seed={args.seed}", f"data.synth_image_size={args.image_size}",
+                 f"precision={args.precision}"]
+    recipe = load_recipe(args.recipe, overrides)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(dataclasses.replace(recipe, out_dir=scratch), progress=False)
+        trainer._build()
+    model, task = trainer.model, trainer.task
+    model.train()
+    vision = model.config.vision_config
+    geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+    oracle = OracleKeys(model, args.oracle)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    warmup = min(50, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    config = DEFAULT_CONFIG.with_image_size(args.image_size)
+    test = [generate_item("test", i, seed=args.seed, config=config, families=[args.family]) for i in range(args.n_eval)]
+    rows = []
+
+    def evaluate(step: int, loss: float | None) -> None:
+        accuracy, uniform = first_token_accuracy(model, task.batcher, oracle, test, geometry, args.precision)
+        row = {"step": step, "loss": loss, "test_first_token_accuracy": accuracy, "uniform_pick": uniform,
+               "oracle": args.oracle, "family": args.family, "time": time.time()}
+        rows.append(row)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(f"step {step:>5}  loss {loss if loss is None else round(loss, 4)}  "
+                   f"test first-token accuracy {100 * accuracy:.1f}% (uniform pick {100 * uniform:.1f}%)")
+
+    evaluate(0, None)
+    losses = []
+    bar = tqdm(range(args.steps), desc=f"oracle {args.oracle}")
+    for step in bar:
+        indices = list(range(step * args.batch, (step + 1) * args.batch))
+        batch = task.batch(indices)
+        oracle.tags = [image_token_tags(task.source.item(i).scene, geometry) for i in indices]
+        with autocast(args.precision):
+            out = model(**batch, loss_reduction="sum")
+        loss = out.loss / out.num_loss_tokens
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimiser.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            window = losses[-args.eval_every:]
+            evaluate(step + 1, sum(window) / len(window))
+    print(json.dumps({"checkpoint": args.checkpoint, "family": args.family, "oracle": args.oracle,
+                      "steps": args.steps, "batch": args.batch, "lr": args.lr, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""``benchmarks/token_key_probe.py`` (is a place's name linear in its visual tokens, per stage) and
+``benchmarks/oracle_key_lookup.py`` (the same continuation with a clear key added to the visual features)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny import load_benchmark, tiny_benchmark_llava, tiny_image_processor
+
+
+def _tagged_tokens(n_items: int, seed: int, signal: float, shuffle: bool = False):
+    """Items of 2-3 places (tags 1-4), 6 tokens each, in 16 noisy dims; dims 0-3 carry the tag with ``signal``."""
+    gen = torch.Generator().manual_seed(seed)
+    xs, tags, owners = [], [], []
+    for item in range(n_items):
+        places = torch.randperm(4, generator=gen)[: 2 + item % 2] + 1
+        for tag in places.tolist():
+            x = torch.randn(6, 16, generator=gen)
+            x[:, tag - 1] += signal
+            xs.append(x)
+            tags.append(torch.full((6,), tag))
+            owners.append(torch.full((6,), item))
+    tags = torch.cat(tags)
+    if shuffle:  # each token's tag unrelated to its features
+        tags = tags[torch.randperm(len(tags), generator=gen)]
+    return torch.cat(xs), tags, torch.cat(owners)
+
+
+def test_probe_finds_a_linear_key_and_reports_chance_without_one():
+    script = load_benchmark("token_key_probe")
+    x, y, _ = _tagged_tokens(200, 0, signal=3.0)
+    tx, ty, towners = _tagged_tokens(60, 1, signal=3.0)
+    probe = script.fit_probe(x, y, classes=5)
+    with torch.no_grad():
+        clear = script.score(probe(tx).log_softmax(-1), ty, towners)
+    assert clear["token"] >= 0.85 and clear["place"] >= 0.98
+    # averaged over places: 30 items of 2 places (1/2 each) and 30 of 3 (1/3 each)
+    assert clear["place_chance"] == pytest.approx((60 * 1 / 2 + 90 * 1 / 3) / 150)
+    noise_x, _, _ = _tagged_tokens(200, 0, signal=0.0)
+    noise_tx, _, _ = _tagged_tokens(60, 1, signal=0.0)
+    blind = script.fit_probe(noise_x, y, classes=5)
+    with torch.no_grad():
+        guess = script.score(blind(noise_tx).log_softmax(-1), ty, towners)
+    assert guess["place"] <= clear["place_chance"] + 0.15
+
+
+def _tiny_checkpoint(tmp_path):
+    from visor.analysis.common import load
+    from visor.data.batch import Batcher
+
+    model, tok, config = tiny_benchmark_llava(3, seed=0, image_size=64)  # a 128 px canvas is its 2x2 grid
+    model.save_pretrained(str(tmp_path))
+    tok.save_pretrained(str(tmp_path))
+    tiny_image_processor(config).save_pretrained(str(tmp_path))
+    visor, tokenizer, processor, _ = load(tmp_path)
+    return visor, Batcher.for_model(visor, tokenizer, processor), config
+
+
+def test_collect_keeps_the_places_tokens_at_every_stage(tmp_path):
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    script = load_benchmark("token_key_probe")
+    model, batcher, config = _tiny_checkpoint(tmp_path)
+    projector, newline = model.multi_modal_projector, model.image_newline
+    stages, tags, owners = script.collect(model, batcher, "kind_color", "val", 3, DEFAULT_CONFIG.with_image_size(128), [0, 2],
+                                           seed=4)
+    assert model.multi_modal_projector is projector and model.image_newline is newline  # put back
+    assert set(stages) == {"tower", "layer 0", "layer 2"}
+    assert stages["tower"].shape == (len(tags), config.vision_config.hidden_size)
+    assert stages["layer 0"].shape == (len(tags), config.text_config.hidden_size)
+    assert (tags > 0).all() and set(owners.tolist()) == {0, 1, 2}
+    assert not torch.equal(stages["layer 0"], stages["layer 2"])
+    # the tower stage is the projector's input: projecting it gives layer 0's visual states
+    with torch.no_grad():
+        projected = projector(stages["tower"].to(next(projector.parameters()).dtype)).float()
+    torch.testing.assert_close(projected, stages["layer 0"], atol=2e-2, rtol=2e-2)
+
+
+def test_oracle_keys_mark_only_the_places_tokens(tmp_path):
+    from visor.data.batch import Sample
+    from visor.data.synth.config import DEFAULT_CONFIG
+    from visor.data.synth.generate import generate_item
+    from visor.train.marking import image_token_tags
+
+    script = load_benchmark("oracle_key_lookup")
+    model, batcher, _ = _tiny_checkpoint(tmp_path)
+    vision = model.config.vision_config
+    geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+    item = generate_item("val", 0, seed=4, config=DEFAULT_CONFIG.with_image_size(128), families=["kind_color"])
+    batch = batcher.train_batch([Sample([item.image], item.conversations())])
+    args = (batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"])
+    plain = model.encode_images(*args)[0]
+    oracle = script.OracleKeys(model, scale=0.5)
+    oracle.tags = [image_token_tags(item.scene, geometry)]
+    keyed = model.encode_images(*args)[0]
+    moved = (keyed - plain).norm(dim=-1)
+    tags = oracle.tags[0]
+    assert (moved[tags <= 0] == 0).all() and (moved[tags > 0] > 0).all()
+    torch.testing.assert_close(moved[tags > 0], torch.full_like(moved[tags > 0], 0.5 * oracle.feature_norm),
+                               rtol=1e-4, atol=1e-4)
+    # tokens of one place share one direction; places of different tags get different ones
+    delta = keyed - plain
+    first, second = sorted(t for t in tags.unique().tolist() if t > 0)[:2]
+    assert torch.allclose(delta[tags == first][0], delta[tags == first][-1])
+    assert not torch.allclose(delta[tags == first][0], delta[tags == second][0])
+    oracle.tags = []
+    with pytest.raises(RuntimeError, match="tags were set"):
+        model.encode_images(*args)
+    accuracy, uniform = script.first_token_accuracy(model, batcher, oracle, [item], geometry, "fp32")
+    assert accuracy in (0.0, 1.0) and uniform == pytest.approx(1 / len(item.scene["shapes"]))
