@@ -48,7 +48,7 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
     from visor.data.batch import Sample
     from visor.data.synth.generate import generate_item
     from visor.train.lookup import (LookupSupervision, batch_lookup_targets, image_token_targets, lookup_boxes,
-                                    lookup_candidates)
+                                    lookup_candidates, on_image_tokens)
 
     decoder = model.language_model
     lookup = LookupSupervision(decoder, list(range(len(decoder.layers))), decoder.layers[0].self_attn.num_heads,
@@ -79,10 +79,9 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
                 if not places or tokens[0] != answer:
                     raise ValueError(f"{family}: candidates need a family read from a place, whose answer's first "
                                      "token the tokenizer gives alone")
-                image = (batch["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
-                full = torch.zeros(len(places), full.shape[1], dtype=torch.bool)
-                for row, (place, _) in enumerate(places):
-                    full[row, image[image_token_targets(place, item.scene["size"], *geometry)]] = True
+                full = torch.stack([on_image_tokens(batch["input_ids"][0], model.config.image_token_id,
+                                                    image_token_targets(place, item.scene["size"], *geometry))
+                                    for place, _ in places])
                 queries = queries.expand(len(places), 2)
             lookup.arm(queries, full, batch["attention_mask"])
             with torch.no_grad(), autocast("bf16"):

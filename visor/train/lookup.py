@@ -137,6 +137,18 @@ def answer_query_positions(labels: torch.Tensor) -> list[int]:
     return [i - 1 for i in range(1, len(target)) if target[i] and not target[i - 1]]
 
 
+def on_image_tokens(input_ids: torch.Tensor, image_token_id: int, values: torch.Tensor, fill: bool | int = False,
+                    what: str = "lookup mask") -> torch.Tensor:
+    """``[N]`` over one row's sequence (``input_ids`` ``[N]``): ``values`` (one per image token, in order) at the row's
+    ``image_token_id`` positions, ``fill`` elsewhere. The counts must agree (``what`` names ``values`` in the error)."""
+    image = input_ids == image_token_id
+    if int(image.sum()) != values.numel():
+        raise ValueError(f"the row holds {int(image.sum())} image tokens, its {what} {values.numel()}")
+    out = torch.full(input_ids.shape, fill, dtype=values.dtype)
+    out[image] = values
+    return out
+
+
 def batch_lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int,
                          turn_targets: Sequence[Sequence[torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(queries [K, 2] (row, position), targets [K, N] bool)`` for a padded batch.
@@ -148,16 +160,11 @@ def batch_lookup_targets(input_ids: torch.Tensor, labels: torch.Tensor, image_to
         positions = answer_query_positions(labels[row])
         if len(positions) != len(per_turn):
             raise ValueError(f"row {row} has {len(positions)} answer turns, {len(per_turn)} lookup targets were given")
-        image = (input_ids[row] == image_token_id).nonzero()[:, 0]
         for position, mask in zip(positions, per_turn):
             if mask is None or not bool(mask.any()):
                 continue
-            if mask.numel() != image.numel():
-                raise ValueError(f"row {row} holds {image.numel()} image tokens, its lookup mask {mask.numel()}")
-            full = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-            full[image[mask]] = True
             queries.append((row, position))
-            targets.append(full)
+            targets.append(on_image_tokens(input_ids[row], image_token_id, mask))
     if not queries:
         return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, input_ids.shape[1], dtype=torch.bool)
     return torch.tensor(queries, dtype=torch.long), torch.stack(targets)

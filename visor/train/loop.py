@@ -205,35 +205,28 @@ class LanguageTask:
 
     def _tag_labels(self, items: list, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, N] per-token tags (``visor.train.marking.image_token_tags``) on each row's image tokens, -100 elsewhere."""
+        from visor.train.lookup import on_image_tokens
         from visor.train.marking import image_token_tags
 
-        labels = torch.full_like(input_ids, -100)
-        for row, item in enumerate(items):
-            image = input_ids[row] == self.image_token_id
-            tags = image_token_tags(item.scene, self.crop_geometry, self.recipe.lookup_region)
-            if int(image.sum()) != tags.numel():
-                raise ValueError(f"row {row} holds {int(image.sum())} image tokens, its tags {tags.numel()}")
-            labels[row, image] = tags
-        return labels
+        return torch.stack([
+            on_image_tokens(row, self.image_token_id,
+                            image_token_tags(item.scene, self.crop_geometry, self.recipe.lookup_region), -100, "tags")
+            for row, item in zip(input_ids, items)])
 
     def _first_turn_candidates(self, indices: list[int], items: list,
                                input_ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Per row, [C, N] masks of every place the first question could have named, the named one first
         (``visor.train.lookup.lookup_candidates``); ``None`` where it names fewer than two (presence)."""
-        from visor.train.lookup import image_token_targets, lookup_candidates
+        from visor.train.lookup import image_token_targets, lookup_candidates, on_image_tokens
 
         per_row = []
         for row, (index, item) in enumerate(zip(indices, items)):
             scene = self.source.turn_scenes(index, item)[0]
             places = lookup_candidates(scene, self.recipe.lookup_region)
-            if len(places) < 2:
-                per_row.append(None)
-                continue
-            image = (input_ids[row] == self.image_token_id).nonzero()[:, 0]
-            masks = torch.zeros(len(places), input_ids.shape[1], dtype=torch.bool)
-            for c, (boxes, _) in enumerate(places):
-                masks[c, image[image_token_targets(boxes, scene["size"], *self.crop_geometry)]] = True
-            per_row.append(masks)
+            per_row.append(None if len(places) < 2 else torch.stack([
+                on_image_tokens(input_ids[row], self.image_token_id,
+                                image_token_targets(boxes, scene["size"], *self.crop_geometry))
+                for boxes, _ in places]))
         return per_row
 
     def _turn_targets(self, indices: list[int], items: list) -> list[list[torch.Tensor | None]]:
