@@ -10,6 +10,9 @@ in evaluation alike. If the answer then leaves the floor, the language model can
 piece is a clear key in the visual tokens; if it does not, the lookup itself does not form at this length and
 learning rate. ``--oracle 0`` is the control (the same continuation without the key).
 
+``--input text`` (kind_color only) drops the image and states the scene in words before the question ("red circle,
+blue square. What colour is the square?"): the same lookup where the keys are the very words the question uses.
+
 The model, the trainable parameters and the batches are those of the recipe (default: focus5's continuation recipe
 with the projector training, as the keyed runs of ``docs/training-log.md``); one process, plain AdamW, no
 checkpoints (a diagnostic of minutes, not a training run: nothing is saved but the metrics).
@@ -69,9 +72,26 @@ class OracleKeys:
         return out
 
 
-def first_token_accuracy(model, batcher, oracle: OracleKeys, items, geometry, precision: str) -> tuple[float, float]:
-    """``(accuracy, uniform pick)`` of the answer's first token over ``items``, one prompt at a time."""
+def scene_in_words(scene: dict) -> str:
+    """A kind_color scene as text, its shapes in the scene's (random) order: ``"red circle, blue square."``."""
+    if scene["family"] != "kind_color":
+        raise ValueError(f"--input text states kind_color scenes only, got {scene['family']}")
+    return ", ".join(f"{shape['color']} {shape['kind']}" for shape in scene["shapes"]) + "."
+
+
+def make_sample(item, text: bool):
+    """The item's prompt and answer as a ``Sample``: with its image, or (``text``) with the scene in words instead."""
     from visor.data.batch import Sample
+
+    if not text:
+        return Sample([item.image], item.conversations())
+    return Sample([], [{"from": "human", "value": f"{scene_in_words(item.scene)} {item.question}"},
+                       {"from": "gpt", "value": item.answer}])
+
+
+def first_token_accuracy(model, batcher, oracle: OracleKeys, items, geometry, precision: str,
+                         text: bool = False) -> tuple[float, float]:
+    """``(accuracy, uniform pick)`` of the answer's first token over ``items``, one prompt at a time."""
     from visor.precision import autocast
     from visor.train.lookup import answer_query_positions, lookup_candidates
     from visor.train.marking import image_token_tags
@@ -80,8 +100,8 @@ def first_token_accuracy(model, batcher, oracle: OracleKeys, items, geometry, pr
     hits, uniform = [], []
     with torch.no_grad():
         for item in items:
-            batch = batcher.train_batch([Sample([item.image], item.conversations())])  # question and answer
-            oracle.tags = [image_token_tags(item.scene, geometry)]
+            batch = batcher.train_batch([make_sample(item, text)])  # question and answer
+            oracle.tags = [] if text else [image_token_tags(item.scene, geometry)]
             position = answer_query_positions(batch["labels"][0])[0]
             with autocast(precision):
                 out = model(**{k: v for k, v in batch.items() if k != "labels"})
@@ -97,6 +117,8 @@ def main() -> None:
     parser.add_argument("checkpoint", help="the LLaVA-OV baseline to continue")
     parser.add_argument("--family", choices=KEYED_FAMILIES, default="kind_color")
     parser.add_argument("--oracle", type=float, default=1.0, help="the key's norm over the features' mean norm; 0: control")
+    parser.add_argument("--input", choices=["image", "text"], default="image",
+                        help="text: the scene in words instead of the image (kind_color; --oracle is ignored)")
     parser.add_argument("--recipe", default="recipes/base-tiny-focus5.yaml")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
@@ -110,6 +132,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for metrics.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    text = args.input == "text"
+    if text and args.family != "kind_color":
+        parser.error("--input text needs --family kind_color")
+    if text:
+        args.oracle = 0.0
 
     from visor.data.synth.config import DEFAULT_CONFIG
     from visor.data.synth.generate import generate_item
@@ -142,9 +169,9 @@ def main() -> None:
     rows = []
 
     def evaluate(step: int, loss: float | None) -> None:
-        accuracy, uniform = first_token_accuracy(model, task.batcher, oracle, test, geometry, args.precision)
+        accuracy, uniform = first_token_accuracy(model, task.batcher, oracle, test, geometry, args.precision, text)
         row = {"step": step, "loss": loss, "test_first_token_accuracy": accuracy, "uniform_pick": uniform,
-               "oracle": args.oracle, "family": args.family, "time": time.time()}
+               "oracle": args.oracle, "input": args.input, "family": args.family, "time": time.time()}
         rows.append(row)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -153,11 +180,15 @@ def main() -> None:
 
     evaluate(0, None)
     losses = []
-    bar = tqdm(range(args.steps), desc=f"oracle {args.oracle}")
+    bar = tqdm(range(args.steps), desc=f"{args.input}, oracle {args.oracle}")
     for step in bar:
         indices = list(range(step * args.batch, (step + 1) * args.batch))
-        batch = task.batch(indices)
-        oracle.tags = [image_token_tags(task.source.item(i).scene, geometry) for i in indices]
+        if text:  # one question per item, in words
+            batch = task.batcher.train_batch([make_sample(task.source.item(i), True) for i in indices])
+            oracle.tags = []
+        else:
+            batch = task.batch(indices)
+            oracle.tags = [image_token_tags(task.source.item(i).scene, geometry) for i in indices]
         with autocast(args.precision):
             out = model(**batch, loss_reduction="sum")
         loss = out.loss / out.num_loss_tokens
@@ -171,7 +202,7 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             window = losses[-args.eval_every:]
             evaluate(step + 1, sum(window) / len(window))
-    print(json.dumps({"checkpoint": args.checkpoint, "family": args.family, "oracle": args.oracle,
+    print(json.dumps({"checkpoint": args.checkpoint, "family": args.family, "oracle": args.oracle, "input": args.input,
                       "steps": args.steps, "batch": args.batch, "lr": args.lr, "rows": rows}))
 
 

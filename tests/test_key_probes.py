@@ -109,3 +109,26 @@ def test_oracle_keys_mark_only_the_places_tokens(tmp_path):
         model.encode_images(*args)
     accuracy, uniform = script.first_token_accuracy(model, batcher, oracle, [item], geometry, "fp32")
     assert accuracy in (0.0, 1.0) and uniform == pytest.approx(1 / len(item.scene["shapes"]))
+
+
+def test_text_input_states_the_scene_in_words(tmp_path):
+    from visor.data.synth.config import DEFAULT_CONFIG
+    from visor.data.synth.generate import generate_item
+
+    script = load_benchmark("oracle_key_lookup")
+    item = generate_item("val", 1, seed=4, config=DEFAULT_CONFIG.with_image_size(128), families=["kind_color"])
+    words = script.scene_in_words(item.scene)
+    assert words == ", ".join(f"{s['color']} {s['kind']}" for s in item.scene["shapes"]) + "."
+    named = item.scene["query"]["kind"]
+    assert f"{item.answer} {named}" in words  # the answer is the colour stated beside the named kind
+    sample = script.make_sample(item, text=True)
+    assert sample.images == [] and sample.turns[0]["value"] == f"{words} {item.question}"
+    assert sample.turns[1]["value"] == item.answer
+    assert script.make_sample(item, text=False).images == [item.image]
+    doc = generate_item("val", 0, seed=4, config=DEFAULT_CONFIG.with_image_size(128), families=["doc"])
+    with pytest.raises(ValueError, match="kind_color scenes only"):
+        script.scene_in_words(doc.scene)
+    model, batcher, _ = _tiny_checkpoint(tmp_path)
+    oracle = script.OracleKeys(model, scale=1.0)
+    accuracy, uniform = script.first_token_accuracy(model, batcher, oracle, [item], None, "fp32", text=True)
+    assert accuracy in (0.0, 1.0) and uniform == pytest.approx(1 / len(item.scene["shapes"]))
