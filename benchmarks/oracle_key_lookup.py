@@ -153,7 +153,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, overrides)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(dataclasses.replace(recipe, out_dir=scratch), progress=False)
-        trainer._build()
+        trainer.build()
     model, task = trainer.model, trainer.task
     model.train()
     vision = model.config.vision_config

@@ -66,7 +66,7 @@ def read_heads(run: str | Path, n: int = 400, start: int = 100_000, checkpoint: 
     checkpoint = Path(checkpoint) if checkpoint else last_checkpoint(run)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(dataclasses.replace(recipe, out_dir=scratch), progress=False)
-        trainer._build()
+        trainer.build()
     model, task = trainer.model, trainer.task
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))  # strict: the heads must be there
     model.train()  # the heads capture in training mode only; the tiny models have no dropout

@@ -39,7 +39,7 @@ def build_trainer(kind: str, precision: str, work: Path, base_dir: Path | None, 
     recipe = load_recipe(ROOT / "recipes" / f"{recipe_file}.yaml", overrides)
     recipe.threads = None
     trainer = Trainer(recipe, progress=False)
-    trainer._build()
+    trainer.build()
     return trainer
 
 

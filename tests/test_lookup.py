@@ -123,7 +123,7 @@ def _lookup_trainer(tmp_path, name: str, data: dict | None = None, **overrides):
     overrides = {"lookup_weight": 1.0, **overrides}
     recipe = load_recipe(tiny_recipe(tmp_path, name, model={**TINY_MODEL, "patch_size": 8}, data=data, **overrides))
     trainer = Trainer(recipe, progress=False)
-    trainer._build()
+    trainer.build()
     return trainer
 
 
@@ -509,8 +509,9 @@ def test_tag_and_mark_heads_read_their_own_layers(tmp_path):
     assert "mark_targets" in batch and "tag_labels" in batch
     trainer.task.loss(model, batch, 0)
     assert len(trainer.task.mark_loss) == 1 and len(trainer.task.tag_loss) == 1
+    assert trainer.recipe.tag_read_layer == 1
     default = _lookup_trainer(tmp_path, "same", lookup_weight=0.0, tag_weight=1.0, mark_layer=2)
-    assert getattr(default.model, TAG_ATTRIBUTE).layer == 2
+    assert default.recipe.tag_read_layer == 2 and getattr(default.model, TAG_ATTRIBUTE).layer == 2
 
 
 def test_mark_recipe_checks(tmp_path):

@@ -166,12 +166,12 @@ def test_vision_shape_head_is_opt_in_and_trains(tmp_path):
 
     plain = load_recipe(tiny_recipe(tmp_path, "plain", kind="vision", model={**TINY_MODEL, "patch_size": 8}, max_steps=2))
     trainer = Trainer(plain, progress=False)
-    trainer._build()
+    trainer.build()
     assert trainer.model.shape is None and "shape" not in trainer.task.batch([0, 1])
     recipe = load_recipe(tiny_recipe(tmp_path, "shape", kind="vision", model={**TINY_MODEL, "patch_size": 8}, max_steps=2,
                                      vision_shape_weight=0.5))
     trainer = Trainer(recipe, progress=False)
-    trainer._build()
+    trainer.build()
     batch = trainer.task.batch([0, 1, 2, 3])
     assert batch["shape"].shape == batch["color"].shape and (batch["shape"] > 0).any()
     assert ((batch["shape"] > 0) <= (batch["color"] > 0)).all()  # a shape's patches are coloured
@@ -208,7 +208,7 @@ def test_base_shape_head_trains_beside_the_answer_loss_and_is_not_exported(tmp_p
     recipe = load_recipe(tiny_recipe(tmp_path, "shape", vision_shape_weight=0.5, max_steps=4, save_every=2,
                                      model={**TINY_MODEL, "patch_size": 8}))
     trainer = Trainer(recipe, progress=False)
-    trainer._build()
+    trainer.build()
     batch = trainer.task.batch([0, 1])
     items = [trainer.task.source.item(i) for i in (0, 1)]
     # 192 px images: base view + 3 x 3 tiles of 64 px, 8 x 8 patches each
@@ -695,7 +695,7 @@ def test_unfrozen_vision_tower_trains_at_its_own_rate_and_resumes(tmp_path):
     assert tower["lr"] == pytest.approx(0.1 * rest["lr"])
     frozen = Trainer(load_recipe(tiny_recipe(tmp_path, "frozen", freeze_vision=True, max_steps=1),
                                  ["optim.vision_lr_scale=0.1"]), progress=False)
-    frozen._build()
+    frozen.build()
     assert len(frozen.optimizer.param_groups) == 1
     with pytest.raises(ValueError, match="vision_lr_scale"):
         load_recipe(tiny_recipe(tmp_path, "bad"), ["optim.vision_lr_scale=0"])

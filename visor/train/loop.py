@@ -479,7 +479,10 @@ class Trainer:
 
         return build_tokenizer()
 
-    def _build(self):
+    def build(self) -> None:
+        """Build the model (wrapped for the recipe's distributed mode), the task, the optimiser and the scheduler,
+        and resume from the run's last complete checkpoint when asked: everything a run needs before its first step.
+        ``run`` calls it; diagnostics call it to get the recipe's model and batches without training."""
         from visor.train import models
 
         recipe = self.recipe
@@ -504,8 +507,7 @@ class Trainer:
                 if recipe.mark_weight > 0:
                     attach_token_head(model, recipe.mark_layer)
                 if recipe.tag_weight > 0:
-                    tag_layer = recipe.mark_layer if recipe.tag_layer is None else recipe.tag_layer
-                    attach_token_head(model, tag_layer, TAG_ATTRIBUTE, len(TAGS) + 1)
+                    attach_token_head(model, recipe.tag_read_layer, TAG_ATTRIBUTE, len(TAGS) + 1)
             self.image_processor = models.image_processor_for(model.config)
             self.task = LanguageTask(recipe, model, self.tokenizer, self.image_processor)
         if recipe.grad_checkpointing and hasattr(model, "language_model"):
@@ -597,7 +599,7 @@ class Trainer:
 
     def _train(self) -> Path | None:
         recipe, env = self.recipe, self.env
-        self._build()
+        self.build()
         accum = recipe.accumulation_steps(env.world_size)
         stop = {"signal": None}
 

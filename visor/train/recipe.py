@@ -233,6 +233,11 @@ class Recipe:
                 raise ValueError(f"reducers: {name!r} prunes inside the LLM; training takes pre-LLM reducers "
                                  "(pooling, VisionZip, VisPruner, HiRED), which shorten the prompt before it")
 
+    @property
+    def tag_read_layer(self) -> int:
+        """The decoder layer whose input the tag head reads: ``tag_layer``, or ``mark_layer`` when it is unset."""
+        return self.mark_layer if self.tag_layer is None else self.tag_layer
+
     def accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch * world_size
         if self.global_batch % per_step:
