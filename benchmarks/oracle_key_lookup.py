@@ -10,6 +10,9 @@ in evaluation alike. If the answer then leaves the floor, the language model can
 piece is a clear key in the visual tokens; if it does not, the lookup itself does not form at this length and
 learning rate. ``--oracle 0`` is the control (the same continuation without the key).
 
+``--fresh`` re-initialises the language model and the projector (``visor.train.models.init_from_scratch``, norms at
+1) before training: does a model that has not learned to answer without the question learn the lookup sooner?
+
 ``--input text`` (kind_color only) drops the image and states the scene in words before the question ("red circle,
 blue square. What colour is the square?"): the same lookup where the keys are the very words the question uses.
 
@@ -72,6 +75,18 @@ class OracleKeys:
         return out
 
 
+def fresh_language_model(model) -> None:
+    """Random language model and projector in place (the optimiser keeps its parameters): small-normal weights as a
+    from-scratch base run starts with, every RMSNorm weight at 1."""
+    from visor.train.models import init_from_scratch
+
+    init_from_scratch(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.startswith("vision_tower") and name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+
+
 def scene_in_words(scene: dict) -> str:
     """A kind_color scene as text, its shapes in the scene's (random) order: ``"red circle, blue square."``."""
     if scene["family"] != "kind_color":
@@ -119,6 +134,8 @@ def main() -> None:
     parser.add_argument("--oracle", type=float, default=1.0, help="the key's norm over the features' mean norm; 0: control")
     parser.add_argument("--input", choices=["image", "text"], default="image",
                         help="text: the scene in words instead of the image (kind_color; --oracle is ignored)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="re-initialise the language model and projector (the tower stays the checkpoint's)")
     parser.add_argument("--recipe", default="recipes/base-tiny-focus5.yaml")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
@@ -155,6 +172,8 @@ def main() -> None:
         trainer = Trainer(dataclasses.replace(recipe, out_dir=scratch), progress=False)
         trainer.build()
     model, task = trainer.model, trainer.task
+    if args.fresh:
+        fresh_language_model(model)
     model.train()
     vision = model.config.vision_config
     geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
@@ -171,7 +190,8 @@ def main() -> None:
     def evaluate(step: int, loss: float | None) -> None:
         accuracy, uniform = first_token_accuracy(model, task.batcher, oracle, test, geometry, args.precision, text)
         row = {"step": step, "loss": loss, "test_first_token_accuracy": accuracy, "uniform_pick": uniform,
-               "oracle": args.oracle, "input": args.input, "family": args.family, "time": time.time()}
+               "oracle": args.oracle, "input": args.input, "fresh": args.fresh, "family": args.family,
+               "time": time.time()}
         rows.append(row)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -203,6 +223,7 @@ def main() -> None:
             window = losses[-args.eval_every:]
             evaluate(step + 1, sum(window) / len(window))
     print(json.dumps({"checkpoint": args.checkpoint, "family": args.family, "oracle": args.oracle, "input": args.input,
+                      "fresh": args.fresh,
                       "steps": args.steps, "batch": args.batch, "lr": args.lr, "rows": rows}))
 
 

@@ -132,3 +132,18 @@ def test_text_input_states_the_scene_in_words(tmp_path):
     oracle = script.OracleKeys(model, scale=1.0)
     accuracy, uniform = script.first_token_accuracy(model, batcher, oracle, [item], None, "fp32", text=True)
     assert accuracy in (0.0, 1.0) and uniform == pytest.approx(1 / len(item.scene["shapes"]))
+
+
+def test_fresh_language_model_keeps_the_tower(tmp_path):
+    script = load_benchmark("oracle_key_lookup")
+    model, _, _ = _tiny_checkpoint(tmp_path)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    script.fresh_language_model(model)
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        if name.startswith("vision_tower"):
+            assert torch.equal(after[name], old), name
+        elif name.endswith("norm.weight"):
+            assert (after[name] == 1).all(), name
+        elif name.endswith(".weight") and old.dim() == 2:
+            assert not torch.equal(after[name], old) and after[name].std() < 0.03, name
