@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-PROBE_FAMILIES = ("kind_color", "presence", "doc", "chart")
-
+from visor.train.lookup import KEYED_FAMILIES
 
 def _tower_packed(model, batch: dict) -> torch.Tensor:
     """The tower's features of the batch's one image, packed in LLaVA-OV token order ([tokens, vision_hidden]): the
@@ -113,31 +112,13 @@ def score(log_probs: torch.Tensor, tags: torch.Tensor, owners: torch.Tensor) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a LLaVA-OV or VISOR checkpoint folder")
-    parser.add_argument("--family", choices=PROBE_FAMILIES, default="kind_color")
-    parser.add_argument("--layers", default="0,2,4,6,8", help="decoder layers whose input visual states are probed")
-    parser.add_argument("--n-train", type=int, default=300)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="synth canvas in px (default: the benchmark's; 128 for the shipped models)")
-    parser.add_argument("--seed", type=int, default=9, help="data seed of the train and test items")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    from visor.analysis.common import load
-    from visor.data.batch import Batcher
-    from visor.data.synth.config import DEFAULT_CONFIG
+    from visor.analysis.common import add_probe_arguments, start_probe
     from visor.train.marking import TAGS
 
-    model, tokenizer, processor, _ = load(args.checkpoint)
-    layers = [int(x) for x in args.layers.split(",")]
-    bad = [layer for layer in layers if not 0 <= layer < model.plan.num_layers]
-    if bad:
-        raise SystemExit(f"--layers: {bad} outside 0..{model.plan.num_layers - 1}")
-    config = DEFAULT_CONFIG.with_image_size(args.image_size) if args.image_size else DEFAULT_CONFIG
-    batcher = Batcher.for_model(model, tokenizer, processor)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_probe_arguments(parser, KEYED_FAMILIES, family="kind_color", layers="0,2,4,6,8", n_train=300, n_test=100)
+    args = parser.parse_args()
+    model, batcher, config, layers = start_probe(parser, args)
     train = collect(model, batcher, args.family, "train", args.n_train, config, layers, args.seed)
     test = collect(model, batcher, args.family, "test", args.n_test, config, layers, args.seed)
     classes = len(TAGS) + 1

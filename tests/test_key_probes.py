@@ -147,3 +147,23 @@ def test_fresh_language_model_keeps_the_tower(tmp_path):
             assert (after[name] == 1).all(), name
         elif name.endswith(".weight") and old.dim() == 2:
             assert not torch.equal(after[name], old) and after[name].std() < 0.03, name
+
+
+def test_probe_command_line_checks_the_layers(tmp_path):
+    import argparse
+
+    from visor.analysis.common import add_probe_arguments, decoder_layers, start_probe
+    from visor.train.lookup import KEYED_FAMILIES
+
+    model, _, _ = _tiny_checkpoint(tmp_path)
+    assert decoder_layers("0,2", model) == [0, 2]
+    with pytest.raises(ValueError, match=r"layers \[3\] outside 0..2"):
+        decoder_layers("1,3", model)
+    parser = argparse.ArgumentParser()
+    add_probe_arguments(parser, KEYED_FAMILIES, family="doc", layers="0,1", n_train=5, n_test=2)
+    args = parser.parse_args([str(tmp_path), "--image-size", "128", "--threads", "1"])
+    assert args.family == "doc" and (args.n_train, args.n_test) == (5, 2)
+    model, batcher, config, layers = start_probe(parser, args)
+    assert layers == [0, 1] and config.image_size == 128 and batcher.tokenizer is not None
+    with pytest.raises(SystemExit):  # a usage error, not a traceback
+        start_probe(parser, parser.parse_args([str(tmp_path), "--layers", "0,9"]))

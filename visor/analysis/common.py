@@ -26,6 +26,46 @@ def load(folder: str | Path):
     return model.eval(), load_tokenizer(folder), image_processor_for(model.config), kind
 
 
+def add_probe_arguments(parser, families, family: str, layers: str, n_train: int, n_test: int) -> None:
+    """The probe scripts' shared command line (``benchmarks/``): a checkpoint, ``--family`` (one of ``families``),
+    ``--layers``, ``--n-train``/``--n-test`` items, ``--image-size``, ``--seed`` and ``--threads``."""
+    parser.add_argument("checkpoint", help="a LLaVA-OV or VISOR checkpoint folder")
+    parser.add_argument("--family", choices=families, default=family)
+    parser.add_argument("--layers", default=layers, help="decoder layers whose input visual states are probed")
+    parser.add_argument("--n-train", type=int, default=n_train)
+    parser.add_argument("--n-test", type=int, default=n_test)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="synth canvas in px (default: the benchmark's; 128 for the shipped models)")
+    parser.add_argument("--seed", type=int, default=9, help="data seed of the train and test items")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def start_probe(parser, args):
+    """``(model, batcher, synth_config, layers)`` from :func:`add_probe_arguments`' parsed ``args``: the thread count
+    set, the checkpoint loaded (``load``) with a batcher, the benchmark's config at ``--image-size`` and the
+    ``--layers`` checked against the model's depth (a bad one is a usage error of ``parser``)."""
+    from visor.data.batch import Batcher
+    from visor.data.synth.config import DEFAULT_CONFIG
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, processor, _ = load(args.checkpoint)
+    try:
+        layers = decoder_layers(args.layers, model)
+    except ValueError as error:
+        parser.error(f"--layers: {error}")
+    config = DEFAULT_CONFIG.with_image_size(args.image_size) if args.image_size else DEFAULT_CONFIG
+    return model, Batcher.for_model(model, tokenizer, processor), config, layers
+
+
+def decoder_layers(spec: str, model) -> list[int]:
+    """Comma-separated decoder layer indices (``"0,4,8"``), each checked against the model's depth."""
+    layers = [int(x) for x in spec.split(",")]
+    bad = [layer for layer in layers if not 0 <= layer < model.plan.num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} outside 0..{model.plan.num_layers - 1}")
+    return layers
+
+
 def items_from(data: str, split: str = "test", n: int = 100, seed: int = 0, families=None, image_root=None,
                synth_config=None):
     """Evaluation items: ``synth`` (generated with ``synth_config``, default SynthConfig's) or a LLaVA JSON/JSONL
