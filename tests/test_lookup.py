@@ -592,3 +592,15 @@ def test_tag_loss_and_a_run_that_learns_the_tags(tmp_path):
     losses = [r["tag_loss"] for r in rows if "tag_loss" in r]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
     assert not any("aux" in k for k in load_file(str(final / "model.safetensors")))
+
+
+def test_on_image_tokens_places_values_in_order():
+    from visor.train.lookup import on_image_tokens
+
+    ids = torch.tensor([1, 5, 5, 2, 5, 0])
+    assert on_image_tokens(ids, 5, torch.tensor([True, False, True])).tolist() == [False, True, False, False, True,
+                                                                                  False]
+    tags = on_image_tokens(ids, 5, torch.tensor([3, 0, 7]), fill=-100, what="tags")
+    assert tags.tolist() == [-100, 3, 0, -100, 7, -100]
+    with pytest.raises(ValueError, match="holds 3 image tokens, its tags 2"):
+        on_image_tokens(ids, 5, torch.tensor([1, 2]), fill=-100, what="tags")
