@@ -18,7 +18,8 @@ blue square. What colour is the square?"): the same lookup where the keys are th
 
 The model, the trainable parameters and the batches are those of the recipe (default: focus5's continuation recipe
 with the projector training, as the keyed runs of ``docs/training-log.md``); one process, plain AdamW, no
-checkpoints (a diagnostic of minutes, not a training run: nothing is saved but the metrics).
+checkpoints (a diagnostic, not a training run: nothing is saved but the metrics, and a rerun into the same ``--out``
+starts its ``metrics.jsonl`` afresh).
 
     python benchmarks/oracle_key_lookup.py checkpoints-focus5/base --family kind_color --oracle 1.0 --steps 400 \\
         --out runs/oracle-kind-1
@@ -66,7 +67,7 @@ class OracleKeys:
             return features
         if len(features) != len(self.tags):
             raise RuntimeError(f"{len(features)} images encoded, tags were set for {len(self.tags)}")
-        if self.feature_norm is None:  # fixed on the first batch, so the key's size never follows training
+        if self.feature_norm is None:  # fixed on the first forward, so the key's size never follows training
             self.feature_norm = float(torch.cat(features).detach().float().norm(dim=-1).mean())
         out = []
         for image, tags in zip(features, self.tags):
@@ -164,6 +165,7 @@ def main() -> None:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.jsonl").write_text("")  # this run's rows only
     overrides = [f"init={args.checkpoint}", "reducers=null", f"data.families=[{args.family}]",
                  "data.family_weights=null", f"data.seed={args.seed}", f"data.synth_image_size={args.image_size}",
                  f"precision={args.precision}"]
@@ -223,8 +225,7 @@ def main() -> None:
             window = losses[-args.eval_every:]
             evaluate(step + 1, sum(window) / len(window))
     print(json.dumps({"checkpoint": args.checkpoint, "family": args.family, "oracle": args.oracle, "input": args.input,
-                      "fresh": args.fresh,
-                      "steps": args.steps, "batch": args.batch, "lr": args.lr, "rows": rows}))
+                      "fresh": args.fresh, "steps": args.steps, "batch": args.batch, "lr": args.lr, "rows": rows}))
 
 
 if __name__ == "__main__":
