@@ -33,7 +33,7 @@ import json
 import torch
 from tqdm.auto import tqdm
 
-from visor.train.lookup import KEYED_FAMILIES
+from visor.train.lookup import KEYED_FAMILIES, crop_geometry
 
 
 def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress: bool = True,
@@ -53,8 +53,7 @@ def measure(model, batcher, family: str, n: int, config, seed: int = 0, progress
     decoder = model.language_model
     lookup = LookupSupervision(decoder, list(range(len(decoder.layers))), decoder.layers[0].self_attn.num_heads,
                                keep_context=keep_context)
-    vision = model.config.vision_config
-    geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+    geometry = crop_geometry(model.config)
     masses, correct, uniform, answers, contexts, predictions = [], [], [], [], [], []
     candidate_masses, candidate_tokens = [], []
     index = 0

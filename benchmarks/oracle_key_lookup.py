@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from visor.train.lookup import KEYED_FAMILIES
+from visor.train.lookup import KEYED_FAMILIES, crop_geometry
 
 
 class OracleKeys:
@@ -177,8 +177,7 @@ def main() -> None:
     if args.fresh:
         fresh_language_model(model)
     model.train()
-    vision = model.config.vision_config
-    geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+    geometry = crop_geometry(model.config)
     oracle = OracleKeys(model, args.oracle)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from visor.train.lookup import KEYED_FAMILIES
+from visor.train.lookup import KEYED_FAMILIES, crop_geometry
 
 def _tower_packed(model, batch: dict) -> torch.Tensor:
     """The tower's features of the batch's one image, packed in LLaVA-OV token order ([tokens, vision_hidden]): the
@@ -52,8 +52,7 @@ def collect(model, batcher, family: str, split: str, n: int, config, layers: lis
     from visor.data.synth.generate import generate_item
     from visor.train.marking import image_token_tags
 
-    vision = model.config.vision_config
-    geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+    geometry = crop_geometry(model.config)
     stages: dict[str, list[torch.Tensor]] = {"tower": [], **{f"layer {k}": [] for k in layers}}
     tags, owners = [], []
     for index in tqdm(range(n), desc=f"{family} {split}", leave=False):

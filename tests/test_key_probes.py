@@ -81,12 +81,12 @@ def test_oracle_keys_mark_only_the_places_tokens(tmp_path):
     from visor.data.batch import Sample
     from visor.data.synth.config import DEFAULT_CONFIG
     from visor.data.synth.generate import generate_item
+    from visor.train.lookup import crop_geometry
     from visor.train.marking import image_token_tags
 
     script = load_benchmark("oracle_key_lookup")
     model, batcher, _ = _tiny_checkpoint(tmp_path)
-    vision = model.config.vision_config
-    geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+    geometry = crop_geometry(model.config)
     item = generate_item("val", 0, seed=4, config=DEFAULT_CONFIG.with_image_size(128), families=["kind_color"])
     batch = batcher.train_batch([Sample([item.image], item.conversations())])
     args = (batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"])

@@ -112,6 +112,13 @@ def _overlap_grid(boxes: Sequence[Box], rows: int, cols: int, cell_w: float, cel
     return mask
 
 
+def crop_geometry(config) -> tuple[int, int, list]:
+    """``(base view size, patch size, anyres grid)`` of a LLaVA-OV config: how scene pixels map to crops and image
+    tokens, the trailing arguments of :func:`image_token_targets` (and of ``marking.image_token_tags``)."""
+    vision = config.vision_config
+    return vision.image_size, vision.patch_size, config.image_grid_pinpoints
+
+
 def image_token_targets(boxes: Sequence[Box], image_size: Sequence[int], base_size: int, patch_size: int,
                         grid_pinpoints: list) -> torch.Tensor:
     """[tokens] bool over one tiled image's LLaVA-OV token sequence (``visor.model.vision.pack_image``): the base

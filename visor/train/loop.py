@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from visor.train.checkpoint import STATE_FILE, RunLock, latest_checkpoint, write_checkpoint
 from visor.train.distributed import DistEnv, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
+from visor.train.lookup import crop_geometry
 from visor.train.recipe import Recipe
 
 
@@ -142,8 +143,7 @@ class LanguageTask:
         # a base recipe with a shape weight trains a per-patch shape head on the tower (visor.train.auxiliary)
         self.shape_weight = recipe.vision_shape_weight if recipe.kind == "base" else 0.0
         # (base view size, patch size, anyres grid): how scene pixels map to crops and tokens, for both heads' targets
-        vision = model.config.vision_config
-        self.crop_geometry = (vision.image_size, vision.patch_size, model.config.image_grid_pinpoints)
+        self.crop_geometry = crop_geometry(model.config)
         self.shape_ce: list[float] = []  # the head's loss per micro-batch since the last metrics row
         # a base recipe with a lookup weight supervises where the answer attends (visor.train.lookup)
         self.lookup_weight = recipe.lookup_weight if recipe.kind == "base" else 0.0
