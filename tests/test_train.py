@@ -137,6 +137,22 @@ def test_base_loss_goes_down_and_exports_llava_onevision(base_run):
     assert result.summary["n_items"] == 4 and result.summary["n_skipped"] == 0
 
 
+def test_vision_init_takes_the_tower_of_a_llava_onevision_checkpoint(base_run, tmp_path):
+    """A new language model on a trained baseline's tower: the tower is the checkpoint's, bit for bit; the
+    language model starts afresh."""
+    from visor.convert.llava_onevision import convert_llava_onevision
+    from visor.train.loop import Trainer
+
+    _, final = base_run
+    trainer = Trainer(load_recipe(tiny_recipe(tmp_path, "v", vision_init=str(final), freeze_vision=True)), progress=False)
+    trainer.build()
+    trained = convert_llava_onevision(final)
+    for name, value in trained.vision_tower.state_dict().items():
+        assert torch.equal(trainer.model.vision_tower.state_dict()[name], value), name
+    q = "language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trainer.model.state_dict()[q], trained.state_dict()[q])
+
+
 def test_lvlm_pixels_are_normalised_as_the_tower_was_pretrained(tmp_path):
     """The image processor of a model we build gives the vision tower the pixels its dense pre-training
     used (SigLIP's 0.5 mean/std, as LLaVA-OV's preprocessor_config): a 64 px image's base view through the

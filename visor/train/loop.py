@@ -58,10 +58,16 @@ class SampleSource:
             self.config = synth_config(recipe)
 
     def item(self, index: int):
+        """The procedural item at ``index`` (a ``WordedItem`` with ``data.source=words``)."""
         from visor.data.synth.generate import generate_item
 
         data = self.recipe.data
         weights = data.family_weights if self.split == "train" else None  # validation: every family in turn
+        if data.source == "words":
+            from visor.data.words import worded_item
+
+            return worded_item(self.split, index, seed=data.seed, families=data.families, weights=weights,
+                               config=self.config)
         return generate_item(self.split, index, seed=data.seed, config=self.config, families=data.families,
                              weights=weights)
 
@@ -72,6 +78,9 @@ class SampleSource:
         if self.records is not None:
             record = self.records[index % len(self.records)]
             return Sample(record.load_images(), record.conversations)
+        item = item if item is not None else self.item(index)
+        if self.recipe.data.source == "words":
+            return Sample([], item.conversations(self.recipe.data.questions_per_image))
         from visor.data.synth.families import derive_answer, question_text
 
         item = item if item is not None else self.item(index)
@@ -717,6 +726,11 @@ class Trainer:
                 from visor.eval.harness import llava_items
 
                 items = llava_items(data.val_path, data.image_root)[0][: n or data.val_n]
+            elif data.source == "words":
+                from visor.data.words import worded_eval_items
+
+                items = worded_eval_items("val", n or data.val_n, seed=data.seed, families=data.families,
+                                          config=synth_config(self.recipe))
             else:
                 items = synth_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe),
                                     families=data.families, question_first=data.question_first)
@@ -739,7 +753,11 @@ class Trainer:
             nll = "".join(f", {kind} answer loss {summary[f'{kind}_answer_nll']:.3f}" for kind in ("easy", "hard")
                           if f"{kind}_answer_nll" in summary)
             tr = "".join(f"; {name}: easy {r['easy_mean']}, hard {r['hard_mean']}" for name, r in summary.get("reduced", {}).items())
-            self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}{tr}")
+            if data.source == "words":  # no image family: the worded families' means instead of easy and hard
+                per_family = ", ".join(f"{f} {v:.3f}" for f, v in summary["per_family"].items())
+                self._log(f"step {step}: mean {summary['overall_mean']:.3f} ({per_family})")
+            else:
+                self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}{tr}")
         if self.env.is_main and summary is not None:  # the curve so far, to look at while a long run goes on
             plot_metrics(self.metrics_path, self.run_dir / "loss.png")
         barrier(self.env)

@@ -111,11 +111,20 @@ def build_llava_base(recipe: Recipe, tokenizer):
     model = VisorForConditionalGeneration(visor_config)
     init_from_scratch(model)
     if recipe.vision_init:
-        from transformers import SiglipVisionModel
-
-        tower = SiglipVisionModel.from_pretrained(recipe.vision_init)
-        model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+        model.vision_tower.load_state_dict(pretrained_tower_state(recipe.vision_init), strict=True)
     return model.train()
+
+
+def pretrained_tower_state(folder: str) -> dict[str, torch.Tensor]:
+    """The vision tower's weights from a SigLIP checkpoint (a ``vision`` run's export) or from the tower of a
+    LLaVA-OV checkpoint (a trained baseline whose tower a new language model should start from)."""
+    if _model_type(folder) == "llava_onevision":
+        from visor.convert.llava_onevision import convert_llava_onevision
+
+        return convert_llava_onevision(folder).vision_tower.state_dict()
+    from transformers import SiglipVisionModel
+
+    return SiglipVisionModel.from_pretrained(folder).state_dict()
 
 
 @torch.no_grad()

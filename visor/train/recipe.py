@@ -49,18 +49,20 @@ class TinyModelSpec:
 class DataSpec:
     """Where training and validation samples come from."""
 
-    source: Literal["synth", "llava"] = "synth"
+    # synth: procedural images; llava: a LLaVA JSON/JSONL file; words: the keyed families stated in text, no image
+    # (visor.data.words, a base recipe's language pre-training)
+    source: Literal["synth", "llava", "words"] = "synth"
     path: str | None = None  # LLaVA JSON/JSONL (source=llava)
     image_root: str | None = None
     val_path: str | None = None
-    families: list[str] | None = None  # synth: subset of families (default all)
+    families: list[str] | None = None  # synth / words: subset of families (default all)
     # synth training: family -> positive int, a family of weight w drawn w times per cycle of sum(weights) items
     # (unnamed families weigh 1; validation stays one item per family in turn, so its means stay comparable)
     family_weights: dict[str, int] | None = None
     synth_image_size: int | None = None  # synth: override SynthConfig.image_size
     seed: int = 0  # synth: dataset seed (splits derive disjoint seeds from it)
     val_n: int = 200  # validation items evaluated periodically
-    questions_per_image: int = 1  # synth training: up to this many question turns per image (families.other_queries)
+    questions_per_image: int = 1  # synth / words training: up to this many question turns per image or worded scene
     # synth: the first question before the image instead of after it (SynthItem.conversations), in training and in
     # the periodic validation; evaluate such a model with `visor eval --question-first`
     question_first: bool = False
@@ -88,7 +90,8 @@ class Recipe:
     kind: Literal["vision", "base", "visor-stage1", "visor-stage2"]
     out_dir: str
     init: str | None = None  # checkpoint to start from (base: LLaVA-OV to continue; stage1: LLaVA-OV; stage2: stage-1 VISOR)
-    vision_init: str | None = None  # base: a pre-trained SigLIP checkpoint (from a ``vision`` run)
+    # base from scratch: a pre-trained SigLIP checkpoint (from a ``vision`` run), or a LLaVA-OV one whose tower to take
+    vision_init: str | None = None
     tokenizer: str | None = None  # folder with a HF tokenizer; default: init's, else the benchmark tokenizer
     model: TinyModelSpec = field(default_factory=TinyModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -202,17 +205,28 @@ class Recipe:
                 raise ValueError("lookup_weight, mark_weight and tag_weight need every visual token in place (their "
                                  "targets are patches): no "
                                  f"reducers other than 'none', got {self.reducers}")
-        if self.data.family_weights:
+        if self.data.source == "words":
+            from visor.data.words import worded_item
+
+            if self.kind != "base":
+                raise ValueError(f"data.source=words pre-trains a base model's language model, not a {self.kind} recipe")
+            if not self.freeze_vision:
+                raise ValueError("data.source=words holds no image: the tower would get no gradient; set "
+                                 "freeze_vision: true")
+            if any(r != "none" for r in self.reducers or []):
+                raise ValueError(f"data.source=words holds no image to reduce: no reducers, got {self.reducers}")
+            worded_item("train", 0, families=self.data.families, weights=self.data.family_weights)  # names, weights
+        if self.data.family_weights and self.data.source != "words":
             if self.data.source != "synth":
-                raise ValueError("data.family_weights weighs procedural families: only with data.source=synth")
+                raise ValueError("data.family_weights weighs procedural families: only with data.source=synth or words")
             from visor.data.synth.generate import family_cycle
 
             family_cycle(self.data.families, self.data.family_weights)  # raises on unknown names, bad weights
         if self.data.question_first and self.data.source != "synth":
             raise ValueError("data.question_first orders procedural prompts: only with data.source=synth (a LLaVA "
                              "file brings its own turns)")
-        if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source != "synth"):
-            raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth data (a LLaVA "
+        if self.data.questions_per_image < 1 or (self.data.questions_per_image > 1 and self.data.source == "llava"):
+            raise ValueError("data.questions_per_image must be >= 1, and above 1 only with synth or words data (a LLaVA "
                              f"file brings its own turns), got {self.data.questions_per_image}")
 
     def _check_reducers(self) -> None:

@@ -107,10 +107,15 @@ def _check_families(families: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def family_cycle(families: Sequence[str] | None = None, weights: Mapping[str, int] | None = None) -> tuple[str, ...]:
-    """The order in which item indices visit the families: each family once (round robin), or, with
-    ``weights`` (family -> positive int; unnamed families weigh 1), a family of weight w w times per cycle,
-    its visits spread evenly over the cycle."""
-    fams = _check_families(families)
+    """The order in which item indices visit the procedural families (:func:`weighted_cycle` over the checked
+    ``families``, default all)."""
+    return weighted_cycle(_check_families(families), weights)
+
+
+def weighted_cycle(families: Sequence[str], weights: Mapping[str, int] | None = None) -> tuple[str, ...]:
+    """Each family once (round robin), or, with ``weights`` (family -> positive int; unnamed families weigh 1),
+    a family of weight w w times per cycle, its visits spread evenly over the cycle."""
+    fams = tuple(families)
     if not weights:
         return fams
     unknown = sorted(set(weights) - set(fams))

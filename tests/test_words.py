@@ -1,0 +1,121 @@
+"""Worded scenes (visor.data.words) and the base recipe's language pre-training on them (data.source=words)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from visor.data.words import FAMILY_PREFIX, WORDED_FAMILIES, recall_keys, worded_eval_items, worded_item
+from visor.train.recipe import Recipe, build, load_recipe
+from tests.test_train import tiny_recipe
+
+
+def context_pairs(item) -> dict[str, str]:
+    """What the context says, read back independently: key -> value (kind -> colour, row -> value, label -> value)."""
+    pairs = {}
+    for part in item.context.rstrip(".").split(", "):
+        if item.family in ("kind_color", "presence"):
+            color, kind = part.split(" ")
+            pairs[kind] = color
+        elif item.family == "chart":
+            label, value = re.fullmatch(r"bar (\w): (\d+)", part).groups()
+            pairs[label] = value
+        else:
+            key, value = re.fullmatch(r"(\w+):? (\d+)", part).groups()
+            pairs[key] = value
+    return pairs
+
+
+def test_every_answer_is_what_the_context_states():
+    seen = set()
+    for index in range(60):
+        item = worded_item("train", index)
+        pairs = context_pairs(item)
+        asked = [q for q, _ in item.questions]
+        assert len(set(asked)) == len(asked)
+        for question, answer in item.questions:
+            if item.family == "presence":
+                kind = re.search(r"(circle|square|triangle|diamond)", question).group(1)
+                assert answer == ("yes" if kind in pairs else "no")
+            else:
+                pattern = r"bar (\w)\b" if item.family == "chart" else r"(?:the|of|for) (\w+)\?$"
+                key = re.search(pattern, question).group(1)
+                assert answer == pairs[key], (item, question)
+        if item.family == "presence":
+            assert len(item.questions) == 4  # every kind, drawn or not
+        else:
+            assert len(item.questions) == len(pairs)  # every key asked once
+        if item.family == "recall":
+            assert set(pairs) <= set(recall_keys()) and 4 <= len(pairs) <= 12
+        seen.add(item.family)
+    assert seen == set(WORDED_FAMILIES)
+
+
+def test_items_are_deterministic_and_splits_differ():
+    assert worded_item("train", 7, seed=3) == worded_item("train", 7, seed=3)
+    assert worded_item("train", 7, seed=3).family == worded_item("val", 7, seed=3).family  # the same round robin
+    contexts = lambda split: [worded_item(split, i).context for i in range(50)]  # noqa: E731
+    assert len(set(contexts("train")) & set(contexts("val"))) < 5  # short kind_color scenes may coincide
+    weighted = [worded_item("train", i, families=["doc", "recall"], weights={"recall": 3}).family for i in range(8)]
+    assert weighted.count("recall") == 6 and weighted.count("doc") == 2
+    with pytest.raises(ValueError, match="unknown worded"):
+        worded_item("train", 0, families=["code"])
+
+
+def test_conversations_and_eval_items():
+    item = worded_item("train", 2)
+    turns = item.conversations(2)
+    assert turns[0]["value"] == f"{item.context} {item.questions[0][0]}" and turns[1]["value"] == item.questions[0][1]
+    assert turns[2]["value"] == item.questions[1][0] and len(turns) == 4
+    assert len(item.conversations()) == 2 * len(item.questions)
+    evals = worded_eval_items("val", 10)
+    assert [e.family for e in evals[:5]] == [FAMILY_PREFIX + f for f in WORDED_FAMILIES]
+    assert all(e.images == [] and e.difficulty == "words" and len(e.turns) == 1 for e in evals)
+    assert evals[3].answers == [worded_item("val", 3).questions[0][1]]
+
+
+def test_words_recipes_are_checked():
+    ok = {"kind": "base", "out_dir": "x", "freeze_vision": True, "data": {"source": "words", "questions_per_image": 4}}
+    assert build(Recipe, ok).data.questions_per_image == 4
+    for change, match in (({"freeze_vision": False}, "freeze_vision"),
+                          ({"kind": "visor-stage2", "init": "y"}, "base model"),
+                          ({"reducers": ["pooling:2x"]}, "no reducers"),
+                          ({"data": {"source": "words", "families": ["code"]}}, "unknown worded"),
+                          ({"data": {"source": "words", "family_weights": {"chart": 2}, "families": ["doc"]}},
+                           "outside the mix")):
+        with pytest.raises(ValueError, match=match):
+            build(Recipe, {**ok, **change})
+
+
+def test_words_pretraining_trains_the_language_model_only_and_exports(tmp_path):
+    """A base run on worded scenes: the loss falls, the periodic evaluation grades the worded families, the tower
+    and projector (no image, no gradient) stay bit-identical, and the export loads as LLaVA-OV."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor.train.loop import Trainer
+
+    path = tiny_recipe(tmp_path, "words", freeze_vision=True, max_steps=30, save_every=10, eval_every=30,
+                       data={"source": "words", "families": ["doc", "recall"], "questions_per_image": 3, "val_n": 4})
+    trainer = Trainer(load_recipe(path), progress=False)
+    trainer.build()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    final = trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "words" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    summary = [r["eval"] for r in rows if "eval" in r][-1]
+    assert set(summary["per_family"]) == {"words_doc", "words_recall"} and summary["n_skipped"] == 0
+    after = load_file(str(final / "model.safetensors"))
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(final)
+    assert hf.config.text_config.num_hidden_layers == 6
+    assert any("language_model" in k for k in after)
+    unchanged = [k for k in before if "vision_tower" in k or "multi_modal_projector" in k or "image_newline" in k]
+    changed = [k for k in before if "layers.0.self_attn.q_proj.weight" in k and "vision" not in k]
+    assert unchanged and changed
+    state = trainer.model.state_dict()
+    assert all(torch.equal(before[k], state[k]) for k in unchanged)
+    assert all(not torch.equal(before[k], state[k]) for k in changed)
