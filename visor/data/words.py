@@ -19,7 +19,12 @@ Families (``WORDED_FAMILIES``):
 * ``chart``       "bar A: 3, bar C: 8." -> "What is the value of bar C?" -> "8";
 * ``recall``      a longer list of arbitrary benchmark words and numbers, "gate 47, blue 3, ...", ->
   "What is the value of blue?" -> "3": more pairs than any scene holds, keys drawn from the whole
-  vocabulary, so position or key identity never stands in for the lookup.
+  vocabulary, so position or key identity never stands in for the lookup;
+* ``copy``        a list of 6-20 random benchmark words and numbers, "gate 47 blue left 3." -> "Read the list."
+  -> the list again: every answer token is found by matching the token before it in the context, the copying
+  ("induction") circuit that content-addressed lookup is built from. A fresh tiny language model trained on
+  repeated random sequences forms it within ~500 steps and then answers key/value recall it never saw
+  (``docs/training-log.md``), while one-answer-per-scene supervision did not form it in 256,000 scenes.
 
 Sizes follow the procedural benchmark's config (``SynthConfig.doc_rows``, ``bars``, value ranges) so a worded
 document is the document an image shows. Items are deterministic in (split, seed, index) with the benchmark's
@@ -38,12 +43,15 @@ from visor.data.synth.families import COLOR_NAMES, QUESTION_TEMPLATES
 from visor.data.synth.generate import weighted_cycle
 from visor.data.synth.seeds import check_split, item_seed
 
-WORDED_FAMILIES: tuple[str, ...] = ("kind_color", "presence", "doc", "chart", "recall")
+WORDED_FAMILIES: tuple[str, ...] = ("kind_color", "presence", "doc", "chart", "recall", "copy")
 #: the prefix of a worded family's name in evaluation summaries, so they never mix with the image families
 FAMILY_PREFIX = "words_"
 RECALL_QUESTION = "What is the value of {key}?"
+COPY_QUESTION = "Read the list."
 #: number of key/value pairs of a ``recall`` scene
 RECALL_PAIRS: tuple[int, int] = (4, 12)
+#: number of words of a ``copy`` list
+COPY_WORDS: tuple[int, int] = (6, 20)
 
 
 def recall_keys() -> tuple[str, ...]:
@@ -116,6 +124,11 @@ def _scene(family: str, rng: np.random.Generator, config: SynthConfig) -> tuple[
         values = [str(_int(rng, *config.bar_value_range)) for _ in labels]
         context = ", ".join(f"bar {label}: {v}" for label, v in zip(labels, values)) + "."
         qa = [(_template(family, rng).format(label=label), v) for label, v in zip(labels, values)]
+    elif family == "copy":  # one question: the list back, word for word
+        words = [str(_int(rng, 1, 99)) if rng.random() < 0.3 else pool for pool in
+                 (recall_keys()[int(i)] for i in rng.integers(0, len(recall_keys()), _int(rng, *COPY_WORDS)))]
+        context = " ".join(words) + "."
+        qa = [(COPY_QUESTION, context)]
     elif family == "recall":
         pool = recall_keys()
         keys = [pool[i] for i in rng.permutation(len(pool))[:_int(rng, *RECALL_PAIRS)]]
