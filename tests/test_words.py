@@ -76,7 +76,7 @@ def test_conversations_and_eval_items():
     assert turns[2]["value"] == item.questions[1][0] and len(turns) == 4
     assert len(item.conversations()) == 2 * len(item.questions)
     evals = worded_eval_items("val", 10)
-    assert [e.family for e in evals[:5]] == [FAMILY_PREFIX + f for f in WORDED_FAMILIES]
+    assert [e.family for e in evals[:6]] == [FAMILY_PREFIX + f for f in WORDED_FAMILIES]
     assert all(e.images == [] and e.difficulty == "words" and len(e.turns) == 1 for e in evals)
     assert evals[3].answers == [worded_item("val", 3).questions[0][1]]
 
