@@ -10,8 +10,8 @@ in evaluation alike. If the answer then leaves the floor, the language model can
 piece is a clear key in the visual tokens; if it does not, the lookup itself does not form at this length and
 learning rate. ``--oracle 0`` is the control (the same continuation without the key).
 
-``--fresh`` re-initialises the language model and the projector (``visor.train.models.init_from_scratch``, norms at
-1) before training: does a model that has not learned to answer without the question learn the lookup sooner?
+``--fresh`` re-initialises the language model and the projector (``visor.train.models.fresh_language_model``)
+before training: does a model that has not learned to answer without the question learn the lookup sooner?
 
 ``--input text`` (kind_color only) drops the image and states the scene in words before the question ("red circle,
 blue square. What colour is the square?"): the same lookup where the keys are the very words the question uses.
@@ -74,18 +74,6 @@ class OracleKeys:
             keys = self.directions[tags.clamp(min=0)] * (self.scale * self.feature_norm)
             out.append(image + keys.to(image.dtype))
         return out
-
-
-def fresh_language_model(model) -> None:
-    """Random language model and projector in place (the optimiser keeps its parameters): small-normal weights as a
-    from-scratch base run starts with, every RMSNorm weight at 1."""
-    from visor.train.models import init_from_scratch
-
-    init_from_scratch(model)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if not name.startswith("vision_tower") and name.endswith("norm.weight"):
-                parameter.fill_(1.0)
 
 
 def scene_in_words(scene: dict) -> str:
@@ -175,6 +163,8 @@ def main() -> None:
         trainer.build()
     model, task = trainer.model, trainer.task
     if args.fresh:
+        from visor.train.models import fresh_language_model
+
         fresh_language_model(model)
     model.train()
     geometry = crop_geometry(model.config)

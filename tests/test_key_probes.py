@@ -1,5 +1,6 @@
 """``benchmarks/token_key_probe.py`` (is a place's name linear in its visual tokens, per stage) and
-``benchmarks/oracle_key_lookup.py`` (the same continuation with a clear key added to the visual features)."""
+``benchmarks/oracle_key_lookup.py`` (the same continuation with a clear key added to the visual features) and
+``benchmarks/induction_transfer.py`` (does a fresh language model form the copying circuit, and then recall)."""
 
 from __future__ import annotations
 
@@ -135,10 +136,11 @@ def test_text_input_states_the_scene_in_words(tmp_path):
 
 
 def test_fresh_language_model_keeps_the_tower(tmp_path):
-    script = load_benchmark("oracle_key_lookup")
+    from visor.train.models import fresh_language_model
+
     model, _, _ = _tiny_checkpoint(tmp_path)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    script.fresh_language_model(model)
+    fresh_language_model(model)
     after = dict(model.named_parameters())
     for name, old in before.items():
         if name.startswith("vision_tower"):
@@ -167,3 +169,39 @@ def test_probe_command_line_checks_the_layers(tmp_path):
     assert layers == [0, 1] and config.image_size == 128 and batcher.tokenizer is not None
     with pytest.raises(SystemExit):  # a usage error, not a traceback
         start_probe(parser, parser.parse_args([str(tmp_path), "--layers", "0,9"]))
+
+
+def test_induction_and_recall_sequences_label_what_the_context_determines():
+    script = load_benchmark("induction_transfer")
+    import random
+
+    rng, pool = random.Random(0), list(range(10, 60))
+    for _ in range(20):
+        ids, labels = script.induction_sequence(rng, pool, separator=5)
+        n = ids.index(5)
+        assert ids[:n] == ids[n + 1:] and len(labels) == len(ids)
+        # every labelled token is the one that followed the same token in the first copy
+        assert [label for label in labels if label != -100] == ids[1:n]
+        ids, labels = script.mqar_sequence(rng, pool, separator=5)
+        n = ids.index(5)
+        pairs = dict(zip(ids[0:n:2], ids[1:n:2]))
+        queries = [(ids[i - 1], label) for i, label in enumerate(labels) if label != -100]
+        assert sorted(k for k, _ in queries) == sorted(pairs) and all(pairs[k] == v for k, v in queries)
+        assert all(ids[i] == label for i, label in enumerate(labels) if label != -100)
+
+
+def test_induction_transfer_runs_and_writes_rows(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    script = load_benchmark("induction_transfer")
+    _tiny_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "ckpt"), "--task", "mqar", "--steps", "4", "--batch", "4",
+                                      "--eval-every", "2", "--n-eval", "8", "--warmup", "2",
+                                      "--out", str(tmp_path / "out")])
+    script.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and result["rows"] == rows
+    assert all(0 <= r["induction_accuracy"] <= 1 and 0 <= r["mqar_accuracy"] <= 1 for r in rows)
+    assert result["pool"] > 50  # the benchmark tokenizer's word and character pieces

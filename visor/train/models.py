@@ -147,6 +147,16 @@ def init_from_scratch(model) -> None:
     nn.init.normal_(model.image_newline, std=0.02)
 
 
+def fresh_language_model(model) -> None:
+    """Random language model and projector in place, the tower kept (an optimiser keeps its parameters): the
+    small-normal weights a from-scratch base run starts with (:func:`init_from_scratch`), every RMSNorm weight at 1."""
+    init_from_scratch(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.startswith("vision_tower") and name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+
+
 def build_visor(recipe: Recipe):
     """Stage 1: convert ``init`` (LLaVA-OV) with the maximal default plan. Stage 2: load the stage-1 VISOR."""
     from visor.model.modeling import VisorForConditionalGeneration
