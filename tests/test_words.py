@@ -36,7 +36,9 @@ def test_every_answer_is_what_the_context_states():
         item = worded_item("train", index)
         seen.add(item.family)
         if item.family == "copy":  # the list back, word for word
-            assert item.questions == (("Read the list.", item.context),) and 6 <= len(item.context.split()) <= 20
+            assert item.questions == (("Read the list.", item.context),)
+            words = item.context.rstrip(".").split()
+            assert 6 <= len(words) <= 20 and len(set(words)) == len(words) and set(words) <= set(recall_keys())
             continue
         pairs = context_pairs(item)
         asked = [q for q, _ in item.questions]

@@ -20,8 +20,8 @@ Families (``WORDED_FAMILIES``):
 * ``recall``      a longer list of arbitrary benchmark words and numbers, "gate 47, blue 3, ...", ->
   "What is the value of blue?" -> "3": more pairs than any scene holds, keys drawn from the whole
   vocabulary, so position or key identity never stands in for the lookup;
-* ``copy``        a list of 6-20 random benchmark words and numbers, "gate 47 blue left 3." -> "Read the list."
-  -> the list again: every answer token is found by matching the token before it in the context, the copying
+* ``copy``        a list of 6-20 distinct benchmark words, "gate blue left high." -> "Read the list." -> the list
+  again: every answer token is found by matching the token before it in the context, the copying
   ("induction") circuit that content-addressed lookup is built from. A fresh tiny language model trained on
   repeated random sequences forms it within ~500 steps and then answers key/value recall it never saw
   (``docs/training-log.md``), while one-answer-per-scene supervision did not form it in 256,000 scenes.
@@ -125,9 +125,8 @@ def _scene(family: str, rng: np.random.Generator, config: SynthConfig) -> tuple[
         context = ", ".join(f"bar {label}: {v}" for label, v in zip(labels, values)) + "."
         qa = [(_template(family, rng).format(label=label), v) for label, v in zip(labels, values)]
     elif family == "copy":  # one question: the list back, word for word
-        words = [str(_int(rng, 1, 99)) if rng.random() < 0.3 else pool for pool in
-                 (recall_keys()[int(i)] for i in rng.integers(0, len(recall_keys()), _int(rng, *COPY_WORDS)))]
-        context = " ".join(words) + "."
+        pool = recall_keys()  # distinct words, so the word before each one names it (no numbers: ten digits repeat)
+        context = " ".join(pool[int(i)] for i in rng.permutation(len(pool))[:_int(rng, *COPY_WORDS)]) + "."
         qa = [(COPY_QUESTION, context)]
     elif family == "recall":
         pool = recall_keys()
