@@ -384,3 +384,20 @@ def test_synth_canvas_defaults_to_the_one_the_model_was_trained_on(tmp_path, cap
     (shipped / "MANIFEST.json").write_text(json.dumps({"checkpoints": {
         "visor": {"path": "visor", "recipe": "recipes/stage2.yaml"}, "base": {"path": "base", "recipe": None}}}))
     assert trained_canvas(shipped / "visor") == 128 and trained_canvas(shipped / "base") is None
+
+
+def test_worded_scenes_evaluate_without_an_image(work, tmp_path, capsys):
+    """`--data words`: the language pre-training's items, graded by exact match, every prediction consistent with
+    the summary; an unknown worded family is a usage error."""
+    out = tmp_path / "w"
+    main(["eval", "--model", str(work["llava"]), "--data", "words", "--n", "6", "--split", "val",
+          "--families", "doc", "copy", "--no-progress", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["family"] for r in rows] == ["words_doc", "words_copy"] * 3
+    assert all(r["visual_tokens"] in (0, None) and r["prediction"] is not None for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    for family in ("words_doc", "words_copy"):
+        scores = [r["score"] for r in rows if r["family"] == family]
+        assert summary["per_family"][family] == pytest.approx(sum(scores) / len(scores))
+    with pytest.raises(SystemExit, match=r"unknown worded families \['code'\]"):
+        main(["eval", "--model", str(work["llava"]), "--data", "words", "--families", "code", "--out", str(out)])

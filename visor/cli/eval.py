@@ -38,6 +38,7 @@ MAX_REPORTED_PROBLEMS = 20
 def register(subparsers) -> None:
     from visor.data.synth.config import FAMILIES, TRAINING_FAMILIES
     from visor.data.synth.seeds import SPLITS
+    from visor.data.words import WORDED_FAMILIES
     from visor.eval.graders import grader_names
 
     parser = subparsers.add_parser(
@@ -48,9 +49,11 @@ def register(subparsers) -> None:
         "of per-family scores, then one JSON line.",
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (VISOR or LLaVA-OneVision)")
-    parser.add_argument("--data", required=True, metavar="DIR|FILE|synth",
-                        help="'synth' (procedural benchmark generated on the fly), a folder written by "
-                             "'visor data synth' (reads DIR/{split}.jsonl), or a LLaVA-format .json/.jsonl file")
+    parser.add_argument("--data", required=True, metavar="DIR|FILE|synth|words",
+                        help="'synth' (procedural benchmark generated on the fly), 'words' (its keyed families "
+                             "stated in text, no image: a language pre-training's data, visor.data.words), a folder "
+                             "written by 'visor data synth' (reads DIR/{split}.jsonl), or a LLaVA-format "
+                             ".json/.jsonl file")
     parser.add_argument("--split", default="test", choices=SPLITS, help="split for synth / a synth folder (default test)")
     parser.add_argument("--n", type=int, default=None, metavar="N",
                         help="items: synth generates N (default 100); a file is cut to its first N records")
@@ -60,7 +63,8 @@ def register(subparsers) -> None:
                              "data.question_first)")
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                         help=f"only these families (synth: {' '.join(FAMILIES)}, and the training-only "
-                             f"{' '.join(TRAINING_FAMILIES)}; files: their 'family' field)")
+                             f"{' '.join(TRAINING_FAMILIES)}; words: {' '.join(WORDED_FAMILIES)}; files: their "
+                             "'family' field)")
     add_image_size(parser)
     parser.add_argument("--image-root", default=None, metavar="DIR",
                         help="folder image paths are relative to (default: the data file's folder)")
@@ -135,6 +139,15 @@ def load_items(args: argparse.Namespace) -> tuple[list, dict]:
 
     if args.n is not None and args.n < 0:
         raise SystemExit("visor eval: --n must be >= 0")
+    if args.data == "words":
+        from visor.data.words import WORDED_FAMILIES, worded_eval_items
+
+        bad = sorted(set(args.families or ()) - set(WORDED_FAMILIES))
+        if bad:
+            raise SystemExit(f"visor eval: unknown worded families {bad}; known: {', '.join(WORDED_FAMILIES)}")
+        n = 100 if args.n is None else args.n
+        items = worded_eval_items(args.split, n, seed=args.seed, families=args.families)
+        return items, {"source": "words", "split": args.split, "seed": args.seed, "n": n, "families": args.families}
     if args.data == "synth":
         from visor.data.synth.config import ALL_FAMILIES
 
