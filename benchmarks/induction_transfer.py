@@ -15,7 +15,8 @@ Evaluation: next-token accuracy on the target positions of 256 fixed held-out se
     python benchmarks/induction_transfer.py checkpoints-focus5/base --task induction --steps 1000 \\
         --out runs/induction
 
-Rows go to ``OUT/metrics.jsonl`` (rewritten at the start of a run); one JSON line last.
+Rows go to ``OUT/metrics.jsonl`` (rewritten at the start of a run); one JSON line last. ``--save`` exports the
+trained model to ``OUT/final`` (LLaVA-OV format), so a base recipe can continue it (``init=OUT/final``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="folder for metrics.jsonl")
+    parser.add_argument("--save", action="store_true",
+                        help="export the trained model to OUT/final in LLaVA-OV format (a base recipe can continue it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -167,6 +170,10 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             tqdm.write(f"step {step + 1:>5}  loss {row['loss']:.3f}  " + "  ".join(
                 f"{task} {100 * row[f'{task}_accuracy']:.1f}%" for task in TASKS))
+    if args.save:
+        from visor.train.models import export_llava_onevision
+
+        export_llava_onevision(model.eval(), out_dir / "final", tokenizer, trainer.image_processor)
     print(json.dumps({"checkpoint": args.checkpoint, "task": args.task, "steps": args.steps, "batch": args.batch,
                       "lr": args.lr, "pool": len(pool), "rows": rows}))
 

@@ -198,10 +198,13 @@ def test_induction_transfer_runs_and_writes_rows(tmp_path, monkeypatch, capsys):
     _tiny_checkpoint(tmp_path / "ckpt")
     monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "ckpt"), "--task", "mqar", "--steps", "4", "--batch", "4",
                                       "--eval-every", "2", "--n-eval", "8", "--warmup", "2",
-                                      "--out", str(tmp_path / "out")])
+                                      "--out", str(tmp_path / "out"), "--save"])
     script.main()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and result["rows"] == rows
     assert all(0 <= r["induction_accuracy"] <= 1 and 0 <= r["mqar_accuracy"] <= 1 for r in rows)
     assert result["pool"] > 50  # the benchmark tokenizer's word and character pieces
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    assert LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "out" / "final").config.text_config
