@@ -23,8 +23,8 @@ Families (``WORDED_FAMILIES``):
 * ``copy``        a list of 6-20 distinct benchmark words, "gate blue left high." -> "Read the list." -> the list
   again: every answer token is found by matching the token before it in the context, the copying
   ("induction") circuit that content-addressed lookup is built from. A fresh tiny language model trained on
-  repeated random sequences forms it within ~500 steps and then answers key/value recall it never saw
-  (``docs/training-log.md``), while one-answer-per-scene supervision did not form it in 256,000 scenes.
+  repeated random sequences (``benchmarks/induction_transfer.py``) forms it within ~500-750 steps, while
+  one-answer-per-scene supervision did not form a lookup in 256,000 scenes (``docs/training-log.md``).
 
 Sizes follow the procedural benchmark's config (``SynthConfig.doc_rows``, ``bars``, value ranges) so a worded
 document is the document an image shows. Items are deterministic in (split, seed, index) with the benchmark's
