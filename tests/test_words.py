@@ -124,3 +124,9 @@ def test_words_pretraining_trains_the_language_model_only_and_exports(tmp_path):
     state = trainer.model.state_dict()
     assert all(torch.equal(before[k], state[k]) for k in unchanged)
     assert all(not torch.equal(before[k], state[k]) for k in changed)
+    # only the language model is in the optimiser (the projector would hold no state, and a resume would fail)
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters()
+                   if n.startswith(("multi_modal_projector.", "image_newline", "vision_tower.")))
+    resumed = Trainer(load_recipe(path, ["max_steps=32"]), resume=True, progress=False)
+    resumed.train()
+    assert json.loads((tmp_path / "words" / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= 31

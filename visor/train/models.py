@@ -173,12 +173,14 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> list[nn.Parameter]:
     states before it. They stay frozen, or DDP would wait forever for their gradients. The same holds for a
     router that the init checkpoint carries (trained by ``visor route train`` on a frozen backbone, it is not on
     the answer loss's path) and, with ``reducers`` (VISOR-TR), for the projector and the image-newline embedding: a
-    reduced step's features are computed without gradient (``visor.compression.apply``), so they keep their weights.
+    reduced step's features are computed without gradient (``visor.compression.apply``), so they keep their weights;
+    with worded data (``data.source=words``) no image is seen at all, so only the language model trains.
     """
     for name, param in model.named_parameters():
         if ".post_layernorm." in name or name.startswith(("vision_tower.head.", "tower.head.", "router.")):
             param.requires_grad = False
-        elif recipe.reducers and name.startswith(("multi_modal_projector.", "image_newline")):
+        elif (recipe.reducers or recipe.data.source == "words") and name.startswith(("multi_modal_projector.",
+                                                                                    "image_newline")):
             param.requires_grad = False
         elif recipe.kind == "visor-stage1":
             param.requires_grad = ".cross_attn." in name
