@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import tempfile
 import time
@@ -122,6 +121,7 @@ def main() -> None:
     from visor.precision import autocast
     from visor.train.loop import Trainer
     from visor.train.models import fresh_language_model
+    from visor.train.plain import PlainTraining
     from visor.train.recipe import load_recipe
 
     out_dir = Path(args.out)
@@ -142,27 +142,18 @@ def main() -> None:
         rng = random.Random(f"held-out-{args.seed}-{k}")
         rows = [SEQUENCES[task](rng, pool, separator) for _ in range(args.n_eval)]
         held_out[task] = [pad(rows[i:i + 32]) for i in range(0, len(rows), 32)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    training = PlainTraining(model.parameters(), args.lr, args.steps, args.warmup, betas=(0.9, 0.98))
     rng = random.Random(f"train-{args.seed}")
-    rows, losses, start = [], [], time.time()
+    rows, start = [], time.time()
     bar = tqdm(range(args.steps), desc=f"{args.task}, fresh language model")
     for step in bar:
         batch = pad([SEQUENCES[args.task](rng, pool, separator) for _ in range(args.batch)])
         with autocast(args.precision):
             loss = model(**batch).loss
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        training.step(loss)
+        bar.set_postfix(loss=f"{training.mean_loss(10):.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            window = losses[-args.eval_every:]
-            row = {"step": step + 1, "train_task": args.task, "loss": sum(window) / len(window),
+            row = {"step": step + 1, "train_task": args.task, "loss": training.mean_loss(args.eval_every),
                    **{f"{task}_accuracy": target_accuracy(model, held_out[task], args.precision) for task in TASKS},
                    "seconds": round(time.time() - start, 1)}
             rows.append(row)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -149,6 +148,7 @@ def main() -> None:
     from visor.precision import autocast
     from visor.train.loop import Trainer
     from visor.train.marking import image_token_tags
+    from visor.train.plain import PlainTraining
     from visor.train.recipe import load_recipe
 
     out_dir = Path(args.out)
@@ -169,11 +169,7 @@ def main() -> None:
     model.train()
     geometry = crop_geometry(model.config)
     oracle = OracleKeys(model, args.oracle)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    warmup = min(50, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    training = PlainTraining(model.parameters(), args.lr, args.steps, warmup=min(50, args.steps // 10))
     config = DEFAULT_CONFIG.with_image_size(args.image_size)
     test = [generate_item("test", i, seed=args.seed, config=config, families=[args.family]) for i in range(args.n_eval)]
     rows = []
@@ -190,7 +186,6 @@ def main() -> None:
                    f"test first-token accuracy {100 * accuracy:.1f}% (uniform pick {100 * uniform:.1f}%)")
 
     evaluate(0, None)
-    losses = []
     bar = tqdm(range(args.steps), desc=f"{args.input}, oracle {args.oracle}")
     for step in bar:
         indices = list(range(step * args.batch, (step + 1) * args.batch))
@@ -203,16 +198,10 @@ def main() -> None:
         with autocast(args.precision):
             out = model(**batch, loss_reduction="sum")
         loss = out.loss / out.num_loss_tokens
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        training.step(loss)
+        bar.set_postfix(loss=f"{training.mean_loss(10):.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            window = losses[-args.eval_every:]
-            evaluate(step + 1, sum(window) / len(window))
+            evaluate(step + 1, training.mean_loss(args.eval_every))
     print(json.dumps({"checkpoint": args.checkpoint, "family": args.family, "oracle": args.oracle, "input": args.input,
                       "fresh": args.fresh, "steps": args.steps, "batch": args.batch, "lr": args.lr, "rows": rows}))
 

@@ -715,3 +715,23 @@ def test_unfrozen_vision_tower_trains_at_its_own_rate_and_resumes(tmp_path):
     assert len(frozen.optimizer.param_groups) == 1
     with pytest.raises(ValueError, match="vision_lr_scale"):
         load_recipe(tiny_recipe(tmp_path, "bad"), ["optim.vision_lr_scale=0"])
+
+
+def test_plain_training_warms_up_decays_and_fits():
+    """visor.train.plain (the diagnostics' loop): linear warm-up, cosine to 0 at the last step, frozen parameters
+    left out, a toy regression fitted."""
+    from visor.train.plain import PlainTraining
+
+    torch.manual_seed(0)
+    layer, frozen = torch.nn.Linear(4, 1), torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    training = PlainTraining([*layer.parameters(), frozen], lr=0.1, steps=100, warmup=10)
+    assert len(training.parameters) == 2
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.25
+    rates = []
+    for _ in range(100):
+        rates.append(training.optimiser.param_groups[0]["lr"])
+        training.step(((layer(x).squeeze(-1) - y) ** 2).mean())
+    assert rates[0] == pytest.approx(0.01) and rates[9] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.09)))
+    assert training.optimiser.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert training.mean_loss(5) < 0.05 * training.losses[0] and torch.equal(frozen, torch.ones(1))
