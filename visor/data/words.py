@@ -23,8 +23,8 @@ Families (``WORDED_FAMILIES``):
 * ``copy``        a list of 6-20 distinct benchmark words, "gate blue left high." -> "Read the list." -> the list
   again: every answer token is found by matching the token before it in the context, the copying
   ("induction") circuit that content-addressed lookup is built from. A fresh tiny language model trained on
-  repeated random sequences (``benchmarks/induction_transfer.py``) forms it within ~500-750 steps, while
-  one-answer-per-scene supervision did not form a lookup in 256,000 scenes (``docs/training-log.md``).
+  repeated random sequences (``benchmarks/induction_transfer.py``) forms it within ~500-750 steps, and on this
+  family alone within ~200 steps of batch 32, but not as a third of a mix in 1,000 (``docs/training-log.md``).
 
 Sizes follow the procedural benchmark's config (``SynthConfig.doc_rows``, ``bars``, value ranges) so a worded
 document is the document an image shows. Items are deterministic in (split, seed, index) with the benchmark's
@@ -33,6 +33,7 @@ seed scheme (``visor.data.synth.seeds``): splits never share an item.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -54,6 +55,7 @@ RECALL_PAIRS: tuple[int, int] = (4, 12)
 COPY_WORDS: tuple[int, int] = (6, 20)
 
 
+@functools.lru_cache(maxsize=1)
 def recall_keys() -> tuple[str, ...]:
     """Lowercase benchmark words that are not words of the recall question itself (sorted, fixed)."""
     from visor.data.tokenizer import benchmark_words
