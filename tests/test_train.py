@@ -735,3 +735,31 @@ def test_plain_training_warms_up_decays_and_fits():
     assert rates[0] == pytest.approx(0.01) and rates[9] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.09)))
     assert training.optimiser.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert training.mean_loss(5) < 0.05 * training.losses[0] and torch.equal(frozen, torch.ones(1))
+
+
+def test_resume_does_not_need_the_init_checkpoint_any_more(base_run, tmp_path):
+    """A base run continuing a checkpoint that was since moved or pruned resumes from its own step checkpoint
+    (a whole model folder), and reaches the weights of the same resume with its init in place."""
+    import shutil
+
+    from visor.train.loop import Trainer
+
+    _, final = base_run
+    init = tmp_path / "init"
+    shutil.copytree(final, init)
+
+    def recipe(name: str, steps: int):
+        return load_recipe(tiny_recipe(tmp_path, name, init=str(init), max_steps=steps, save_every=2))
+
+    for name in ("kept", "moved"):  # 4 steps, then resumed to 6 (the schedule of a 4-step run, as a resume has)
+        Trainer(recipe(name, 4), progress=False).train()
+    Trainer(recipe("kept", 6), resume=True, progress=False).train()
+    shutil.rmtree(init)
+    logs = []
+    trainer = Trainer(recipe("moved", 6), resume=True, progress=False)
+    trainer._log = logs.append
+    trainer.train()
+    assert any("is gone" in line for line in logs) and any("resumed from" in line for line in logs)
+    kept, moved = final_weights(tmp_path / "kept"), final_weights(tmp_path / "moved")
+    for name, value in kept.items():
+        torch.testing.assert_close(moved[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,6 +17,7 @@ Determinism (what makes resume and the 1-process == N-process tests hold):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -478,10 +479,10 @@ class Trainer:
                       "(visor.precision); pass precision=auto or precision=fp32 to train in fp32 here")
 
     # ------------------------------------------------------------ set-up
-    def _tokenizer(self):
+    def _tokenizer(self, recipe: Recipe):
         from visor.data.tokenizer import load_tokenizer
 
-        source = self.recipe.tokenizer or self.recipe.init
+        source = recipe.tokenizer or recipe.init
         if source:
             return load_tokenizer(source)
         from visor.data.tokenizer import build_tokenizer
@@ -495,6 +496,13 @@ class Trainer:
         from visor.train import models
 
         recipe = self.recipe
+        if self.resume and recipe.kind in ("base", "visor-stage2") and recipe.init and not Path(recipe.init).exists():
+            # a base or stage-2 step checkpoint is a whole model folder (config, tokenizer, processor), and its
+            # weights replace init's anyway: a moved or pruned init must not block the resume
+            checkpoint = latest_checkpoint(self.run_dir, log=self._log)
+            if checkpoint is not None:
+                self._log(f"init {recipe.init} is gone: building the model from {checkpoint}, which it resumes")
+                recipe = dataclasses.replace(recipe, init=str(checkpoint))
         torch.manual_seed(recipe.seed)
         if recipe.kind == "vision":
             from visor.data.synth.dense import COLOR_CLASSES, GLYPH_CLASSES, SHAPE_CLASSES
@@ -504,7 +512,7 @@ class Trainer:
                                             n_shapes=len(SHAPE_CLASSES) if recipe.vision_shape_weight > 0 else 0)
             self.task = DenseVisionTask(recipe)
         else:
-            self.tokenizer = self._tokenizer()
+            self.tokenizer = self._tokenizer(recipe)
             model = models.build_llava_base(recipe, self.tokenizer) if recipe.kind == "base" else models.build_visor(recipe)
             if recipe.kind == "base" and recipe.vision_shape_weight > 0:
                 from visor.train.auxiliary import attach_shape_head
