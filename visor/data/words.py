@@ -142,16 +142,22 @@ def _scene(family: str, rng: np.random.Generator, config: SynthConfig) -> tuple[
     return context, [qa[int(i)] for i in order]
 
 
+def worded_cycle(families: Sequence[str] | None = None, weights: Mapping[str, int] | None = None) -> tuple[str, ...]:
+    """The order in which item indices visit the worded ``families`` (default all); raises ``ValueError`` on an
+    unknown family or a bad weight (``visor.data.synth.generate.weighted_cycle``)."""
+    families = tuple(families) if families else WORDED_FAMILIES
+    unknown = sorted(set(families) - set(WORDED_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown worded families {unknown}; known: {', '.join(WORDED_FAMILIES)}")
+    return weighted_cycle(families, weights)
+
+
 def worded_item(split: str, index: int, seed: int = 0, families: Sequence[str] | None = None,
                 weights: Mapping[str, int] | None = None, config: SynthConfig = DEFAULT_CONFIG) -> WordedItem:
     """Item ``index`` of ``split``: its family from the (weighted) round robin over ``families`` (default all),
     its scene from ``numpy.random.default_rng(item_seed(split, seed, index))`` alone."""
     check_split(split)
-    families = tuple(families) if families else WORDED_FAMILIES
-    unknown = sorted(set(families) - set(WORDED_FAMILIES))
-    if unknown:
-        raise ValueError(f"unknown worded families {unknown}; known: {', '.join(WORDED_FAMILIES)}")
-    cycle = weighted_cycle(families, weights)
+    cycle = worded_cycle(families, weights)
     family = cycle[index % len(cycle)]
     context, qa = _scene(family, np.random.default_rng(item_seed(split, seed, index)), config)
     return WordedItem(id=f"words-{split}-{seed}-{index:07d}", family=family, context=context, questions=tuple(qa))

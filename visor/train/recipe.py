@@ -206,7 +206,7 @@ class Recipe:
                                  "targets are patches): no "
                                  f"reducers other than 'none', got {self.reducers}")
         if self.data.source == "words":
-            from visor.data.words import worded_item
+            from visor.data.words import worded_cycle
 
             if self.kind != "base":
                 raise ValueError(f"data.source=words pre-trains a base model's language model, not a {self.kind} recipe")
@@ -215,7 +215,7 @@ class Recipe:
                                  "freeze_vision: true")
             if any(r != "none" for r in self.reducers or []):
                 raise ValueError(f"data.source=words holds no image to reduce: no reducers, got {self.reducers}")
-            worded_item("train", 0, families=self.data.families, weights=self.data.family_weights)  # names, weights
+            worded_cycle(self.data.families, self.data.family_weights)  # raises on unknown names, bad weights
         if self.data.family_weights and self.data.source != "words":
             if self.data.source != "synth":
                 raise ValueError("data.family_weights weighs procedural families: only with data.source=synth or words")
