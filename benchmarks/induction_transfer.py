@@ -15,7 +15,8 @@ Evaluation: next-token accuracy on the target positions of 256 fixed held-out se
     python benchmarks/induction_transfer.py checkpoints-focus5/base --task induction --steps 1000 \\
         --out runs/induction
 
-Rows go to ``OUT/metrics.jsonl`` (rewritten at the start of a run); one JSON line last. ``--save`` exports the
+``--keep-weights`` continues the checkpoint's own language model instead (a curriculum: induction, then mqar on
+its export). Rows go to ``OUT/metrics.jsonl`` (rewritten at the start of a run); one JSON line last. ``--save`` exports the
 trained model to ``OUT/final`` (LLaVA-OV format), so a base recipe can continue it (``init=OUT/final``).
 """
 
@@ -100,7 +101,11 @@ def target_accuracy(model, batches: list[dict], precision: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a LLaVA-OV checkpoint: its architecture and tokenizer (weights re-drawn)")
+    parser.add_argument("checkpoint", help="a LLaVA-OV checkpoint: its architecture and tokenizer (weights re-drawn "
+                                           "unless --keep-weights)")
+    parser.add_argument("--keep-weights", action="store_true",
+                        help="continue the checkpoint's language model instead of a fresh one (a curriculum: e.g. "
+                             "mqar on an earlier run's --save export)")
     parser.add_argument("--task", choices=TASKS, default="induction", help="what the model trains on")
     parser.add_argument("--recipe", default="recipes/base-tiny-focus5.yaml")
     parser.add_argument("--steps", type=int, default=1000)
@@ -134,7 +139,8 @@ def main() -> None:
         trainer.build()
     model, tokenizer = trainer.model, trainer.tokenizer
     torch.manual_seed(args.seed)
-    fresh_language_model(model)
+    if not args.keep_weights:
+        fresh_language_model(model)
     model.train()
     pool, separator = token_pool(tokenizer), tokenizer.convert_tokens_to_ids(".")
     held_out = {}
@@ -145,7 +151,7 @@ def main() -> None:
     training = PlainTraining(model.parameters(), args.lr, args.steps, args.warmup, betas=(0.9, 0.98))
     rng = random.Random(f"train-{args.seed}")
     rows, start = [], time.time()
-    bar = tqdm(range(args.steps), desc=f"{args.task}, fresh language model")
+    bar = tqdm(range(args.steps), desc=f"{args.task}, {'continued' if args.keep_weights else 'fresh'} language model")
     for step in bar:
         batch = pad([SEQUENCES[args.task](rng, pool, separator) for _ in range(args.batch)])
         with autocast(args.precision):
@@ -165,7 +171,8 @@ def main() -> None:
         from visor.train.models import export_llava_onevision
 
         export_llava_onevision(model.eval(), out_dir / "final", tokenizer, trainer.image_processor)
-    print(json.dumps({"checkpoint": args.checkpoint, "task": args.task, "steps": args.steps, "batch": args.batch,
+    print(json.dumps({"checkpoint": args.checkpoint, "keep_weights": args.keep_weights, "task": args.task,
+                      "steps": args.steps, "batch": args.batch,
                       "lr": args.lr, "pool": len(pool), "rows": rows}))
 
 

@@ -208,3 +208,28 @@ def test_induction_transfer_runs_and_writes_rows(tmp_path, monkeypatch, capsys):
     from transformers import LlavaOnevisionForConditionalGeneration
 
     assert LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "out" / "final").config.text_config
+
+
+def test_induction_transfer_keep_weights_continues_the_export(tmp_path, monkeypatch, capsys):
+    """``--keep-weights`` starts from the checkpoint's own language model (a curriculum); without it the weights
+    are drawn afresh. With a learning rate of 0 the continued export is the first one, bit for bit."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = load_benchmark("induction_transfer")
+    _tiny_checkpoint(tmp_path / "ckpt")
+    common = ["--steps", "2", "--batch", "2", "--eval-every", "2", "--n-eval", "4", "--warmup", "1", "--save"]
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "ckpt"), "--task", "induction", *common,
+                                      "--out", str(tmp_path / "first")])
+    script.main()
+    for flag, name in ((["--keep-weights"], "kept"), ([], "fresh")):
+        monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "first" / "final"), "--task", "mqar", *common, *flag,
+                                          "--lr", "0", "--out", str(tmp_path / name)])
+        script.main()
+    capsys.readouterr()
+    first, kept, fresh = (load_file(tmp_path / name / "final" / "model.safetensors")
+                          for name in ("first", "kept", "fresh"))
+    language = [k for k in first if "language_model" in k]
+    assert language and all(torch.equal(first[k], kept[k]) for k in language)
+    assert not all(torch.equal(first[k], fresh[k]) for k in language)
