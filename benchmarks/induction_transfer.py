@@ -16,8 +16,8 @@ Evaluation: next-token accuracy on the target positions of 256 fixed held-out se
         --out runs/induction
 
 ``--keep-weights`` continues the checkpoint's own language model instead (a curriculum: induction, then mqar on
-its export). Rows go to ``OUT/metrics.jsonl`` (rewritten at the start of a run); one JSON line last. ``--save`` exports the
-trained model to ``OUT/final`` (LLaVA-OV format), so a base recipe can continue it (``init=OUT/final``).
+its export). Rows go to ``OUT/metrics.jsonl`` (rewritten at the start of a run); one JSON line last. ``--save``
+exports the trained model to ``OUT/final`` (LLaVA-OV format), so a base recipe can continue it (``init=OUT/final``).
 """
 
 from __future__ import annotations
@@ -172,8 +172,7 @@ def main() -> None:
 
         export_llava_onevision(model.eval(), out_dir / "final", tokenizer, trainer.image_processor)
     print(json.dumps({"checkpoint": args.checkpoint, "keep_weights": args.keep_weights, "task": args.task,
-                      "steps": args.steps, "batch": args.batch,
-                      "lr": args.lr, "pool": len(pool), "rows": rows}))
+                      "steps": args.steps, "batch": args.batch, "lr": args.lr, "pool": len(pool), "rows": rows}))
 
 
 if __name__ == "__main__":

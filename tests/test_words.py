@@ -149,3 +149,39 @@ def test_the_worded_language_model_loads_and_looks_up_by_key(tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["per_family_n"] == {"words_kind_color": 20, "words_doc": 20}
     assert summary["per_family"]["words_kind_color"] >= 0.8 and summary["per_family"]["words_doc"] >= 0.8
+
+
+def test_words_every_mixes_worded_scenes_into_image_training(tmp_path):
+    """``data.words_every``: every n-th training sample of a base synth run is a worded scene (no image), the
+    others procedural images, validation never; a short run trains on the mix, and its periodic evaluation grades
+    the worded families beside the image ones. Bad combinations are refused."""
+    from visor.train.loop import SampleSource, Trainer
+
+    ok = {"kind": "base", "out_dir": "x", "micro_batch": 2, "data": {"words_every": 3}}
+    recipe = build(Recipe, ok)
+    source = SampleSource(recipe)
+    samples = [source.sample(i) for i in range(9)]
+    assert [len(s.images) for s in samples] == [1, 1, 0] * 3
+    # the worded samples are worded scenes 0, 1, 2 of the train split, every family in turn
+    assert samples[5].turns == worded_item("train", 1).conversations(1)
+    assert all(len(SampleSource(recipe, "val").sample(i).images) == 1 for i in range(3))
+    for change, match in (({"data": {"words_every": 1}}, ">= 2"),
+                          ({"kind": "vision"}, "kind base"),
+                          ({"micro_batch": 1}, "micro_batch >= 2"),
+                          ({"lookup_weight": 0.5}, "auxiliary"),
+                          ({"reducers": ["pooling:2x"], "freeze_vision": True}, "no reducers")):
+        with pytest.raises(ValueError, match=match):
+            build(Recipe, {**ok, **change})
+
+    path = tiny_recipe(tmp_path, "mixed", max_steps=4, eval_every=4,
+                       data={"words_every": 2, "questions_per_image": 2, "val_n": 6})
+    trainer = Trainer(load_recipe(path), progress=False)
+    trainer.build()
+    batch = trainer.task.batch(list(range(4)))
+    assert batch["batch_num_images"] == [1, 0, 1, 0]
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "mixed" / "metrics.jsonl").read_text().splitlines()]
+    summary = [r["eval"] for r in rows if "eval" in r][-1]
+    assert set(summary["per_family"]) == {"color", "side"}  # the image families, as without rehearsal
+    assert set(summary["words"]["per_family"]) == {FAMILY_PREFIX + f for f in WORDED_FAMILIES}
+    assert summary["words"]["mean"] == pytest.approx(sum(summary["words"]["per_family"].values()) / 6)

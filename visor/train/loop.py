@@ -59,16 +59,18 @@ class SampleSource:
             self.config = synth_config(recipe)
 
     def item(self, index: int):
-        """The procedural item at ``index`` (a ``WordedItem`` with ``data.source=words``)."""
+        """The procedural item at ``index`` (a ``WordedItem`` with ``data.source=words``, and at every
+        ``data.words_every``-th training index: worded scene ``index // words_every``, every worded family in turn)."""
         from visor.data.synth.generate import generate_item
+        from visor.data.words import worded_item
 
         data = self.recipe.data
         weights = data.family_weights if self.split == "train" else None  # validation: every family in turn
         if data.source == "words":
-            from visor.data.words import worded_item
-
             return worded_item(self.split, index, seed=data.seed, families=data.families, weights=weights,
                                config=self.config)
+        if self.split == "train" and data.words_every and (index + 1) % data.words_every == 0:
+            return worded_item(self.split, index // data.words_every, seed=data.seed, config=self.config)
         return generate_item(self.split, index, seed=data.seed, config=self.config, families=data.families,
                              weights=weights)
 
@@ -79,12 +81,13 @@ class SampleSource:
         if self.records is not None:
             record = self.records[index % len(self.records)]
             return Sample(record.load_images(), record.conversations)
+        from visor.data.words import WordedItem
+
         item = item if item is not None else self.item(index)
-        if self.recipe.data.source == "words":
+        if isinstance(item, WordedItem):
             return Sample([], item.conversations(self.recipe.data.questions_per_image))
         from visor.data.synth.families import derive_answer, question_text
 
-        item = item if item is not None else self.item(index)
         turns = item.conversations(self.recipe.data.question_first)
         for scene in self.turn_scenes(index, item)[1:]:
             turns += [{"from": "human", "value": question_text(scene)}, {"from": "gpt", "value": derive_answer(scene)}]
@@ -756,11 +759,19 @@ class Trainer:
                         scores = evaluate(model, self.tokenizer, self.image_processor, items, progress=False,
                                           generate_kwargs={"reducer": name}).summary
                         summary["reduced"][name] = {k: scores[k] for k in ("easy_mean", "hard_mean", "mean_flops")}
+                if data.source == "synth" and data.words_every:  # the rehearsed lookup: is it still there?
+                    from visor.data.words import worded_eval_items
+
+                    worded = worded_eval_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe))
+                    scores = evaluate(model, self.tokenizer, self.image_processor, worded, progress=False).summary
+                    summary["words"] = {"per_family": scores["per_family"], "mean": scores["overall_mean"]}
             model.train()
             self._metric({"step": step, "eval": summary})
             nll = "".join(f", {kind} answer loss {summary[f'{kind}_answer_nll']:.3f}" for kind in ("easy", "hard")
                           if f"{kind}_answer_nll" in summary)
             tr = "".join(f"; {name}: easy {r['easy_mean']}, hard {r['hard_mean']}" for name, r in summary.get("reduced", {}).items())
+            if "words" in summary:
+                tr += f"; words mean {summary['words']['mean']:.3f}"
             if data.source == "words":  # no image family: the worded families' means instead of easy and hard
                 per_family = ", ".join(f"{f} {v:.3f}" for f, v in summary["per_family"].items())
                 self._log(f"step {step}: mean {summary['overall_mean']:.3f} ({per_family})")

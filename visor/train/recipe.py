@@ -67,6 +67,10 @@ class DataSpec:
     # the periodic validation; evaluate such a model with `visor eval --question-first`
     question_first: bool = False
     workers: int = 1  # background processes generating/processing samples
+    # base, synth training: every n-th sample (index % n == n - 1) is a worded scene instead (visor.data.words, every
+    # worded family in turn, its questions capped by questions_per_image), rehearsing a language pre-training's
+    # lookup while the images train: 300 image steps alone undid most of it (docs/training-log.md); 0 = never
+    words_every: int = 0
 
 
 @dataclass
@@ -216,6 +220,18 @@ class Recipe:
             if any(r != "none" for r in self.reducers or []):
                 raise ValueError(f"data.source=words holds no image to reduce: no reducers, got {self.reducers}")
             worded_cycle(self.data.families, self.data.family_weights)  # raises on unknown names, bad weights
+        if self.data.words_every:
+            if self.data.words_every < 2 or self.data.source != "synth" or self.kind != "base":
+                raise ValueError("data.words_every mixes worded scenes into a base recipe's procedural images: >= 2, "
+                                 f"with data.source=synth and kind base, got {self.data.words_every} with "
+                                 f"{self.data.source} data in a {self.kind} recipe")
+            if self.micro_batch < 2:  # then every micro-batch holds an image, and DDP sees the projector's gradient
+                raise ValueError("data.words_every needs micro_batch >= 2 (a micro-batch of worded scenes alone would "
+                                 "give the projector no gradient)")
+            if (self.vision_shape_weight or self.lookup_weight or self.mark_weight or self.tag_weight
+                    or any(r != "none" for r in self.reducers or [])):
+                raise ValueError("data.words_every puts text-only scenes in the batch: no auxiliary image losses "
+                                 "(vision_shape_weight, lookup_weight, mark_weight, tag_weight) and no reducers")
         if self.data.family_weights and self.data.source != "words":
             if self.data.source != "synth":
                 raise ValueError("data.family_weights weighs procedural families: only with data.source=synth or words")
