@@ -730,20 +730,20 @@ class Trainer:
 
             model = unwrap(self.model)
             data = self.recipe.data
+            count, config = n or data.val_n, synth_config(self.recipe)
             if data.source == "llava":
                 if not data.val_path:
                     barrier(self.env)
                     return None
                 from visor.eval.harness import llava_items
 
-                items = llava_items(data.val_path, data.image_root)[0][: n or data.val_n]
+                items = llava_items(data.val_path, data.image_root)[0][:count]
             elif data.source == "words":
                 from visor.data.words import worded_eval_items
 
-                items = worded_eval_items("val", n or data.val_n, seed=data.seed, families=data.families,
-                                          config=synth_config(self.recipe))
+                items = worded_eval_items("val", count, seed=data.seed, families=data.families, config=config)
             else:
-                items = synth_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe),
+                items = synth_items("val", count, seed=data.seed, config=config,
                                     families=data.families, question_first=data.question_first)
             from visor.eval.likelihood import answer_nll_by_family
 
@@ -762,7 +762,7 @@ class Trainer:
                 if data.source == "synth" and data.words_every:  # the rehearsed lookup: is it still there?
                     from visor.data.words import worded_eval_items
 
-                    worded = worded_eval_items("val", n or data.val_n, seed=data.seed, config=synth_config(self.recipe))
+                    worded = worded_eval_items("val", count, seed=data.seed, config=config)
                     scores = evaluate(model, self.tokenizer, self.image_processor, worded, progress=False).summary
                     summary["words"] = {"per_family": scores["per_family"], "mean": scores["overall_mean"]}
             model.train()
@@ -770,13 +770,12 @@ class Trainer:
             nll = "".join(f", {kind} answer loss {summary[f'{kind}_answer_nll']:.3f}" for kind in ("easy", "hard")
                           if f"{kind}_answer_nll" in summary)
             tr = "".join(f"; {name}: easy {r['easy_mean']}, hard {r['hard_mean']}" for name, r in summary.get("reduced", {}).items())
-            if "words" in summary:
-                tr += f"; words mean {summary['words']['mean']:.3f}"
+            words = f"; words mean {summary['words']['mean']:.3f}" if "words" in summary else ""
             if data.source == "words":  # no image family: the worded families' means instead of easy and hard
                 per_family = ", ".join(f"{f} {v:.3f}" for f, v in summary["per_family"].items())
                 self._log(f"step {step}: mean {summary['overall_mean']:.3f} ({per_family})")
             else:
-                self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}{tr}")
+                self._log(f"step {step}: easy {summary['easy_mean']}, hard {summary['hard_mean']}{nll}{tr}{words}")
         if self.env.is_main and summary is not None:  # the curve so far, to look at while a long run goes on
             plot_metrics(self.metrics_path, self.run_dir / "loss.png")
         barrier(self.env)
