@@ -593,6 +593,36 @@ def test_real_model_recipes_start_on_a_tiny_stand_in(base_run, tmp_path):
     assert Trainer(stage1, progress=False).train() is not None
 
 
+def test_validation_items_follow_the_data_source(tmp_path):
+    """The periodic evaluation's items come in the source's own form: procedural validation items, worded
+    scenes, a LLaVA file's first records (none without ``val_path``), and worded scenes beside the images only
+    when the run rehearses them."""
+    from visor.data.synth.generate import write_split
+    from visor.train.loop import SampleSource
+
+    synth = SampleSource(load_recipe(tiny_recipe(tmp_path, "s")))
+    items = synth.validation_items(3)
+    assert [item.family for item in items] == ["color", "side", "color"] and synth.rehearsal_items(3) == []
+    rehearsing = SampleSource(load_recipe(tiny_recipe(tmp_path, "r", micro_batch=2, data={"words_every": 2})))
+    assert len(rehearsing.rehearsal_items(4)) == 4
+    assert [(i.id, i.turns) for i in rehearsing.validation_items(3)] == [(i.id, i.turns) for i in items]  # no words
+    worded = SampleSource(load_recipe(tiny_recipe(tmp_path, "w", freeze_vision=True,
+                                                  data={"source": "words", "families": None})))
+    assert all(not item.images for item in worded.validation_items(5) + rehearsing.rehearsal_items(4))
+    assert {item.family for item in worded.validation_items(6)} == {f"words_{f}" for f in ("kind_color", "presence",
+                                                                                         "doc", "chart", "recall", "copy")}
+
+    write_split(tmp_path / "data", "train", 4, families=["color"])
+    write_split(tmp_path / "data", "val", 5, families=["code"])
+    llava = {"source": "llava", "path": str(tmp_path / "data" / "train.jsonl"), "image_root": str(tmp_path / "data"),
+             "families": None}
+    assert SampleSource(load_recipe(tiny_recipe(tmp_path, "l", data=llava))).validation_items(3) is None
+    with_val = SampleSource(load_recipe(tiny_recipe(tmp_path, "v", data={**llava,
+                                                                         "val_path": str(tmp_path / "data" / "val.jsonl")})))
+    records = with_val.validation_items(3)
+    assert len(records) == 3 and {r.family for r in records} == {"code"}
+
+
 # ---------------------------------------------------------------------- viable configurations
 def test_nested_greedy_viable_set():
     from visor.train.configs import choose_viable

@@ -109,6 +109,35 @@ class SampleSource:
             scenes += [{**item.scene, "query": queries[int(q)]} for q in order[:extra]]
         return scenes
 
+    def validation_items(self, count: int) -> list | None:
+        """The periodic evaluation's items, in this source's form: ``count`` procedural validation items (worded
+        scenes with ``data.source=words``), or the first ``count`` records of ``data.val_path`` for LLaVA data
+        (``None`` without one)."""
+        data = self.recipe.data
+        if data.source == "llava":
+            if not data.val_path:
+                return None
+            from visor.eval.harness import llava_items
+
+            return llava_items(data.val_path, data.image_root)[0][:count]
+        if data.source == "words":
+            from visor.data.words import worded_eval_items
+
+            return worded_eval_items("val", count, seed=data.seed, families=data.families, config=self.config)
+        from visor.eval.harness import synth_items
+
+        return synth_items("val", count, seed=data.seed, config=self.config, families=data.families,
+                           question_first=data.question_first)
+
+    def rehearsal_items(self, count: int) -> list:
+        """``count`` worded validation scenes when the run rehearses them (``data.words_every``), else none: is
+        the lookup a language pre-training taught still there?"""
+        if not (self.recipe.data.source == "synth" and self.recipe.data.words_every):
+            return []
+        from visor.data.words import worded_eval_items
+
+        return worded_eval_items("val", count, seed=self.recipe.data.seed, config=self.config)
+
 
 def micro_indices(recipe: Recipe, step: int, accum: int, env: DistEnv) -> list[int]:
     start = step * recipe.global_batch + (accum * env.world_size + env.rank) * recipe.micro_batch
@@ -726,25 +755,14 @@ class Trainer:
             self._metric({"step": step, "eval": summary})
             self._log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
         elif self.env.is_main:
-            from visor.eval.harness import evaluate, synth_items
+            from visor.eval.harness import evaluate
 
             model = unwrap(self.model)
             data = self.recipe.data
-            count, config = n or data.val_n, synth_config(self.recipe)
-            if data.source == "llava":
-                if not data.val_path:
-                    barrier(self.env)
-                    return None
-                from visor.eval.harness import llava_items
-
-                items = llava_items(data.val_path, data.image_root)[0][:count]
-            elif data.source == "words":
-                from visor.data.words import worded_eval_items
-
-                items = worded_eval_items("val", count, seed=data.seed, families=data.families, config=config)
-            else:
-                items = synth_items("val", count, seed=data.seed, config=config,
-                                    families=data.families, question_first=data.question_first)
+            items = self.task.source.validation_items(n or data.val_n)
+            if items is None:
+                barrier(self.env)
+                return None
             from visor.eval.likelihood import answer_nll_by_family
 
             with _autocast(self.recipe, self.env):
@@ -759,10 +777,8 @@ class Trainer:
                         scores = evaluate(model, self.tokenizer, self.image_processor, items, progress=False,
                                           generate_kwargs={"reducer": name}).summary
                         summary["reduced"][name] = {k: scores[k] for k in ("easy_mean", "hard_mean", "mean_flops")}
-                if data.source == "synth" and data.words_every:  # the rehearsed lookup: is it still there?
-                    from visor.data.words import worded_eval_items
-
-                    worded = worded_eval_items("val", count, seed=data.seed, config=config)
+                worded = self.task.source.rehearsal_items(n or data.val_n)
+                if worded:
                     scores = evaluate(model, self.tokenizer, self.image_processor, worded, progress=False).summary
                     summary["words"] = {"per_family": scores["per_family"], "mean": scores["overall_mean"]}
             model.train()
