@@ -163,7 +163,7 @@ def ship(folder: str | Path, base: Path, visor: Path, recipes: dict[str, dict], 
     tmp.mkdir()
     sources = [("base", base), ("visor", visor)] + ([("visor-tr", visor_tr)] if visor_tr is not None else [])
     for name, source in sources:
-        _copy_model(source, tmp / name, dtype)
+        copy_model(source, tmp / name, dtype)
     (tmp / "recipes").mkdir()
     recipe_paths = {}
     for stage, recipe in recipes.items():
@@ -230,7 +230,7 @@ def add_visor_tr(folder: str | Path, run_final: str | Path, *, commit: str, comm
     target = folder / "visor-tr"
     tmp = folder / f".visor-tr.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    _copy_model(run_final, tmp, manifest.get("dtype", "fp32"))
+    copy_model(run_final, tmp, manifest.get("dtype", "fp32"))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     (folder / "recipes" / "tr.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -269,8 +269,9 @@ def record_budget(folder: str | Path, choice: dict, budget_n: int, *, commit: st
     return record
 
 
-def _copy_model(source: Path, dest: Path, dtype: str) -> None:
-    """A model folder without its run's step checkpoints, optimiser state and plots, in the set's dtype."""
+def copy_model(source: Path, dest: Path, dtype: str) -> None:
+    """Copy a model folder (a run's ``final`` or one step checkpoint) without the run's step checkpoints, optimiser
+    state and plots; ``dtype="bf16"`` casts the floating-point weights to bf16 (half the bytes, for committing)."""
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints", "*.pt", "*.png"))
     if dtype == "bf16":
         _to_bf16(dest)
