@@ -168,7 +168,8 @@ def test_words_every_mixes_worded_scenes_into_image_training(tmp_path):
     for change, match in (({"data": {"words_every": 1}}, ">= 2"),
                           ({"kind": "vision"}, "kind base"),
                           ({"micro_batch": 1}, "micro_batch >= 2"),
-                          ({"lookup_weight": 0.5}, "auxiliary"),
+                          ({"lookup_weight": 0.5}, "auxiliary image loss.*got lookup_weight and"),
+                          ({"vision_shape_weight": 0.5}, "got vision_shape_weight and"),
                           ({"reducers": ["pooling:2x"], "freeze_vision": True}, "no reducers")):
         with pytest.raises(ValueError, match=match):
             build(Recipe, {**ok, **change})

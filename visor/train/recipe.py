@@ -228,10 +228,10 @@ class Recipe:
             if self.micro_batch < 2:  # then every micro-batch holds an image, and DDP sees the projector's gradient
                 raise ValueError("data.words_every needs micro_batch >= 2 (a micro-batch of worded scenes alone would "
                                  "give the projector no gradient)")
-            if (self.vision_shape_weight or self.lookup_weight or self.mark_weight or self.tag_weight
-                    or any(r != "none" for r in self.reducers or [])):
-                raise ValueError("data.words_every puts text-only scenes in the batch: no auxiliary image losses "
-                                 "(vision_shape_weight, lookup_weight, mark_weight, tag_weight) and no reducers")
+            image_losses = [name for name, weight in self.image_loss_weights.items() if weight]
+            if image_losses or any(r != "none" for r in self.reducers or []):
+                raise ValueError("data.words_every puts text-only scenes in the batch: no auxiliary image loss and no "
+                                 f"reducers, got {', '.join(image_losses) or 'none'} and {self.reducers}")
         if self.data.family_weights and self.data.source != "words":
             if self.data.source != "synth":
                 raise ValueError("data.family_weights weighs procedural families: only with data.source=synth or words")
@@ -262,6 +262,12 @@ class Recipe:
             if reducer.stage != "pre_llm":
                 raise ValueError(f"reducers: {name!r} prunes inside the LLM; training takes pre-LLM reducers "
                                  "(pooling, VisionZip, VisPruner, HiRED), which shorten the prompt before it")
+
+    @property
+    def image_loss_weights(self) -> dict[str, float]:
+        """The auxiliary losses on the image's tokens added to the answer loss, by recipe field."""
+        return {"vision_shape_weight": self.vision_shape_weight, "lookup_weight": self.lookup_weight,
+                "mark_weight": self.mark_weight, "tag_weight": self.tag_weight}
 
     @property
     def tag_read_layer(self) -> int:
