@@ -770,7 +770,7 @@ class Trainer:
                 # the answer loss moves long before exact match leaves chance (docs/training-log.md)
                 summary = {**result.summary, **answer_nll_by_family(model, self.task.batcher, items)}
                 # a VISOR-TR run: the same items under each reducer it trains on, what the run is for
-                reduced = [r for r in (self.recipe.reducers or []) if r != "none"]
+                reduced = self.recipe.active_reducers
                 if reduced:
                     summary["reduced"] = {}
                     for name in reduced:

@@ -205,7 +205,7 @@ class Recipe:
                                  "procedural "
                                  f"scenes name: only in a base recipe on synth data, not a {self.kind} recipe on "
                                  f"{self.data.source} data")
-            if any(r != "none" for r in self.reducers or []):
+            if self.active_reducers:
                 raise ValueError("lookup_weight, mark_weight and tag_weight need every visual token in place (their "
                                  "targets are patches): no "
                                  f"reducers other than 'none', got {self.reducers}")
@@ -217,7 +217,7 @@ class Recipe:
             if not self.freeze_vision:
                 raise ValueError("data.source=words holds no image: the tower would get no gradient; set "
                                  "freeze_vision: true")
-            if any(r != "none" for r in self.reducers or []):
+            if self.active_reducers:
                 raise ValueError(f"data.source=words holds no image to reduce: no reducers, got {self.reducers}")
             worded_cycle(self.data.families, self.data.family_weights)  # raises on unknown names, bad weights
         if self.data.words_every:
@@ -229,7 +229,7 @@ class Recipe:
                 raise ValueError("data.words_every needs micro_batch >= 2 (a micro-batch of worded scenes alone would "
                                  "give the projector no gradient)")
             image_losses = [name for name, weight in self.image_loss_weights.items() if weight]
-            if image_losses or any(r != "none" for r in self.reducers or []):
+            if image_losses or self.active_reducers:
                 raise ValueError("data.words_every puts text-only scenes in the batch: no auxiliary image loss and no "
                                  f"reducers, got {', '.join(image_losses) or 'none'} and {self.reducers}")
         if self.data.family_weights and self.data.source != "words":
@@ -262,6 +262,11 @@ class Recipe:
             if reducer.stage != "pre_llm":
                 raise ValueError(f"reducers: {name!r} prunes inside the LLM; training takes pre-LLM reducers "
                                  "(pooling, VisionZip, VisPruner, HiRED), which shorten the prompt before it")
+
+    @property
+    def active_reducers(self) -> list[str]:
+        """The reducers a step can draw that shorten the visual tokens (``reducers`` without ``"none"``)."""
+        return [r for r in self.reducers or [] if r != "none"]
 
     @property
     def image_loss_weights(self) -> dict[str, float]:
