@@ -596,7 +596,7 @@ def test_real_model_recipes_start_on_a_tiny_stand_in(base_run, tmp_path):
 def test_validation_items_follow_the_data_source(tmp_path):
     """The periodic evaluation's items come in the source's own form: procedural validation items, worded
     scenes, a LLaVA file's first records (none without ``val_path``), and worded scenes beside the images only
-    when the run rehearses them."""
+    when the run rehearses them; each made once per run."""
     from visor.data.synth.generate import write_split
     from visor.train.loop import SampleSource
 
@@ -621,6 +621,8 @@ def test_validation_items_follow_the_data_source(tmp_path):
                                                                          "val_path": str(tmp_path / "data" / "val.jsonl")})))
     records = with_val.validation_items(3)
     assert len(records) == 3 and {r.family for r in records} == {"code"}
+    (tmp_path / "data" / "val.jsonl").unlink()  # read once per run, not at every periodic evaluation
+    assert with_val.validation_items(3) is records and rehearsing.rehearsal_items(4) is rehearsing.rehearsal_items(4)
 
 
 # ---------------------------------------------------------------------- viable configurations

@@ -49,6 +49,8 @@ class SampleSource:
         self.recipe = recipe
         self.split = split
         self.records = None
+        # the periodic evaluation's items, made (or read from data.val_path) once per run, not at every evaluation
+        self._evaluation_items: dict[tuple[str, int], list | None] = {}
         if recipe.data.source == "llava":
             from visor.data.llava_format import load_llava
 
@@ -112,7 +114,13 @@ class SampleSource:
     def validation_items(self, count: int) -> list | None:
         """The periodic evaluation's items, in this source's form: ``count`` procedural validation items (worded
         scenes with ``data.source=words``), or the first ``count`` records of ``data.val_path`` for LLaVA data
-        (``None`` without one)."""
+        (``None`` without one). Made once per ``count``."""
+        key = ("validation", count)
+        if key not in self._evaluation_items:
+            self._evaluation_items[key] = self._make_validation_items(count)
+        return self._evaluation_items[key]
+
+    def _make_validation_items(self, count: int) -> list | None:
         data = self.recipe.data
         if data.source == "llava":
             if not data.val_path:
@@ -131,12 +139,16 @@ class SampleSource:
 
     def rehearsal_items(self, count: int) -> list:
         """``count`` worded validation scenes when the run rehearses them (``data.words_every``), else none: is
-        the lookup a language pre-training taught still there?"""
+        the lookup a language pre-training taught still there? Made once per ``count``."""
         if not (self.recipe.data.source == "synth" and self.recipe.data.words_every):
             return []
-        from visor.data.words import worded_eval_items
+        key = ("rehearsal", count)
+        if key not in self._evaluation_items:
+            from visor.data.words import worded_eval_items
 
-        return worded_eval_items("val", count, seed=self.recipe.data.seed, config=self.config)
+            self._evaluation_items[key] = worded_eval_items("val", count, seed=self.recipe.data.seed,
+                                                            config=self.config)
+        return self._evaluation_items[key]
 
 
 def micro_indices(recipe: Recipe, step: int, accum: int, env: DistEnv) -> list[int]:
