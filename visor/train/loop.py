@@ -115,9 +115,11 @@ class SampleSource:
         """The periodic evaluation's items, in this source's form: ``count`` procedural validation items (worded
         scenes with ``data.source=words``), or the first ``count`` records of ``data.val_path`` for LLaVA data
         (``None`` without one). Made once per ``count``."""
-        key = ("validation", count)
+        return self._made_once(("validation", count), lambda: self._make_validation_items(count))
+
+    def _made_once(self, key: tuple[str, int], make):
         if key not in self._evaluation_items:
-            self._evaluation_items[key] = self._make_validation_items(count)
+            self._evaluation_items[key] = make()
         return self._evaluation_items[key]
 
     def _make_validation_items(self, count: int) -> list | None:
@@ -142,13 +144,10 @@ class SampleSource:
         the lookup a language pre-training taught still there? Made once per ``count``."""
         if not (self.recipe.data.source == "synth" and self.recipe.data.words_every):
             return []
-        key = ("rehearsal", count)
-        if key not in self._evaluation_items:
-            from visor.data.words import worded_eval_items
+        from visor.data.words import worded_eval_items
 
-            self._evaluation_items[key] = worded_eval_items("val", count, seed=self.recipe.data.seed,
-                                                            config=self.config)
-        return self._evaluation_items[key]
+        return self._made_once(("rehearsal", count), lambda: worded_eval_items("val", count, seed=self.recipe.data.seed,
+                                                                               config=self.config))
 
 
 def micro_indices(recipe: Recipe, step: int, accum: int, env: DistEnv) -> list[int]:
